@@ -161,16 +161,21 @@ class DataSource(Strict):
     annotations: str | None = Field(
         None,
         description="coco: captions JSON; karpathy: the split JSON (dataset_coco.json, dataset_rsicd.json); "
-        "csv: the CSV file (`image_name,question[,answer]` or `image_name,caption`).",
+        "csv: the CSV file (`image_name,question[,answer]` with `|`-separated answers and an optional "
+        "`question_id` column, or `image_name,caption`).",
     )
     images: str | None = Field(None, description="Folder the image file names are relative to.")
     path: str | None = Field(None, description="imagefolder: the folder holding images and metadata.jsonl.")
     split: str | None = Field(
-        None, description="karpathy: which split of the file to read (`train`, `restval`, `val`, `test`)."
+        None, description="karpathy: which split of the file to read (`train` includes `restval`; `val`, `test`; `a+b` reads both)."
     )
-    limit: int | None = Field(None, ge=1, description="Use only the first N examples (after sorting by image id).")
+    limit: int | None = Field(
+        None, ge=1, description="Use only the first N examples after sorting by image id (images for captioning, questions for VQA)."
+    )
     size: int | None = Field(None, ge=1, description="synthetic: number of images to generate.")
-    seed: int | None = Field(None, description="synthetic: generator seed (held-out sets use another seed).")
+    seed: int | None = Field(
+        None, description="synthetic: generator seed (default per section: train 0, val 1, test 2, eval 3, calibration 4)."
+    )
     image_size: int = Field(64, ge=16, description="synthetic: generated image side in pixels.")
 
 
@@ -355,7 +360,9 @@ class MergeAdaptersStage(StageBase):
 
     type: Literal["merge_adapters"]
     safe_merge: bool = Field(True, description="peft safe_merge: check for NaNs before merging.")
-    tolerance: float = Field(1e-5, gt=0, description="Max abs logit difference merged vs adapter model.")
+    tolerance: float = Field(
+        1e-5, gt=0, description="Max abs logit difference merged vs adapter model (float64 check up to 300M parameters)."
+    )
 
 
 class LayerSelection(Strict):

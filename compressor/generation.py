@@ -1,0 +1,79 @@
+"""PyTorch implementation of the :class:`eval.captioner.Captioner` protocol (transformers generate)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from compressor.families import family_for_model
+from compressor.models.batches import decode, generation_inputs
+
+log = logging.getLogger(__name__)
+
+
+def generate_kwargs(generation) -> dict[str, Any]:
+    """transformers ``generate`` keyword arguments from a recipe ``GenerationSpec`` (greedy/beam, no sampling)."""
+    kw: dict[str, Any] = {
+        "num_beams": generation.num_beams,
+        "max_new_tokens": generation.max_new_tokens,
+        "min_new_tokens": generation.min_new_tokens,
+        "do_sample": False,
+    }
+    if generation.num_beams > 1:
+        kw["length_penalty"] = generation.length_penalty
+        kw["early_stopping"] = True
+    if generation.repetition_penalty != 1.0:
+        kw["repetition_penalty"] = generation.repetition_penalty
+    if generation.no_repeat_ngram_size:
+        kw["no_repeat_ngram_size"] = generation.no_repeat_ngram_size
+    return kw
+
+
+class TorchCaptioner:
+    """Captions with ``model.generate`` in batches (left padding for causal LMs).
+
+    Args:
+        model: a BLIP-family model (or a peft model wrapping one), in eval mode.
+        processor: its processor.
+        generation: the recipe's ``GenerationSpec`` (decoding settings, batch size).
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, model, processor, generation, device: str = "cpu"):
+        if processor is None:
+            from compressor.errors import ModelSpecError
+
+            raise ModelSpecError("this model folder has no processor (tokenizer + image processor); captioning needs one")
+        self.model = model
+        self.processor = processor
+        self.generation = generation
+        self.device = device
+        self.family = family_for_model(model)
+        self.kwargs = generate_kwargs(generation)
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        self.settings = {
+            "backend": "torch",
+            "device": device,
+            "dtype": dtype,
+            "batch_size": generation.batch_size,
+            **{k: v for k, v in self.kwargs.items() if k != "do_sample"},
+            "prompt": generation.prompt,
+        }
+
+    def caption(self, images: Sequence[Any], prompts: Sequence[str] | None = None) -> list[str]:
+        """Caption ``images`` (see :class:`eval.captioner.Captioner`); batches of ``generation.batch_size``."""
+        import torch
+
+        prompts = list(prompts) if prompts is not None else [self.generation.prompt or ""] * len(images)
+        out: list[str] = []
+        bs = self.generation.batch_size
+        for i in range(0, len(images), bs):
+            imgs, prm = list(images[i : i + bs]), prompts[i : i + bs]
+            inputs = generation_inputs(self.family, self.processor, imgs, prm, self.device)
+            dtype = next(self.model.parameters()).dtype
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            with torch.inference_mode():
+                seq = self.model.generate(**inputs, **self.kwargs)
+            out.extend(decode(self.family, self.processor, seq, inputs, prm))
+        return out

@@ -1,0 +1,168 @@
+"""LoRA targets: part-scoped names → anchored module patterns → a peft ``LoraConfig``.
+
+``parts: [qformer.self_attention, language_model.attention]`` expands, through the model
+family's knowledge, to one regular expression that peft matches with ``re.fullmatch`` against
+module names (peft's ``target_modules`` string semantics). Names like ``fc1`` exist in both the
+vision MLP and the OPT MLP, and ``query``/``key``/``value`` in both Q-Former self- and
+cross-attention (stack-facts §4), which is why patterns are anchored at the part's root.
+
+LoRA: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"; implementation peft.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+from compressor.errors import UserInputError, did_you_mean
+
+LINEAR_TYPES = ("Linear", "Conv1D", "Conv2d", "Embedding")
+
+
+def part_patterns(family, parts: list[str]) -> dict[str, str]:
+    """Regex per part-scoped name for this family.
+
+    Raises:
+        UserInputError: a name this family does not have (e.g. ``qformer.*`` on BLIP).
+    """
+    out: dict[str, str] = {}
+    for name in parts:
+        if name not in family.lora:
+            raise UserInputError(
+                f"LoRA part '{name}' does not exist in a {family.name} model with a {family.lm_model_type} language "
+                f"model.{did_you_mean(name, family.lora)} Available: {', '.join(family.lora)}"
+            )
+        out[name] = family.lora[name]
+    return out
+
+
+def target_regex(family, parts: list[str], target_modules: list[str] | str | None) -> list[str] | str:
+    """The peft ``target_modules`` value for ``parts`` plus the user's own ``target_modules``.
+
+    A list of names is kept as peft reads it (a module name ending in one of them); combined
+    with parts, names become ``.*\\.(name)`` alternatives of one anchored regex.
+    """
+    patterns = list(part_patterns(family, parts).values())
+    if not patterns:
+        if target_modules is None:
+            raise UserInputError("LoRA needs `parts: [...]` or `lora.target_modules`")
+        return target_modules
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            raise UserInputError("lora.target_modules: 'all-linear' cannot be combined with `parts`; use one of them")
+        patterns.append(target_modules)
+    elif target_modules:
+        patterns.append(r"(.*\.)?(" + "|".join(re.escape(t) for t in target_modules) + ")")
+    return "(" + "|".join(f"(?:{p})" for p in patterns) + ")"
+
+
+def lora_config(spec, family, parts: list[str], task_type: str | None = None):
+    """A peft ``LoraConfig`` from the recipe's ``lora:`` keys (passed unchanged) and ``parts``."""
+    from peft import LoraConfig
+
+    kwargs: dict[str, Any] = spec.model_dump(exclude_none=True)
+    kwargs["target_modules"] = target_regex(family, parts, spec.target_modules)
+    if task_type:
+        kwargs["task_type"] = task_type
+    return LoraConfig(**kwargs)
+
+
+def part_of(family, module_name: str) -> str:
+    """The part (vision, qformer, projection, language_model) a module name belongs to."""
+    for part, prefixes in family.parts.items():
+        if any(module_name == p or module_name.startswith(p + ".") for p in prefixes):
+            return part
+    return "other"
+
+
+def match_report(model, family, parts: list[str], target_modules=None) -> dict[str, Any]:
+    """How many LoRA-wrapped modules each ``parts`` entry matched, per part, and parameter counts.
+
+    Args:
+        model: the peft model after ``get_peft_model``.
+
+    Returns:
+        ``{"entries": {entry: {part: count}}, "by_part": {part: count},
+        "params_trainable": int, "params_total": int}``.
+    """
+    base = model.get_base_model()
+    lora_modules = [n for n, m in base.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0]
+    entries: dict[str, dict[str, int]] = {}
+    for name, pattern in part_patterns(family, parts).items():
+        rx = re.compile(pattern)
+        counts = Counter(part_of(family, n) for n in lora_modules if rx.fullmatch(n))
+        entries[name] = dict(counts)
+    if target_modules is not None and not isinstance(target_modules, str):
+        rx = re.compile(r"(.*\.)?(" + "|".join(re.escape(t) for t in target_modules) + ")")
+        entries["target_modules"] = dict(Counter(part_of(family, n) for n in lora_modules if rx.fullmatch(n)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {
+        "entries": entries,
+        "by_part": dict(Counter(part_of(family, n) for n in lora_modules)),
+        "params_trainable": int(trainable),
+        "params_total": int(total),
+    }
+
+
+def check_matches(report: dict[str, Any]) -> None:
+    """Raise UserInputError (exit 2) naming every ``parts`` entry that matched no module."""
+    empty = [name for name, counts in report["entries"].items() if sum(counts.values()) == 0]
+    if empty:
+        raise UserInputError(
+            f"LoRA target{'s' if len(empty) > 1 else ''} {', '.join(empty)} matched no module of this model; "
+            "remove them or check the model's module names with `compress inspect MODEL`"
+        )
+
+
+def apply_lora(model, spec, parts: list[str]):
+    """Wrap ``model`` with fresh LoRA adapters; returns ``(peft_model, match_report)``.
+
+    Raises:
+        UserInputError: an entry matched nothing, or peft found no target at all.
+    """
+    from peft import get_peft_model
+
+    from compressor.families import family_for_model
+
+    family = family_for_model(model)
+    cfg = lora_config(spec, family, parts)
+    try:
+        peft_model = get_peft_model(model, cfg)
+    except ValueError as exc:
+        raise UserInputError(f"LoRA: {exc}") from None
+    report = match_report(peft_model, family, parts, spec.target_modules)
+    check_matches(report)
+    return peft_model, report
+
+
+def freeze_all_but(model, family, parts: list[str] | None) -> int:
+    """Set ``requires_grad`` for the named parts only (None: every parameter); returns the trainable count.
+
+    Part names: vision, qformer, projection, language_model, language_model.encoder,
+    language_model.decoder, query_tokens.
+    """
+    prefixes: list[str] = []
+    if parts is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return sum(p.numel() for p in model.parameters())
+    for part in parts:
+        if part in family.parts:
+            prefixes += list(family.parts[part])
+        elif part == "query_tokens":
+            prefixes.append("query_tokens")
+        elif part.startswith("language_model."):
+            stack = family.stacks.get(part)
+            if stack is None:
+                raise UserInputError(f"part '{part}' does not exist in this {family.name} model")
+            prefixes.append(stack.layers.rsplit(".", 1)[0])
+        else:
+            raise UserInputError(f"unknown part '{part}'.{did_you_mean(part, family.parts)}")
+    n = 0
+    for name, p in model.named_parameters():
+        on = any(name == pre or name.startswith(pre + ".") for pre in prefixes)
+        p.requires_grad_(on)
+        n += p.numel() if on else 0
+    return n

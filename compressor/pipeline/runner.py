@@ -1,0 +1,379 @@
+"""The pipeline runner: recipe → run directory (DESIGN.md "The run directory").
+
+::
+
+    runs/<name>/
+      recipe.resolved.yaml
+      manifest.json                 per stage: type, key, input/output hashes, seconds, peak memory, versions
+      inputs/                       models built from presets / configs (cached by spec)
+      stages/00-lora_finetune-<key>/  each stage writes a NEW folder, never changes its input
+      final/                        the last model (hard links) + recipe.resolved.yaml
+      onnx/                         the last ONNX export (hard links)
+      report.json  report.md        metrics per evaluate label, characteristics, gate verdicts
+
+A stage folder's name carries a hash of its config, its input model's key, the fingerprints
+of the data it reads, any teacher's key, the decoding settings, and the library versions.
+A rerun reuses a folder whose ``stage.json`` exists and whose files still match the hashes
+recorded there; anything else reruns. Stage folders are built under ``.tmp-*`` and renamed
+when complete, so a run killed mid-stage (even by SIGKILL) leaves no folder that looks done;
+``--resume`` continues such a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compressor.errors import GateFailed, UserInputError
+from compressor.pipeline.io import (
+    atomic_write_json,
+    atomic_write_text,
+    canonical_hash,
+    hash_files,
+    link_tree,
+    make_tmp_dir,
+    publish_dir,
+    tree_hash,
+)
+from compressor.recipe.loader import LoadedRecipe
+
+log = logging.getLogger(__name__)
+
+LOCK = ".lock"
+STAGE_RECORD = "stage.json"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that change results; part of every stage key."""
+    import importlib.metadata as md
+
+    import compressor
+
+    out = {"vlm-compress": compressor.__version__}
+    for name in ("torch", "transformers", "peft", "accelerate", "safetensors", "onnx", "onnxruntime", "pycocoevalcap"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+@dataclass
+class StageRecord:
+    index: int
+    type: str
+    label: str | None
+    key: str
+    folder: str
+    status: str  # ran | reused
+    seconds: float
+    peak_rss_mb: float | None
+    summary: dict = field(default_factory=dict)
+
+
+class RunLock:
+    """``runs/<name>/.lock`` holding the PID; a live holder means another run uses the folder."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+
+    def stale_pid(self) -> int | None:
+        """PID of a previous run that died while holding the lock (None: no lock or still alive)."""
+        if not self.path.exists():
+            return None
+        try:
+            pid = int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+        if pid and _alive(pid) and pid != os.getpid():
+            raise UserInputError(f"{self.path.parent} is in use by another run (pid {pid}); wait for it or use --out")
+        return pid
+
+    def acquire(self) -> None:
+        atomic_write_text(self.path, str(os.getpid()))
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _verify_stage(folder: Path) -> dict | None:
+    """The stage record if the folder is complete and its files match their recorded hashes."""
+    import json
+
+    rec = folder / STAGE_RECORD
+    if not rec.is_file():
+        return None
+    try:
+        data = json.loads(rec.read_text())
+    except (OSError, ValueError):
+        return None
+    recorded = data.get("outputs", {})
+    current = hash_files(folder, skip=(STAGE_RECORD,))
+    return data if current == recorded else None
+
+
+class Runner:
+    """Runs a loaded recipe into a run directory.
+
+    Args:
+        loaded: the validated recipe.
+        run_dir: the run directory (default ``runs/<name>``).
+        resume: continue a run that was interrupted (required when one is found).
+        progress: draw progress bars.
+    """
+
+    def __init__(self, loaded: LoadedRecipe, run_dir: Path | None = None, resume: bool = False, progress: bool = True):
+        self.loaded = loaded
+        self.recipe = loaded.recipe
+        self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.recipe.name
+        self.resume = resume
+        self.progress = progress
+        self.records: list[StageRecord] = []
+        self.versions = library_versions()
+
+    # ---------------------------------------------------------------- pre-flight (writes nothing)
+    def preflight(self):
+        from compressor.models.loading import resolve_device
+        from compressor.pipeline.preflight import run_preflight
+
+        self.device = resolve_device(self.recipe.device)
+        self.pf = run_preflight(self.loaded)
+        lock = RunLock(self.run_dir)
+        stale = lock.stale_pid()
+        if stale is not None and not self.resume:
+            raise UserInputError(
+                f"{self.run_dir} holds an interrupted run (pid {stale} stopped before finishing); continue it with "
+                "--resume, or choose another --out"
+            )
+        return self.pf
+
+    # ---------------------------------------------------------------- the run
+    def run(self) -> dict:
+        """Run every stage, then report, gate and push.
+
+        Returns:
+            The report dict.
+
+        Raises:
+            GateFailed: the gate failed (the report is written first; no push).
+            CompressError: any stage failure (exit 3 unless more specific).
+        """
+        from compressor.models.loading import materialize
+        from compressor.stages import get_stage
+        from compressor.stages.common import StageContext, model_dir
+
+        if not hasattr(self, "pf"):
+            self.preflight()
+        run_dir = self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir)
+        lock.acquire()
+        try:
+            return self._run(lock)
+        finally:
+            # A run that ends (even with an error) releases its lock; only a killed run leaves it,
+            # which is what --resume is for.
+            lock.release()
+
+    def _run(self, lock: RunLock) -> dict:
+        from compressor.models.loading import materialize
+        from compressor.stages import get_stage
+        from compressor.stages.common import StageContext, model_dir
+
+        run_dir = self.run_dir
+        (run_dir / "stages").mkdir(exist_ok=True)
+        for tmp in (run_dir / "stages").glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)  # half-written stages of a killed run: never trusted
+        atomic_write_text(run_dir / "recipe.resolved.yaml", self.loaded.resolved_yaml())
+        t_run = time.perf_counter()
+
+        resolved = materialize(self.recipe.model, run_dir / "inputs", self.recipe.dtype)
+        current_dir = resolved.path
+        current_key = canonical_hash({"model": resolved.key, "files": self._input_hash(resolved.path)})
+        ctx = StageContext(recipe=self.recipe, index=0, run_dir=run_dir, device=self.device, progress=self.progress)
+        ctx._data_cache.update(self.pf.datasets)
+        ctx.last_trainable = 0
+        label_keys: dict[str, str] = {}
+        export_keys: list[str] = []
+        evals: dict[str, dict] = {}
+        self._write_manifest(resolved, current_key, t_run)
+        for i, st in enumerate(self.recipe.stages):
+            ctx.index = i
+            mod = get_stage(st.type)
+            key_parts: dict[str, Any] = {
+                "type": st.type,
+                "config": st.model_dump(mode="json", exclude={"label"}),
+                "input": current_key,
+                "data": {s: self._data_fp(ctx, s, st) for s in mod.data_sections(st)},
+                "versions": self.versions,
+                "dtype": self.recipe.dtype,
+                "seed": self.recipe.seed,
+            }
+            if st.type in ("evaluate", "predict", "lora_finetune", "finetune", "heal"):
+                key_parts["generation"] = self.recipe.generation.model_dump(mode="json")
+            if st.type == "heal" and st.distill is not None:
+                key_parts["teacher"] = label_keys[st.distill.teacher]
+            if st.type == "evaluate" and st.teacher:
+                key_parts["teacher"] = label_keys[st.teacher]
+            if getattr(st, "backend", "torch") == "onnx":
+                key_parts["export"] = export_keys[-1] if export_keys else None
+            key = canonical_hash(key_parts)
+            folder = run_dir / "stages" / f"{i:02d}-{st.type}-{key[:10]}"
+            rec = _verify_stage(folder) if folder.exists() else None
+            if rec is not None:
+                status, seconds, peak, summary = "reused", rec.get("seconds", 0.0), rec.get("peak_rss_mb"), rec.get("summary", {})
+                log.info("stage %d %s: reusing %s", i, st.type, folder.name)
+            else:
+                if folder.exists():
+                    log.warning("stage %d %s: %s is incomplete or changed; running it again", i, st.type, folder.name)
+                    shutil.rmtree(folder)
+                status = "ran"
+                seconds, peak, summary = self._run_stage(mod, st, ctx, current_dir, folder, key, key_parts)
+            self.records.append(StageRecord(i, st.type, st.label, key, folder.name, status, seconds, peak, summary))
+            if mod.PRODUCES_MODEL:
+                current_dir, current_key = model_dir(folder), key
+                if st.type in ("lora_finetune", "finetune", "heal"):
+                    ctx.last_trainable = _trainable_of(summary)
+            if st.type == "export":
+                ctx.exports.append(folder)
+                export_keys.append(key)
+            if st.type == "evaluate":
+                import json
+
+                evals[st.label] = json.loads((folder / "eval.json").read_text())
+            if st.label is not None:
+                ctx.labels[st.label] = current_dir
+                ctx.label_outputs[st.label] = folder
+                label_keys[st.label] = current_key
+            self._write_manifest(resolved, current_key, t_run)
+
+        final = run_dir / "final"
+        tmp = make_tmp_dir(run_dir, "final")
+        link_tree(current_dir, tmp)
+        atomic_write_text(tmp / "recipe.resolved.yaml", self.loaded.resolved_yaml())
+        publish_dir(tmp, final)
+        if ctx.exports and (ctx.exports[-1] / "onnx").is_dir():
+            tmp = make_tmp_dir(run_dir, "onnx")
+            link_tree(ctx.exports[-1] / "onnx", tmp)
+            publish_dir(tmp, run_dir / "onnx")
+
+        from compressor.pipeline.report import build_report, write_report
+
+        report = build_report(self.recipe, self.loaded.hash(), self.records, evals, time.perf_counter() - t_run)
+        gate_ok = True
+        if self.recipe.gate is not None:
+            gate_ok = report["gate"]["passed"]
+        write_report(run_dir, report, plots=self.recipe.report.plots)
+        self._write_manifest(resolved, current_key, t_run, done=True)
+        if not gate_ok:
+            raise GateFailed(f"the gate failed: {report['gate']['summary']}; no push. See {run_dir / 'report.md'}")
+        if self.recipe.push is not None:
+            from compressor.pipeline.publish import push_run
+
+            report["push"] = push_run(self.recipe, run_dir, report, self.loaded)
+            write_report(run_dir, report, plots=False)
+        return report
+
+    # ---------------------------------------------------------------- helpers
+    def _run_stage(self, mod, st, ctx, input_dir: Path, folder: Path, key: str, key_parts: dict):
+        from eval.characteristics import PeakMemory
+
+        tmp = make_tmp_dir(folder.parent, folder.name)
+        log.info("stage %d %s: running into %s", ctx.index, st.type, folder.name)
+        t0 = time.perf_counter()
+        try:
+            with PeakMemory() as mem:
+                summary = mod.run(st, ctx, input_dir, tmp) or {}
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - t0
+        outputs = hash_files(tmp, skip=(STAGE_RECORD,))
+        record = {
+            "index": ctx.index,
+            "type": st.type,
+            "label": st.label,
+            "key": key,
+            "key_parts": {k: v for k, v in key_parts.items() if k != "config"},
+            "config": st.model_dump(mode="json"),
+            "input_dir": str(input_dir),
+            "outputs": outputs,
+            "output_hash": tree_hash(outputs),
+            "seconds": round(seconds, 3),
+            "peak_rss_mb": round(mem.rss_mb, 1),
+            "peak_rss_reset": mem.reset,
+            "peak_cuda_mb": mem.cuda_mb,
+            "summary": summary,
+        }
+        atomic_write_json(tmp / STAGE_RECORD, record)
+        publish_dir(tmp, folder)
+        return round(seconds, 3), round(mem.rss_mb, 1), summary
+
+    def _data_fp(self, ctx, section: str, st) -> str:
+        from compressor.data import section_fingerprint
+
+        return section_fingerprint(self.recipe.data, section)
+
+    def _input_hash(self, path: Path) -> str:
+        """Content hash of the input model folder, cached by (path, size, mtime) of each file."""
+        import json
+
+        cache_file = self.run_dir / "inputs" / ".hash-cache.json"
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        from compressor.pipeline.io import sha256_file
+
+        files = {}
+        for p in sorted(Path(path).rglob("*")):
+            if not p.is_file() or any(part.startswith(".tmp") for part in p.relative_to(path).parts):
+                continue
+            st = p.stat()
+            ck = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+            if ck not in cache:
+                cache[ck] = sha256_file(p)
+            files[p.relative_to(path).as_posix()] = cache[ck]
+        atomic_write_json(cache_file, cache)
+        return tree_hash(files)
+
+    def _write_manifest(self, resolved, input_key: str, t0: float, done: bool = False) -> None:
+        import dataclasses
+
+        manifest = {
+            "recipe": self.recipe.name,
+            "recipe_hash": self.loaded.hash(),
+            "overrides": self.loaded.overrides,
+            "model": {"kind": resolved.kind, "key": resolved.key, "path": str(resolved.path)},
+            "device": self.device,
+            "versions": self.versions,
+            "status": "complete" if done else "running",
+            "seconds": round(time.perf_counter() - t0, 3),
+            "stages": [dataclasses.asdict(r) for r in self.records],
+        }
+        atomic_write_json(self.run_dir / "manifest.json", manifest)
+
+
+def _trainable_of(summary: dict) -> int:
+    for path in (("lora", "params_trainable"), ("trainable", "params_trainable"), ("params_trainable",)):
+        cur: Any = summary
+        for p in path:
+            cur = cur.get(p) if isinstance(cur, dict) else None
+        if isinstance(cur, int):
+            return cur
+    return 0

@@ -1,0 +1,118 @@
+"""``heal``: brief retraining after removal; cross-entropy or knowledge distillation.
+
+``loss: distill`` follows Hinton et al. 2015 ("Distilling the Knowledge in a Neural Network"):
+``ce_weight · CE(student, caption) + kl_weight · T² · KL(softmax(teacher/T) ‖ softmax(student/T))``
+over the caption's target tokens, the teacher being an earlier stage's model named by label
+(its cache key is part of this stage's key). ``trainable: lora`` writes an adapter that a
+following ``merge_adapters`` merges; ``full`` / ``parts`` write the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from compressor.errors import UserInputError
+from compressor.families import family_for_model
+from compressor.lora import apply_lora, freeze_all_but
+from compressor.stages.common import ADAPTER_SUBDIR, link_base_model, load_working_model, model_dir, save_model
+from compressor.stages.trainer_glue import adapter_saver, batch_maker, eval_hook, summary_of
+from compressor.training import default_loss, train
+
+log = logging.getLogger(__name__)
+
+PRODUCES_MODEL = True
+
+
+def data_sections(cfg) -> list[str]:
+    return [cfg.train.data] + (["val"] if cfg.train.eval_every else [])
+
+
+def distill_loss(teacher, family, temperature: float, kl_weight: float, ce_weight: float):
+    """A ``loss_fn(model, batch)`` mixing caption cross-entropy with KL to the teacher's distributions.
+
+    Token positions: those with a label (``labels != -100``); for causal LMs the logits at
+    position t predict token t+1, so logits ``[:, :-1]`` pair with labels ``[:, 1:]``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    shift = family.decoder_only
+
+    def loss_fn(model, batch):
+        out = model(**batch)
+        labels = batch["labels"]
+        s = out.logits[:, -labels.shape[1]:, :]
+        with torch.no_grad():
+            t = teacher(**batch).logits[:, -labels.shape[1]:, :]
+        lab = labels
+        if shift:
+            s, t, lab = s[:, :-1], t[:, :-1], labels[:, 1:]
+        mask = lab != -100
+        s_m, t_m = s[mask].float(), t[mask].float()
+        if s_m.shape[-1] != t_m.shape[-1]:
+            raise UserInputError("distill: teacher and student have different vocabularies")
+        kl = F.kl_div(F.log_softmax(s_m / temperature, -1), F.log_softmax(t_m / temperature, -1), log_target=True, reduction="batchmean")
+        ce = out.loss
+        loss = ce_weight * ce + kl_weight * temperature**2 * kl
+        return loss, {"ce": float(ce.detach()), "kl": float(kl.detach())}
+
+    return loss_fn
+
+
+def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
+    """Heal; see the module docstring.
+
+    Raises:
+        UserInputError: unknown teacher label, LoRA parts matching nothing.
+    """
+    model, processor = load_working_model(input_dir, ctx, with_adapter=False)
+    family = family_for_model(model)
+    report: dict = {}
+    if cfg.trainable == "lora":
+        model, report = apply_lora(model, cfg.lora, cfg.parts)
+    else:
+        n = freeze_all_but(model, family, None if cfg.trainable == "full" else cfg.parts)
+        report = {"params_trainable": n, "params_total": sum(p.numel() for p in model.parameters())}
+    loss_fn = default_loss
+    if cfg.loss == "distill":
+        teacher_dir = ctx.labels.get(cfg.distill.teacher)
+        if teacher_dir is None:
+            raise UserInputError(f"heal: no model is labelled '{cfg.distill.teacher}' before this stage")
+        from compressor.models.loading import load_model
+
+        teacher, _ = load_model(teacher_dir, dtype=ctx.dtype, device=ctx.device, with_processor=False)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        loss_fn = distill_loss(teacher, family, cfg.distill.temperature, cfg.distill.kl_weight, cfg.distill.ce_weight)
+    data = ctx.data(cfg.train.data)
+    pairs = data.training_pairs()
+    saver = adapter_saver if cfg.trainable == "lora" else (lambda m, d: save_model(m, processor, d))
+    result = train(
+        model,
+        batch_maker(model, processor, ctx.recipe.generation.prompt),
+        pairs,
+        cfg.train,
+        seed=ctx.recipe.seed,
+        device=ctx.device,
+        out_dir=out_dir,
+        loss_fn=loss_fn,
+        evaluate=eval_hook(ctx, processor, cfg.train),
+        save_checkpoint=saver,
+        progress=ctx.progress,
+    )
+    best = out_dir / "best"
+    use_best = result.best_step is not None and best.is_dir()
+    if cfg.trainable == "lora":
+        out_model = link_base_model(input_dir, model_dir(out_dir))
+        if use_best:
+            best.rename(out_model / ADAPTER_SUBDIR)
+        else:
+            model.save_pretrained(str(out_model / ADAPTER_SUBDIR))
+    elif use_best:
+        best.rename(model_dir(out_dir))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        save_model(model, processor, model_dir(out_dir))
+    return {**summary_of(result), "trainable": report, "loss": cfg.loss, "train_examples": len(pairs)}

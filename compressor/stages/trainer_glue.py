@@ -1,0 +1,96 @@
+"""Glue between a recipe's data, a model family and the shared training loop.
+
+Builds the ``make_batch`` function (images + target texts + prompts → labelled tensors), the
+in-training evaluation hook (captions on ``val`` scored by the same metric harness as
+``evaluate``), and checkpoint savers; used by lora_finetune, finetune and heal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from compressor.families import family_for_model
+from compressor.models.batches import build_prompt, training_batch
+
+log = logging.getLogger(__name__)
+
+
+class ImageCache:
+    """Decoded images by example id, so epochs over small sets do not re-decode (LRU, ``size`` images)."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._d: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, ex):
+        key = (ex.image_id, ex.image_path, ex.render)
+        img = self._d.get(key)
+        if img is None:
+            img = ex.load_image()
+            self._d[key] = img
+            if len(self._d) > self.size:
+                self._d.popitem(last=False)
+        else:
+            self._d.move_to_end(key)
+        return img
+
+
+def batch_maker(model, processor, prompt_template: str | None):
+    """``make_batch(pairs) -> dict`` for :func:`compressor.training.train`.
+
+    Args:
+        model: the (possibly peft-wrapped) model, for its family.
+        processor: its processor.
+        prompt_template: the recipe's ``generation.prompt`` (VQA questions fill ``{question}``).
+    """
+    family = family_for_model(model)
+    cache = ImageCache()
+
+    def make_batch(pairs: list) -> dict:
+        images = [cache.get(ex) for ex, _ in pairs]
+        targets = [t for _, t in pairs]
+        prompts = [build_prompt(prompt_template, ex.question) for ex, _ in pairs]
+        batch = training_batch(family, processor, images, targets, prompts)
+        dtype = next(model.parameters()).dtype
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        return batch
+
+    return make_batch
+
+
+def eval_hook(ctx, processor, train_spec, metrics: list[str] | None = None):
+    """An ``evaluate(model) -> metrics`` for in-training evaluation on ``val``, or None if not asked."""
+    if not train_spec.eval_every:
+        return None
+    from compressor.evaluation import score_model
+
+    data = ctx.data("val", limit=train_spec.eval_limit)
+    wanted = metrics or ([train_spec.select_best_by] if train_spec.select_best_by else None)
+
+    def evaluate(model) -> dict[str, float]:
+        result = score_model(model, processor, data, ctx.recipe.generation, ctx.device, metrics=wanted, progress=False)
+        return result["metrics"]
+
+    return evaluate
+
+
+def adapter_saver(model, folder: Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+
+
+def summary_of(result) -> dict[str, Any]:
+    """Manifest summary of a :class:`~compressor.training.TrainResult`."""
+    losses = [v for _, v in result.losses]
+    k = max(1, len(losses) // 10)
+    return {
+        "steps": result.steps,
+        "loss_first": round(sum(losses[:k]) / k, 4) if losses else None,
+        "loss_last": round(sum(losses[-k:]) / k, 4) if losses else None,
+        "best_step": result.best_step,
+        "train_seconds": round(result.seconds, 2),
+    }
