@@ -19,9 +19,9 @@ shapes-teacher       small-blip2-opt trained on the shapes set (shipped in compr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PRESET_VERSION = "1"
@@ -95,7 +95,7 @@ def _finish(model, processor, seed: int, init: tuple[float, float, int] = (1.0, 
 def _blip2_opt(seed: int, *, vh=32, vl=2, image=32, patch=8, qh=32, ql=4, th=32, tl=6, ffn=64, nq=8, init=(3.0, 0.1, 1)):
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-    from compressor.models.processors import bpe_tokenizer, blip2_processor
+    from compressor.models.processors import blip2_processor, bpe_tokenizer
 
     proc = blip2_processor(bpe_tokenizer("opt"), image, nq)
     tok = proc.tokenizer

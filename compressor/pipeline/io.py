@@ -19,6 +19,13 @@ from typing import Any
 CHUNK = 1 << 20
 
 
+def _default_mode() -> int:
+    """0o666 minus the process umask: what a plain ``open(path, "w")`` would create."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and rename it."""
     return atomic_write_bytes(path, text.encode("utf-8"))
@@ -33,6 +40,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -173,9 +173,6 @@ class Runner:
             GateFailed: the gate failed (the report is written first; no push).
             CompressError: any stage failure (exit 3 unless more specific).
         """
-        from compressor.models.loading import materialize
-        from compressor.stages import get_stage
-        from compressor.stages.common import StageContext, model_dir
 
         if not hasattr(self, "pf"):
             self.preflight()
@@ -192,8 +189,7 @@ class Runner:
 
     def _run(self, lock: RunLock) -> dict:
         from compressor.models.loading import materialize
-        from compressor.stages import get_stage
-        from compressor.stages.common import StageContext, model_dir
+        from compressor.stages.common import StageContext
 
         run_dir = self.run_dir
         (run_dir / "stages").mkdir(exist_ok=True)
@@ -207,7 +203,16 @@ class Runner:
         current_key = canonical_hash({"model": resolved.key, "files": self._input_hash(resolved.path)})
         ctx = StageContext(recipe=self.recipe, index=0, run_dir=run_dir, device=self.device, progress=self.progress)
         ctx._data_cache.update(self.pf.datasets)
-        ctx.last_trainable = 0
+        try:
+            return self._stages(ctx, resolved, current_dir, current_key, t_run)
+        finally:
+            ctx.close()
+
+    def _stages(self, ctx, resolved, current_dir: Path, current_key: str, t_run: float) -> dict:
+        from compressor.stages import get_stage
+        from compressor.stages.common import model_dir
+
+        run_dir = self.run_dir
         label_keys: dict[str, str] = {}
         export_keys: list[str] = []
         evals: dict[str, dict] = {}
@@ -295,6 +300,7 @@ class Runner:
 
         tmp = make_tmp_dir(folder.parent, folder.name)
         log.info("stage %d %s: running into %s", ctx.index, st.type, folder.name)
+        seed_everything(self.recipe.seed + ctx.index)
         t0 = time.perf_counter()
         try:
             with PeakMemory() as mem:
@@ -367,6 +373,18 @@ class Runner:
             "stages": [dataclasses.asdict(r) for r in self.records],
         }
         atomic_write_json(self.run_dir / "manifest.json", manifest)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so a stage's output depends only on its key."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _trainable_of(summary: dict) -> int:

@@ -28,6 +28,8 @@ class StageContext:
         label_outputs: label → output folder of the stage that carried the label.
         exports: output folders of earlier export stages, in order.
         progress: whether to draw progress bars.
+        last_trainable: parameters trained by the latest training stage (reported as
+            ``params_trainable``).
     """
 
     recipe: Any
@@ -38,7 +40,22 @@ class StageContext:
     label_outputs: dict[str, Path] = field(default_factory=dict)
     exports: list[Path] = field(default_factory=list)
     progress: bool = True
+    last_trainable: int = 0
     _data_cache: dict = field(default_factory=dict)
+    _scorer: Any = None
+
+    def scorer(self):
+        """One caption scorer (one METEOR JVM) shared by every evaluation of the run."""
+        if self._scorer is None:
+            from eval.captioning import CaptionScorer
+
+            self._scorer = CaptionScorer()
+        return self._scorer
+
+    def close(self) -> None:
+        if self._scorer is not None:
+            self._scorer.close()
+            self._scorer = None
 
     def data(self, section: str, limit: int | None = None):
         """The recipe's data section (loaded once per run and cached)."""

@@ -51,7 +51,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
             model, processor = load_working_model(input_dir, ctx)
             captioner = TorchCaptioner(model, processor, gen, ctx.device)
         preds = predict(captioner, data.examples, task, prompt_fn(gen), gen.batch_size, ctx.progress)
-        scored = score_predictions(preds, data, [m for m in metrics if m not in MODEL_METRICS])
+        scored = score_predictions(preds, data, [m for m in metrics if m not in MODEL_METRICS], ctx.scorer())
         values = dict(scored["metrics"])
         notes += scored["notes"]
         if "teacher_cider" in metrics or cfg.teacher:
@@ -85,7 +85,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
             chars = torch_characteristics(model, processor, data, gen, ctx.device, cfg.characteristics, model_dir=input_dir)
         else:
             chars = _onnx_characteristics(captioner, data, gen, cfg, ctx)
-        chars["params_trainable"] = int(getattr(ctx, "last_trainable", 0) or 0)
+        chars["params_trainable"] = int(ctx.last_trainable or 0)
     chars["peak_rss_mb"] = mem.rss_mb
     if mem.cuda_mb is not None:
         chars["peak_cuda_mb"] = mem.cuda_mb
@@ -121,8 +121,6 @@ def write_predictions(path: Path, preds: dict[str, str], task: str) -> None:
 
 def _teacher_cider(cfg, ctx, preds: dict[str, str], data) -> float:
     """CIDEr of these captions against the teacher label's captions on the same images."""
-    from eval.captioning import CaptionScorer
-
     label = cfg.teacher
     if label is None or label not in ctx.label_outputs:
         raise UserInputError("teacher_cider needs `teacher: <label of an earlier evaluate stage>`")
@@ -134,8 +132,7 @@ def _teacher_cider(cfg, ctx, preds: dict[str, str], data) -> float:
     common = [k for k in preds if k in teacher]
     if not common:
         raise UserInputError(f"teacher '{label}' scored other images than this evaluation; use the same data section")
-    with CaptionScorer() as sc:
-        res = sc.score({k: preds[k] for k in common}, {k: [teacher[k]] for k in common}, ["cider"])
+    res = ctx.scorer().score({k: preds[k] for k in common}, {k: [teacher[k]] for k in common}, ["cider"])
     return res.metrics["cider"]
 
 

@@ -15,7 +15,13 @@ from pathlib import Path
 from compressor.errors import UserInputError
 from compressor.families import family_for_model
 from compressor.lora import apply_lora, freeze_all_but
-from compressor.stages.common import ADAPTER_SUBDIR, link_base_model, load_working_model, model_dir, save_model
+from compressor.stages.common import (
+    ADAPTER_SUBDIR,
+    link_base_model,
+    load_working_model,
+    model_dir,
+    save_model,
+)
 from compressor.stages.trainer_glue import adapter_saver, batch_maker, eval_hook, summary_of
 from compressor.training import default_loss, train
 
