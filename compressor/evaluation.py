@@ -79,8 +79,6 @@ def torch_characteristics(model, processor, dataset, generation, device: str, sp
         spec: the evaluate stage's ``CharacteristicsSpec``.
         model_dir: the folder whose size is reported (``size_mb``).
     """
-    import copy
-
     from compressor.models.batches import generation_inputs
     from eval.characteristics import count_gflops, count_parameters, measure_latency, size_on_disk_mb
 
@@ -91,13 +89,11 @@ def torch_characteristics(model, processor, dataset, generation, device: str, sp
     prompts_of = prompt_fn(generation)
     if spec.gflops and images:
         n = spec.gflops_new_tokens
-        gen = copy.copy(generation)
         kw = {"max_new_tokens": n, "min_new_tokens": n, "num_beams": generation.num_beams, "do_sample": False}
         inputs = generation_inputs(family, processor, images[:1], [prompts_of(dataset.examples[0])], device)
         inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
         out["gflops"] = count_gflops(lambda: model.generate(**inputs, **kw), model)
         out["gflops_new_tokens"] = n
-        del gen
     if spec.latency is not None and images:
         captioner = TorchCaptioner(model, processor, generation, device)
         tok = processor.tokenizer
