@@ -70,10 +70,12 @@ def count_gflops_by_part(
     """GFLOPs of ``run()`` in total and per model part, counted by ``FlopCounterMode``.
 
     FlopCounterMode attributes FLOPs to the modules it sees called. Inside ``generate`` each
-    part is called on its own (``self.vision_model(...)``, ``self.language_model(...)``), so it
-    appears as a root named by its class (``Blip2VisionModel``, ``OPTForCausalLM``); inside a
-    model ``forward`` it appears as ``<ModelClass>.<prefix>``. Both are looked up. A part whose
-    class name is shared by another part (both ``Linear``) is left out rather than guessed.
+    part is called on its own (``self.vision_model(...)``, ``self.language_model(...)``; T5's
+    encoder stack too), so it appears as a root named by its class (``Blip2VisionModel``,
+    ``OPTForCausalLM``, ``T5Stack``); inside a model ``forward`` the parts appear as
+    ``<ModelClass>.<prefix>``. A root is given to the part whose top module has its class, else
+    to the one part holding a module of that class; a root that would fit several parts is left
+    out of every part (the parts then add up to less than ``gflops``) rather than guessed.
 
     Args:
         run: the work to count, done once (e.g. ``generate`` with a fixed token count).
@@ -106,26 +108,26 @@ def count_gflops_by_part(
         return out
     counts = {name: sum(v.values()) for name, v in counter.get_flop_counts().items()}
     root = type(model).__name__
-    classes: dict[str, list[str]] = {}
-    for part, prefixes in parts.items():
-        for prefix in prefixes:
-            mod = _submodule(model, prefix)
-            if mod is not None:
-                classes.setdefault(type(mod).__name__, []).append(part)
-    for part, prefixes in parts.items():
-        total, seen = 0, False
-        for prefix in prefixes:
-            mod = _submodule(model, prefix)
-            if mod is None:
-                continue
-            cls = type(mod).__name__
-            for key in (f"{root}.{prefix}", cls if len(classes.get(cls, [])) == 1 else None):
-                if key is not None and key in counts:
-                    total += counts[key]
-                    seen = True
-                    break
-        if seen:
-            out[f"gflops_{part}"] = total / 1e9
+    mods = {part: [m for m in (_submodule(model, pre) for pre in prefixes) if m is not None] for part, prefixes in parts.items()}
+    tops = {part: {type(m).__name__ for m in ms} for part, ms in mods.items()}
+    inside = {part: {type(sub).__name__ for m in ms for sub in m.modules()} for part, ms in mods.items()}
+    totals = dict.fromkeys(parts, 0)
+    seen: set[str] = set()
+    for key, flops in counts.items():
+        if key == "Global" or "." in key:
+            continue
+        if key == root:  # a forward of the whole model: its parts are its children
+            for part, prefixes in parts.items():
+                for pre in prefixes:
+                    if f"{root}.{pre}" in counts:
+                        totals[part] += counts[f"{root}.{pre}"]
+                        seen.add(part)
+            continue
+        owners = [p for p in parts if key in tops[p]] or [p for p in parts if key in inside[p]]
+        if len(owners) == 1:
+            totals[owners[0]] += flops
+            seen.add(owners[0])
+    out.update({f"gflops_{p}": totals[p] / 1e9 for p in parts if p in seen})
     return out
 
 

@@ -48,7 +48,7 @@ def _csv_ints(text: str, option: str) -> list[int]:
 
 
 @click.command("eval")
-@click.argument("model", required=False, metavar="MODEL_OR_ONNX_DIR")
+@click.argument("model", required=False, metavar="[MODEL_OR_ONNX_DIR]")
 @data_options
 @click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), help="Score this predictions file (no model).")
 @click.option("--references", type=click.Path(dir_okay=False, path_type=Path), help="References for --predictions (COCO captions file, VQA annotations or {id: [captions]}).")

@@ -189,3 +189,38 @@ def test_vqa_answers_csv_round_trip(files, tmp_path):
         csv.writer(f).writerow(["nope.png", "what?", "x"])
     e = run_inprocess("eval", "--predictions", str(answers), "--data", str(files["vqa"]), "--out", str(out))
     assert e.returncode == 2 and "nope.png" in e.stderr
+
+
+RECIPE = """\
+name: pre
+model: tiny-blip2-opt
+data:
+  format: synthetic
+  eval: {{size: 4}}
+stages:
+  - type: evaluate
+    label: baseline
+    metrics: {metrics}
+"""
+
+
+@pytest.mark.parametrize(
+    "metrics,expect",
+    [("[bleu_4, bertscore_f1]", "--bertscore-model"), ("[clipscore]", "evaluate.clipscore.model"),
+     ("[teacher_cider]", "teacher")],
+)
+def test_apply_checks_evaluation_needs_before_writing(tmp_path, metrics, expect):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(metrics=metrics))
+    r = run_inprocess("apply", str(recipe), "--out", str(tmp_path / "run"), "--dry-run")
+    assert r.returncode == 2 and expect in r.stderr and "stages.0" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_apply_checks_java_before_writing(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(metrics="[cider]"))
+    (tmp_path / "bin").mkdir()
+    r = run_cli("apply", str(recipe), "--out", str(tmp_path / "run"), env={**ENV, "PATH": str(tmp_path / "bin")})
+    assert r.returncode == 2 and "`java` was not found on PATH" in r.stderr
+    assert not (tmp_path / "run").exists()

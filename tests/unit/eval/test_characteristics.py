@@ -155,3 +155,26 @@ def test_onnx_parameter_count(tmp_path):
     onnx.save(helper.make_model(graph), str(tmp_path / "decoder.onnx"))
     onnx.save(helper.make_model(graph), str(tmp_path / "decoder_optimized.onnx"))  # ORT copy: skipped
     assert onnx_parameter_count(tmp_path) == 16
+
+
+@pytest.mark.parametrize("name", ["tiny-blip2-llama", "tiny-blip2-t5", "tiny-instructblip", "tiny-blip"])
+def test_gflops_parts_add_up_for_every_family(name):
+    from compressor.data.synthetic import synthetic_examples
+    from compressor.families import family_for_model
+    from compressor.models.batches import generation_inputs
+    from compressor.models.presets import build_preset
+
+    model, processor = build_preset(name)
+    family = family_for_model(model)
+    image = synthetic_examples(0, 1, 32, "caption")[0].load_image()
+    inputs = generation_inputs(family, processor, [image], ["a picture of"])
+    res = count_gflops_by_part(_generate(model, inputs), model, family.parts)
+    assert res["gflops_vision"] > 0 and res["gflops_language_model"] > 0
+    assert sum(v for k, v in res.items() if k != "gflops") == pytest.approx(res["gflops"], rel=1e-6)
+
+
+def test_gflops_parts_of_a_forward_pass(tiny):
+    model, _, family, inputs = tiny
+    res = count_gflops_by_part(lambda: model(**inputs), model, family.parts)
+    assert res["gflops_language_model"] > 0 and res["gflops_vision"] > 0
+    assert sum(v for k, v in res.items() if k != "gflops") == pytest.approx(res["gflops"], rel=1e-6)
