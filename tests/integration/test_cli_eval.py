@@ -224,3 +224,63 @@ def test_apply_checks_java_before_writing(tmp_path):
     r = run_cli("apply", str(recipe), "--out", str(tmp_path / "run"), env={**ENV, "PATH": str(tmp_path / "bin")})
     assert r.returncode == 2 and "`java` was not found on PATH" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_onnx_folder_goes_through_the_onnx_runtime_captioner(files, tmp_path, monkeypatch):
+    """An ONNX export folder (export.json) is captioned by exporters.onnx_runtime.OnnxCaptioner.
+
+    The real runtime comes with the export issue; a stand-in module records how it is called (a
+    PyTorch captioner inside, so the captions are real), and the record keeps what only the
+    export can tell (its recorded parameters, its size, latency through the runtime).
+    """
+    import sys
+    import types
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compressor.generation import TorchCaptioner
+    from compressor.models.loading import load_model
+    from compressor.models.presets import SHIPPED
+
+    model, processor = load_model(SHIPPED["shapes-teacher"])
+    made = []
+
+    class FakeOnnxCaptioner:
+        def __init__(self, onnx_dir, generation):
+            made.append((str(onnx_dir), generation.batch_size, generation.max_new_tokens))
+            self._inner = TorchCaptioner(model, processor, generation)
+            self.settings = {**self._inner.settings, "backend": "onnxruntime"}
+            self.tokenizer = processor.tokenizer
+
+        def caption(self, images, prompts=None):
+            return self._inner.caption(images, prompts)
+
+    monkeypatch.setitem(sys.modules, "exporters.onnx_runtime", types.SimpleNamespace(OnnxCaptioner=FakeOnnxCaptioner))
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    w = numpy_helper.from_array(np.zeros((5, 4), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], initializer=[w])
+    onnx.save(helper.make_model(graph), str(onnx_dir / "decoder.onnx"))
+    (onnx_dir / "export.json").write_text(json.dumps({"characteristics": {"params_language_model": 7}}))
+    (onnx_dir / "recipe.resolved.yaml").write_text("generation: {max_new_tokens: 12, batch_size: 4}\n")
+    out = tmp_path / "e.json"
+    r = run_inprocess("eval", str(onnx_dir), "--data", str(files["caps"]), "--out", str(out), "--metrics", "bleu_4,cider,perplexity",
+                      "--latency-batch-sizes", "1,3", "--latency-repeats", "1", "--latency-warmup", "0")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(out.read_text())
+    assert rec["decoding"]["backend"] == "onnxruntime" and rec["decoding"]["max_new_tokens"] == 12
+    assert made[0] == (str(onnx_dir.resolve()), 4, 12) and (str(onnx_dir.resolve()), 3, 12) in made  # one per latency size
+    assert rec["metrics"]["cider"] > 50 and "perplexity" not in rec["metrics"]
+    c = rec["characteristics"]
+    assert c["params_total"] == 20 and c["params_language_model"] == 7  # initializers; the export's own record
+    assert c["gflops"] is None and set(c["by_batch_size"]) == {"1", "3"} and c["tokens_per_s"] > 0
+    assert c["size_mb"] > 0
+    notes = " ".join(rec["notes"])
+    assert "perplexity needs the PyTorch model" in notes and "records no GFLOPs" in notes
+    p = run_inprocess("predict", str(onnx_dir), "--data", str(files["caps"]), "--out", str(tmp_path / "p.json"))
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads((tmp_path / "p.json").read_text())) == 12
