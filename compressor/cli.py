@@ -190,7 +190,7 @@ def _print_summary(obj: Ctx, run_dir: Path) -> None:
 def _parse_rule(text: str) -> tuple[str, str, float]:
     from compressor.errors import UserInputError, did_you_mean
     from compressor.recipe.schema import GATE_KEYS
-    from eval.gates import RULE_KINDS
+    from eval.gates import RULE_KINDS, rule_problems
 
     try:
         key, rest = text.split(":", 1)
@@ -199,20 +199,32 @@ def _parse_rule(text: str) -> tuple[str, str, float]:
     except ValueError:
         raise UserInputError(f"--rule {text}: expected KEY:RULE=VALUE, e.g. cider:max_drop=2") from None
     if key not in GATE_KEYS:
-        raise UserInputError(f"--rule {text}: unknown metric key '{key}'.{did_you_mean(key, GATE_KEYS)}")
+        raise UserInputError(f"--rule {text}: unknown metric key '{key}'.{did_you_mean(key, GATE_KEYS)} Keys: {', '.join(GATE_KEYS)}")
     if kind not in RULE_KINDS:
         raise UserInputError(f"--rule {text}: unknown rule '{kind}'; expected one of {', '.join(RULE_KINDS)}.{did_you_mean(kind, RULE_KINDS)}")
+    problems = rule_problems(key, kind, num)
+    if problems:
+        raise UserInputError(f"--rule {text}: " + "; ".join(problems))
     return key, kind, num
+
+
+def _read_json(path: Path) -> dict:
+    from compressor.errors import UserInputError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: expected an eval.json or report.json object, got a {type(data).__name__}")
+    return data
 
 
 def _load_eval_values(path: Path, label: str | None) -> dict:
     from compressor.errors import UserInputError
     from compressor.pipeline.report import flat_values
 
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"{path}: cannot read it as JSON ({exc})") from None
+    data = _read_json(path)
     if "evaluations" in data:
         if label is None:
             raise UserInputError(f"{path} is a report with labels {list(data['evaluations'])}: pass --candidate/--baseline LABEL")
@@ -231,18 +243,19 @@ def _load_eval_values(path: Path, label: str | None) -> dict:
 @click.option("--rule", "rules", multiple=True, required=True, metavar="KEY:RULE=VALUE", help="e.g. cider:max_drop=2")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Write JUnit XML here.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write gate.json here.")
+@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Write the verdict table (Markdown) here.")
 @click.pass_obj
-def gate(obj: Ctx, candidate, baseline, candidate_label, rules, junit, out):
-    """Check metric regressions of a candidate against rules (loads no model). Exit 1 on regression."""
+def gate(obj: Ctx, candidate, baseline, candidate_label, rules, junit, out, markdown):
+    """Check metric regressions of a candidate against rules (loads no model). Exit 1 on regression, 2 on bad rules."""
     from compressor.errors import GateFailed, UserInputError
     from compressor.pipeline.io import atomic_write_json, atomic_write_text
-    from eval.gates import evaluate_gate, gate_json, gate_junit, gate_markdown, passed
+    from eval.gates import RELATIVE, evaluate_gate, gate_json, gate_junit, gate_markdown, passed
 
     parsed: dict[str, dict[str, float]] = {}
     for r in rules:
         key, kind, num = _parse_rule(r)
         parsed.setdefault(key, {})[kind] = num
-    is_report = "evaluations" in json.loads(candidate.read_text())
+    is_report = "evaluations" in _read_json(candidate)
     cand = _load_eval_values(candidate, candidate_label if is_report else None)
     base = None
     if baseline is not None:
@@ -250,19 +263,31 @@ def gate(obj: Ctx, candidate, baseline, candidate_label, rules, junit, out):
             base = _load_eval_values(candidate, baseline)
         else:
             base = _load_eval_values(Path(baseline), None)
-    elif any(k in ("max_drop", "min_recovery", "max_ratio") for kinds in parsed.values() for k in kinds):
+    elif any(k in RELATIVE for kinds in parsed.values() for k in kinds):
         raise UserInputError("relative rules (max_drop, min_recovery, max_ratio) need --baseline")
     verdicts = evaluate_gate(parsed, cand, base)
+    cand_name = f"{candidate}[{candidate_label}]" if is_report else str(candidate)
+    base_name = None if baseline is None else (f"{candidate}[{baseline}]" if is_report and not Path(baseline).is_file() else str(baseline))
+    result = gate_json(verdicts, cand_name, base_name)
     if junit:
         atomic_write_text(junit, gate_junit(verdicts))
     if out:
-        atomic_write_json(out, gate_json(verdicts, str(candidate), str(baseline) if baseline else None))
+        atomic_write_json(out, result)
+    if markdown:
+        atomic_write_text(markdown, gate_markdown(verdicts))
     if obj.json:
-        _echo_json(gate_json(verdicts, str(candidate), str(baseline) if baseline else None))
+        _echo_json(result)
     else:
         click.echo(gate_markdown(verdicts))
     if not passed(verdicts):
         raise GateFailed("the gate failed: " + "; ".join(f"{v.key} {v.rule} ({v.reason})" for v in verdicts if not v.passed))
+
+
+from compressor.commands.eval import eval_command  # noqa: E402
+from compressor.commands.predict import predict_command  # noqa: E402
+
+cli.add_command(eval_command)
+cli.add_command(predict_command)
 
 
 def main() -> None:

@@ -62,18 +62,37 @@ class TorchCaptioner:
         }
 
     def caption(self, images: Sequence[Any], prompts: Sequence[str] | None = None) -> list[str]:
-        """Caption ``images`` (see :class:`eval.captioner.Captioner`); batches of ``generation.batch_size``."""
-        import torch
+        """Caption ``images`` (see :class:`eval.captioner.Captioner`); batches of ``generation.batch_size``.
 
+        BLIP's ``generate`` overwrites the first input column with ``[DEC]`` and drops the last
+        column, which is only right when no prompt in the batch is padded; so BLIP prompts of
+        different token lengths are generated in separate sub-batches (same captions, in order).
+        """
         prompts = list(prompts) if prompts is not None else [self.generation.prompt or ""] * len(images)
         out: list[str] = []
         bs = self.generation.batch_size
         for i in range(0, len(images), bs):
             imgs, prm = list(images[i : i + bs]), prompts[i : i + bs]
-            inputs = generation_inputs(self.family, self.processor, imgs, prm, self.device)
-            dtype = next(self.model.parameters()).dtype
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-            with torch.inference_mode():
-                seq = self.model.generate(**inputs, **self.kwargs)
-            out.extend(decode(self.family, self.processor, seq, inputs, prm))
+            if self.family.name == "blip" and any(prm):
+                tok = self.processor.tokenizer
+                groups: dict[int, list[int]] = {}
+                for j, p in enumerate(prm):
+                    groups.setdefault(len(tok(p).input_ids) if p else 0, []).append(j)
+                caps: list[str] = [""] * len(imgs)
+                for idx in groups.values():
+                    for j, c in zip(idx, self._generate([imgs[j] for j in idx], [prm[j] for j in idx])):
+                        caps[j] = c
+                out.extend(caps)
+            else:
+                out.extend(self._generate(imgs, prm))
         return out
+
+    def _generate(self, imgs: list, prm: list[str]) -> list[str]:
+        import torch
+
+        inputs = generation_inputs(self.family, self.processor, imgs, prm, self.device)
+        dtype = next(self.model.parameters()).dtype
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        with torch.inference_mode():
+            seq = self.model.generate(**inputs, **self.kwargs)
+        return decode(self.family, self.processor, seq, inputs, prm)

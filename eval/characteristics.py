@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,10 +54,40 @@ def count_gflops(run: Callable[[], Any], model=None) -> float:
     Args:
         run: a function doing the work once (e.g. ``generate`` for one image, with
             ``min_new_tokens == max_new_tokens`` so the token count is fixed).
-        model: if given, its parameters are set ``requires_grad_(False)`` during counting.
+        model: if given, its parameters are set ``requires_grad_(False)`` during counting and
+            restored afterwards (stack-facts §10: with a parameter that requires grad, such as
+            BLIP-2's ``query_tokens``, FlopCounterMode around ``generate`` fails).
 
     Returns:
         GFLOPs (multiply-add counted as 2 FLOPs, torch's convention).
+    """
+    return count_gflops_by_part(run, model)["gflops"]
+
+
+def count_gflops_by_part(
+    run: Callable[[], Any], model=None, parts: dict[str, Sequence[str]] | None = None
+) -> dict[str, float]:
+    """GFLOPs of ``run()`` in total and per model part, counted by ``FlopCounterMode``.
+
+    FlopCounterMode attributes FLOPs to the modules it sees called. Inside ``generate`` each
+    part is called on its own (``self.vision_model(...)``, ``self.language_model(...)``; T5's
+    encoder stack too), so it appears as a root named by its class (``Blip2VisionModel``,
+    ``OPTForCausalLM``, ``T5Stack``); inside a model ``forward`` the parts appear as
+    ``<ModelClass>.<prefix>``. A root is given to the part whose top module has its class, else
+    to the one part holding a module of that class; a root that would fit several parts is left
+    out of every part (the parts then add up to less than ``gflops``) rather than guessed.
+
+    Args:
+        run: the work to count, done once (e.g. ``generate`` with a fixed token count).
+        model: the model whose parameters get ``requires_grad_(False)`` while counting
+            (restored afterwards), and whose parts are looked up.
+        parts: part name → module name prefixes (a family's ``parts``); None for the total only.
+
+    Returns:
+        ``{"gflops": total, "gflops_<part>": …}`` in GFLOPs (10^9 FLOPs).
+
+    Raises:
+        Whatever ``run`` raises.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -71,10 +100,77 @@ def count_gflops(run: Callable[[], Any], model=None) -> float:
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             run()
-        return counter.get_total_flops() / 1e9
     finally:
         for p, f in flags:
             p.requires_grad_(f)
+    out = {"gflops": counter.get_total_flops() / 1e9}
+    if model is None or not parts:
+        return out
+    counts = {name: sum(v.values()) for name, v in counter.get_flop_counts().items()}
+    root = type(model).__name__
+    mods = {part: [m for m in (_submodule(model, pre) for pre in prefixes) if m is not None] for part, prefixes in parts.items()}
+    tops = {part: {type(m).__name__ for m in ms} for part, ms in mods.items()}
+    inside = {part: {type(sub).__name__ for m in ms for sub in m.modules()} for part, ms in mods.items()}
+    totals = dict.fromkeys(parts, 0)
+    seen: set[str] = set()
+    for key, flops in counts.items():
+        if key == "Global" or "." in key:
+            continue
+        if key == root:  # a forward of the whole model: its parts are its children
+            for part, prefixes in parts.items():
+                for pre in prefixes:
+                    if f"{root}.{pre}" in counts:
+                        totals[part] += counts[f"{root}.{pre}"]
+                        seen.add(part)
+            continue
+        owners = [p for p in parts if key in tops[p]] or [p for p in parts if key in inside[p]]
+        if len(owners) == 1:
+            totals[owners[0]] += flops
+            seen.add(owners[0])
+    out.update({f"gflops_{p}": totals[p] / 1e9 for p in parts if p in seen})
+    return out
+
+
+def _submodule(model, prefix: str):
+    import torch
+
+    obj = model
+    for name in prefix.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj if isinstance(obj, torch.nn.Module) else None
+
+
+def onnx_parameter_count(onnx_dir: str | os.PathLike) -> int:
+    """Parameters of an ONNX export: elements of the initializers of every ``*.onnx`` graph.
+
+    Weights shared by two graphs (e.g. the token embedding in ``embed_tokens`` and in the
+    decoder's tied output projection) are counted once per graph that holds them, and graph
+    constants are counted too, so this is an upper bound of the PyTorch model's count; the
+    export's own record (``export.json``) is preferred when it has one. External data is not
+    read (only tensor shapes).
+
+    Args:
+        onnx_dir: the export folder.
+
+    Returns:
+        The element count (0 when the folder holds no graph); graphs whose name contains
+        ``optimized`` (ORT-optimised copies) are skipped.
+    """
+    import onnx
+
+    total = 0
+    for f in sorted(Path(onnx_dir).glob("*.onnx")):
+        if "optimized" in f.stem:
+            continue
+        g = onnx.load(str(f), load_external_data=False).graph
+        for init in g.initializer:
+            n = 1
+            for d in init.dims:
+                n *= int(d)
+            total += n
+    return total
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -106,9 +202,12 @@ def measure_latency(
         count_tokens: captions → generated token count (for ``tokens_per_s``).
 
     Returns:
-        ``latency_p50_s`` / ``latency_p95_s`` (seconds per caption at the first batch size),
-        ``tokens_per_s`` (at the first batch size), and ``by_batch_size``:
-        ``{bs: {"p50_s", "p95_s", "captions_per_s"}}``.
+        ``latency_p50_s`` / ``latency_p95_s`` (seconds per caption at the first batch size:
+        each timed call's wall time divided by its batch size), ``tokens_per_s`` (generated
+        tokens per second at the first batch size; NaN without ``count_tokens``),
+        ``latency_batch_size`` and ``by_batch_size``:
+        ``{"<bs>": {"p50_s", "p95_s", "captions_per_s"[, "tokens_per_s"]}}``. Empty when
+        ``images`` is empty.
     """
     if not images:
         return {}
@@ -132,8 +231,10 @@ def measure_latency(
             "p95_s": percentile(per_caption, 95),
             "captions_per_s": bs * repeats / total_time if total_time > 0 else math.nan,
         }
-        if k == 0 and count_tokens is not None and total_time > 0:
-            tokens_per_s = total_tokens / total_time
+        if count_tokens is not None and total_time > 0:
+            by_bs[str(bs)]["tokens_per_s"] = total_tokens / total_time
+            if k == 0:
+                tokens_per_s = total_tokens / total_time
     first = by_bs[str(batch_sizes[0])]
     return {
         "latency_p50_s": first["p50_s"],
@@ -141,7 +242,6 @@ def measure_latency(
         "tokens_per_s": tokens_per_s,
         "latency_batch_size": batch_sizes[0],
         "by_batch_size": by_bs,
-        "latency_stdev_s": statistics.pstdev([v["p50_s"] for v in by_bs.values()]) if len(by_bs) > 1 else 0.0,
     }
 
 

@@ -56,6 +56,31 @@ def _model_folder(model_dir: str | Path | None, metric: str, option: str, cli: s
     return path
 
 
+#: metric → (recipe key, CLI option, what the folder holds), named in errors.
+MODEL_OPTIONS = {
+    "bertscore_f1": ("evaluate.bertscore.model", "--bertscore-model", "model"),
+    "clipscore": ("evaluate.clipscore.model", "--clipscore-model", "CLIP model"),
+}
+
+
+def require_model_folder(model_dir: str | Path | None, metric: str) -> Path:
+    """Check, before any work, that a metric's local model folder is given and looks loadable.
+
+    Args:
+        model_dir: the folder given by the user, or None.
+        metric: ``bertscore_f1`` or ``clipscore``.
+
+    Returns:
+        The folder.
+
+    Raises:
+        UserInputError: the folder is not given, does not exist or has no ``config.json``; the
+            message names the recipe key and the CLI option to set.
+    """
+    option, cli, what = MODEL_OPTIONS[metric]
+    return _model_folder(model_dir, metric, option, cli, what)
+
+
 def _device(device: str | None) -> str:
     if device is not None:
         return device

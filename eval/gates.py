@@ -16,6 +16,38 @@ from xml.etree import ElementTree as ET
 
 RULE_KINDS = ("min", "max", "max_drop", "min_recovery", "max_ratio")
 RELATIVE = ("max_drop", "min_recovery", "max_ratio")
+#: Keys where lower is better: a ``max_drop`` on them would pass every regression.
+LOWER_IS_BETTER = frozenset(
+    {"perplexity", "latency_p50_s", "latency_p95_s", "avg_inference_s", "peak_rss_mb", "peak_cuda_mb", "size_mb", "gflops"}
+)
+
+
+def rule_problems(key: str, rule: str, threshold: float) -> list[str]:
+    """What is wrong with one rule, before any value is read (empty when it is sound).
+
+    Args:
+        key: the metric or characteristic key.
+        rule: the rule kind.
+        threshold: its value.
+
+    Returns:
+        Human-readable problems: an unknown rule kind, a NaN or infinite threshold, a negative
+        ``max_drop``, a non-positive ratio, or ``max_drop`` on a key where lower is better
+        (``perplexity``, latency, size: use ``max_ratio``).
+    """
+    out = []
+    if rule not in RULE_KINDS:
+        out.append(f"unknown rule '{rule}'; expected one of {', '.join(RULE_KINDS)}")
+        return out
+    if not math.isfinite(threshold):
+        out.append(f"{key}:{rule}: the threshold must be a finite number, got {threshold}")
+    elif rule == "max_drop" and threshold < 0:
+        out.append(f"{key}:max_drop: a drop is in points and at least 0, got {threshold:g}")
+    elif rule in ("min_recovery", "max_ratio") and threshold <= 0:
+        out.append(f"{key}:{rule}: a ratio must be above 0, got {threshold:g}")
+    if rule == "max_drop" and (key in LOWER_IS_BETTER or key.startswith(("params_", "gflops_"))):
+        out.append(f"{key}:max_drop: max_drop is for metrics where higher is better; for {key} use max_ratio (or max)")
+    return out
 
 
 @dataclass
@@ -54,7 +86,23 @@ def _num(v: Any) -> float | None:
 
 
 def check_rule(key: str, rule: str, threshold: float, candidate: Any, baseline: Any = None) -> Verdict:
-    """Evaluate one rule; missing or NaN values fail (fail closed)."""
+    """Evaluate one rule; missing or NaN values fail (fail closed).
+
+    Args:
+        key: the metric or characteristic key.
+        rule: ``min``, ``max``, ``max_drop``, ``min_recovery`` or ``max_ratio``.
+        threshold: the rule's value (points on the 0-100 scale for ``max_drop``; a ratio for
+            ``min_recovery`` / ``max_ratio``; the key's own unit for ``min`` / ``max``).
+        candidate: the candidate's value (any number; None, NaN, a bool or text fail).
+        baseline: the baseline's value (relative rules).
+
+    Returns:
+        The verdict. ``max_drop`` compares ``baseline - candidate``; ``min_recovery`` and
+        ``max_ratio`` compare ``candidate / baseline`` (a zero baseline fails: undefined).
+
+    Raises:
+        ValueError: an unknown rule kind.
+    """
     c, b = _num(candidate), _num(baseline)
     if c is None:
         return Verdict(key, rule, threshold, None, b, None, False, f"{key} is missing or NaN in the candidate")
@@ -105,11 +153,12 @@ def evaluate_gate(
 
 
 def passed(verdicts: list[Verdict]) -> bool:
-    """True when every verdict passed (and there is at least one)."""
+    """True when every verdict passed and there is at least one (no rule is not a pass)."""
     return bool(verdicts) and all(v.passed for v in verdicts)
 
 
 def gate_json(verdicts: list[Verdict], candidate_label: str, baseline_label: str | None) -> dict[str, Any]:
+    """The machine-readable verdict (``gate.json``): passed, labels, one entry per rule."""
     return {
         "passed": passed(verdicts),
         "candidate": candidate_label,

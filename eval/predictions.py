@@ -219,6 +219,43 @@ def match_ids(predictions: Mapping[Any, Any], references: Mapping[Any, Any]) -> 
     return pred_ids
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``.
+
+    A reader (or a killed writer) never sees a half-written file: the temporary name starts
+    with a dot and ends with ``.tmp``, and is removed when writing fails. Missing parent folders
+    are created. ``eval`` cannot import ``compressor.pipeline.io``, hence this small copy.
+
+    Args:
+        path: the output file.
+        text: its whole content.
+
+    Returns:
+        The path written.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # open(..., "x") rather than mkstemp: the file gets the usual umask permissions, not 0600.
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return out
+
+
+def _int_ids(ids: Sequence[str]) -> bool:
+    return bool(ids) and all(_CANONICAL_INT.fullmatch(i) for i in ids)
+
+
 def write_coco_results(path: str | os.PathLike[str], predictions: Mapping[Any, str]) -> Path:
     """Write predictions as a COCO results list ``[{"image_id": ..., "caption": ...}]``, atomically.
 
@@ -237,31 +274,119 @@ def write_coco_results(path: str | os.PathLike[str], predictions: Mapping[Any, s
     Raises:
         DataError: a caption that is not a string.
     """
-    out = Path(path)
+    return _write_results(path, predictions, "image_id", "caption")
+
+
+def write_vqa_results(path: str | os.PathLike[str], predictions: Mapping[Any, str]) -> Path:
+    """Write answers as a VQA results list ``[{"question_id": ..., "answer": ...}]``, atomically.
+
+    The layout the VQA evaluation server takes (``vqaEval.py`` reads ``question_id`` and
+    ``answer``); ids are integers when every id is a canonical decimal integer, as in
+    :func:`write_coco_results`. :func:`load_predictions` reads it back.
+
+    Args:
+        path: the output file; missing parent folders are created.
+        predictions: ``{question_id: answer}``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        DataError: an answer that is not a string.
+    """
+    return _write_results(path, predictions, "question_id", "answer")
+
+
+def _write_results(path: str | os.PathLike[str], predictions: Mapping[Any, str], id_key: str, text_key: str) -> Path:
     bad = [str(k) for k, v in predictions.items() if not isinstance(v, str)]
     if bad:
-        raise DataError("captions must be strings; these ids have something else:", bad)
+        raise DataError(f"{text_key}s must be strings; these ids have something else:", bad)
     ids = [str(k) for k in predictions]
-    as_int = bool(ids) and all(_CANONICAL_INT.fullmatch(i) for i in ids)
-    rows = [
-        {"image_id": int(i) if as_int else i, "caption": c}
-        for i, c in zip(ids, predictions.values(), strict=True)
-    ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # open(..., "x") rather than mkstemp: the file gets the usual umask permissions, not 0600.
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(rows, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    as_int = _int_ids(ids)
+    rows = [{id_key: int(i) if as_int else i, text_key: c} for i, c in zip(ids, predictions.values(), strict=True)]
+    out = atomic_write_text(path, json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
     logger.info("wrote %d predictions to %s", len(rows), out)
     return out
+
+
+#: Columns of an answers CSV (``compress predict`` on VQA data).
+ANSWERS_CSV_COLUMNS = ("image_name", "question", "answer")
+
+
+def write_answers_csv(path: str | os.PathLike[str], rows: Sequence[tuple[str, str, str]]) -> Path:
+    """Write an answers CSV ``image_name,question,answer`` (one row per question), atomically.
+
+    Args:
+        path: the output file.
+        rows: ``(image file name, question, answer)`` per question, in order.
+
+    Returns:
+        The path written.
+    """
+    return _write_csv(path, ANSWERS_CSV_COLUMNS, rows)
+
+
+def write_captions_csv(path: str | os.PathLike[str], rows: Sequence[tuple[str, str]]) -> Path:
+    """Write a captions CSV ``image_name,caption`` (one row per image), atomically.
+
+    The layout of the ``csv`` data format's captioning files, so the output can be read back as
+    data (``--data preds.csv``).
+
+    Args:
+        path: the output file.
+        rows: ``(image file name, caption)`` per image, in order.
+
+    Returns:
+        The path written.
+    """
+    return _write_csv(path, ("image_name", "caption"), rows)
+
+
+def _write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Sequence[Sequence[str]]) -> Path:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for row in rows:
+        w.writerow(row)
+    out = atomic_write_text(path, buf.getvalue())
+    logger.info("wrote %d rows to %s", len(rows), out)
+    return out
+
+
+def load_answers_csv(path: str | os.PathLike[str]) -> list[tuple[str, str, str]]:
+    """Read an answers CSV written by :func:`write_answers_csv` (or by hand).
+
+    Args:
+        path: a CSV with the header ``image_name,question,answer`` (other columns are ignored).
+
+    Returns:
+        ``(image_name, question, answer)`` rows in file order.
+
+    Raises:
+        DataError: missing file, missing columns, or a row without an image name or question.
+    """
+    import csv
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"answers file not found: {p}")
+    with p.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ANSWERS_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(
+                f"answers file {p}: needs the columns {','.join(ANSWERS_CSV_COLUMNS)}; missing {', '.join(missing)}"
+            )
+        rows, problems = [], []
+        for n, r in enumerate(reader, start=2):
+            name, q, a = (r.get(c) or "" for c in ANSWERS_CSV_COLUMNS)
+            if not name.strip() or not q.strip():
+                problems.append(f"line {n}: empty image_name or question")
+                continue
+            rows.append((name, q, a))
+    if problems:
+        raise DataError(f"answers file {p} has {len(problems)} bad rows:", problems)
+    return rows

@@ -16,10 +16,15 @@ METRIC_ORDER = (
 )
 CHAR_ORDER = (
     "params_total", "params_trainable", "params_vision", "params_qformer", "params_projection",
-    "params_language_model", "gflops", "latency_p50_s", "latency_p95_s", "tokens_per_s", "peak_rss_mb", "size_mb",
+    "params_language_model", "gflops", "gflops_vision", "gflops_qformer", "gflops_projection", "gflops_language_model",
+    "avg_inference_s", "latency_p50_s", "latency_p95_s", "tokens_per_s", "peak_rss_mb", "peak_cuda_mb", "size_mb",
 )
-LOWER_IS_BETTER = {"perplexity", "latency_p50_s", "latency_p95_s", "peak_rss_mb", "size_mb", "gflops",
-                   "params_total", "params_vision", "params_qformer", "params_projection", "params_language_model"}
+#: The four figures the published RSICD study reports (Parameters, Trainable Params, GFLOPs,
+#: Avg Inference Time): a row in every table, "—" when not measured.
+HEADLINE = ("params_total", "params_trainable", "gflops", "avg_inference_s")
+LOWER_IS_BETTER = {"perplexity", "latency_p50_s", "latency_p95_s", "avg_inference_s", "peak_rss_mb", "peak_cuda_mb",
+                   "size_mb", "gflops", "params_total", "params_vision", "params_qformer", "params_projection",
+                   "params_language_model"}
 
 
 def fmt_value(key: str, v: Any) -> str:
@@ -32,13 +37,17 @@ def fmt_value(key: str, v: Any) -> str:
         return f"{v / 1e6:.3f}M" if abs(v) >= 1e5 else f"{int(v):,}"
     if key.endswith("_s"):
         return f"{v:.4f}"
-    if key == "gflops":
+    if key.startswith("gflops"):
         return f"{v:.4f}"
     return f"{v:.2f}"
 
 
 def comparison_rows(labels: list[str], evals: dict[str, dict]) -> list[tuple[str, list[Any]]]:
-    """Rows ``(key, [value per label])`` for metrics then characteristics, known keys first."""
+    """Rows ``(key, [value per label])``: metrics, then characteristics in :data:`CHAR_ORDER`.
+
+    The :data:`HEADLINE` characteristics always have a row when any label was measured (a
+    model evaluation, not a predictions file), ``None`` where a value is missing.
+    """
     rows: list[tuple[str, list[Any]]] = []
     for group, order in (("metrics", METRIC_ORDER), ("characteristics", CHAR_ORDER)):
         keys: list[str] = []
@@ -46,6 +55,8 @@ def comparison_rows(labels: list[str], evals: dict[str, dict]) -> list[tuple[str
             for k in evals[lab].get(group, {}):
                 if k not in keys and isinstance(evals[lab][group][k], (int, float, type(None))):
                     keys.append(k)
+        if group == "characteristics" and keys:
+            keys += [k for k in HEADLINE if k not in keys]
         known = [k for k in order if k in keys]
         for k in known:
             rows.append((k, [evals[lab].get(group, {}).get(k) for lab in labels]))
@@ -63,7 +74,7 @@ def comparison_markdown(labels: list[str], evals: dict[str, dict]) -> str:
         change = ""
         if two and all(isinstance(v, (int, float)) for v in vals):
             a, b = vals
-            if key.startswith("params_") or key.endswith("_s") or key in ("gflops", "size_mb", "peak_rss_mb", "tokens_per_s"):
+            if key.startswith(("params_", "gflops")) or key.endswith("_s") or key.endswith("_mb"):
                 change = f"×{b / a:.3f}" if a else "—"
             else:
                 change = f"{b - a:+.2f}"

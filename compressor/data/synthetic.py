@@ -253,3 +253,54 @@ def synthetic_examples(seed: int, size: int, image_size: int, task: str) -> list
         else:
             out.append(Example(image_id=image_id, captions=captions_for(scene), render=render))
     return out
+
+
+def write_files(folder, size: int, seed: int, image_size: int = 64, task: str = "caption", labelled: bool = True):
+    """Write a synthetic set to disk in a file format, for commands that take ``--data PATH``.
+
+    Captioning: a COCO captions file ``captions_shapes.json`` (integer ids 0..size-1, five
+    captions per image) with the PNGs in ``shapes/`` (the COCO naming: ``captions_val2017.json``
+    beside ``val2017/``, so ``--data FOLDER/captions_shapes.json`` finds the images). VQA:
+    ``questions.csv`` (``image_name,question,answer`` with the ten human answers
+    ``|``-separated, and a ``question_id`` column) with the PNGs beside it.
+
+    Args:
+        folder: where to write (created).
+        size: number of images.
+        seed: generator seed (the images and captions of :func:`synthetic_examples`).
+        image_size: side of the images, pixels.
+        task: ``"caption"`` or ``"vqa"``.
+        labelled: False leaves out the captions (annotations ``[]``) or answers (no column).
+
+    Returns:
+        The annotation file written (``captions_shapes.json`` or ``questions.csv``).
+    """
+    import csv
+    import json
+    from pathlib import Path
+
+    root = Path(folder)
+    image_dir = root if task == "vqa" else root / "shapes"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations, rows = [], [], []
+    for i in range(size):
+        scene = make_scene(seed, i)
+        name = f"{seed}_{i:05d}.png"
+        render_shapes(scene, image_size).save(image_dir / name)
+        images.append({"id": i, "file_name": name})
+        if task == "vqa":
+            for k, (q, a) in enumerate(questions_for(scene)):
+                rows.append([name, q, "|".join([a] * ANSWER_REPEATS), f"{i}-q{k}"])
+        elif labelled:
+            annotations += [{"id": len(annotations), "image_id": i, "caption": c} for c in captions_for(scene)]
+    if task == "vqa":
+        path = root / "questions.csv"
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["image_name", "question", "answer", "question_id"] if labelled else ["image_name", "question", "question_id"])
+            for name, q, a, qid in rows:
+                w.writerow([name, q, a, qid] if labelled else [name, q, qid])
+        return path
+    path = root / "captions_shapes.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}), encoding="utf-8")
+    return path

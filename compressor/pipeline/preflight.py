@@ -95,6 +95,7 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
                 problems.append(_where(str(loaded.source), loaded.lines, ("stages", i)) + f"stages.{i}: {exc}")
     if problems:
         raise RecipeError(problems)
+    _check_evaluations(loaded)
     if load_data and recipe.data is not None:
         from compressor.stages import get_stage
 
@@ -107,7 +108,28 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
                     from compressor.data import load_section
 
                     pf.datasets[key] = load_section(recipe.data, section, limit=key[1])
+        _check_evaluations(loaded, pf.datasets)
     return pf
+
+
+def _check_evaluations(loaded: LoadedRecipe, datasets: dict | None = None) -> None:
+    """Evaluate stages: Java, metric model folders, teacher (and, with the data loaded, what metrics need of it)."""
+    from compressor.evaluation import check_data_for_metrics, resolve_metrics
+    from compressor.stages.evaluate import check
+
+    recipe = loaded.recipe
+    if recipe.data is None:
+        return
+    for i, st in enumerate(recipe.stages):
+        if st.type != "evaluate":
+            continue
+        try:
+            if datasets is None:
+                check(st, recipe.data.task)
+            elif (st.data, st.limit) in datasets:
+                check_data_for_metrics(resolve_metrics(st.metrics, recipe.data.task), datasets[(st.data, st.limit)])
+        except UserInputError as exc:
+            raise type(exc)(_where(str(loaded.source), loaded.lines, ("stages", i)) + f"stages.{i}: {exc}") from None
 
 
 def _apply_counts(config, family, stage, plan) -> None:

@@ -58,9 +58,17 @@ def report_markdown(report: dict) -> str:
         for lab in labels:
             ev = report["evaluations"][lab]
             dec = ev.get("decoding", {})
+            chars = ev.get("characteristics", {})
+            measured = []
+            if chars.get("latency_batch_size") is not None:
+                sizes = ", ".join(chars.get("by_batch_size", {})) or chars["latency_batch_size"]
+                measured.append(f"latency per caption at batch size {chars['latency_batch_size']} (timed at {sizes})")
+            if chars.get("gflops_new_tokens") is not None:
+                measured.append(f"GFLOPs for one image and {chars['gflops_new_tokens']} generated tokens")
             parts.append(
                 f"- **{lab}**: {ev['data']['examples']} examples of `{ev['data']['section']}`; decoding "
                 + ", ".join(f"{k}={dec[k]}" for k in ("backend", "num_beams", "max_new_tokens", "min_new_tokens", "prompt", "batch_size") if k in dec)
+                + ("; " + "; ".join(measured) if measured else "")
             )
             for note in ev.get("notes", []):
                 parts.append(f"  - note: {note}")

@@ -44,10 +44,16 @@ CHARACTERISTIC_KEYS = (
     "params_projection",
     "params_language_model",
     "gflops",
+    "gflops_vision",
+    "gflops_qformer",
+    "gflops_projection",
+    "gflops_language_model",
     "latency_p50_s",
     "latency_p95_s",
     "tokens_per_s",
+    "avg_inference_s",
     "peak_rss_mb",
+    "peak_cuda_mb",
     "size_mb",
 )
 GATE_KEYS = METRIC_KEYS + CHARACTERISTIC_KEYS
@@ -638,6 +644,11 @@ class GateSpec(Strict):
     @classmethod
     def _keys(cls, v: dict[str, GateRule]) -> dict[str, GateRule]:
         _check_names(list(v), GATE_KEYS, "gate key")
+        from eval.gates import rule_problems
+
+        problems = [p for k, r in v.items() for kind, t in r.model_dump(exclude_none=True).items() for p in rule_problems(k, kind, t)]
+        if problems:
+            raise ValueError("; ".join(problems))
         return v
 
     @model_validator(mode="after")

@@ -1,21 +1,20 @@
 """``predict``: captions (a COCO results list, as evaluation servers take) or a VQA answers CSV.
 
 Output: ``predictions.json`` (``[{"image_id", "caption"}]``) or ``answers.csv``
-(``image_name,question,answer``).
+(``image_name,question,answer``); ``out`` names the file (``.json`` for VQA gives a VQA results
+list ``[{"question_id", "answer"}]``, ``.csv`` for captions ``image_name,caption``). The data need no references.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 
-from compressor.evaluation import prompt_fn
-from compressor.pipeline.io import atomic_write_text
+from compressor.evaluation import answers_rows, caption_rows, prompt_fn, write_predictions
 from compressor.stages.common import load_working_model
-from compressor.stages.evaluate import _onnx_captioner, write_predictions
-from eval.harness import example_key, predict
+from compressor.stages.evaluate import onnx_captioner
+from eval.harness import predict
+from eval.predictions import write_answers_csv, write_captions_csv
 
 log = logging.getLogger(__name__)
 
@@ -26,32 +25,24 @@ def data_sections(cfg) -> list[str]:
     return [cfg.data]
 
 
-def write_answers_csv(path: Path, examples, preds: dict[str, str]) -> None:
-    """``image_name,question,answer`` rows, one per question, atomically."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["image_name", "question", "answer"])
-    for ex in examples:
-        name = Path(ex.image_path).name if ex.image_path else ex.image_id
-        w.writerow([name, ex.question, preds[example_key(ex, "vqa")]])
-    atomic_write_text(path, buf.getvalue())
-
-
 def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
+    """Predict; see the module docstring."""
     data = ctx.data(cfg.data, cfg.limit)
     gen = ctx.recipe.generation
     if cfg.backend == "onnx":
-        captioner = _onnx_captioner(ctx)
+        captioner = onnx_captioner(ctx)[0]
     else:
         from compressor.generation import TorchCaptioner
 
         model, processor = load_working_model(input_dir, ctx)
         captioner = TorchCaptioner(model, processor, gen, ctx.device)
     preds = predict(captioner, data.examples, data.task, prompt_fn(gen), gen.batch_size, ctx.progress)
-    if data.task == "vqa":
-        name = cfg.out or "answers.csv"
-        write_answers_csv(out_dir / name, data.examples, preds)
+    name = cfg.out or ("answers.csv" if data.task == "vqa" else "predictions.json")
+    if name.lower().endswith(".csv"):
+        if data.task == "vqa":
+            write_answers_csv(out_dir / name, answers_rows(data.examples, preds))
+        else:
+            write_captions_csv(out_dir / name, caption_rows(data.examples, preds))
     else:
-        name = cfg.out or "predictions.json"
-        write_predictions(out_dir / name, preds, "caption")
+        write_predictions(out_dir / name, preds, data.task)
     return {"file": name, "predictions": len(preds)}

@@ -112,7 +112,7 @@ def test_write_coco_results_is_atomic(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(predictions_mod.json, "dump", boom)
+    monkeypatch.setattr(predictions_mod.os, "fsync", boom)  # fails after part of the file is written
     with pytest.raises(RuntimeError, match="disk full"):
         write_coco_results(out, {"1": "new"})
     monkeypatch.undo()

@@ -1,0 +1,1 @@
+"""``compress`` subcommands, one module each, registered in ``compressor.cli`` with one line."""

@@ -1,0 +1,300 @@
+"""``compress eval``: score a model folder or an ONNX export on data, or score prediction files.
+
+Two modes (DESIGN.md "CLI contract"):
+
+* ``compress eval MODEL_OR_ONNX_DIR --data PATH [--data-format F] [--limit N] --out eval.json``:
+  caption the data with the model, compute the metrics and the characteristics (parameters,
+  GFLOPs, latency p50/p95 at each ``--latency-batch-sizes``, tokens/s, peak memory, size on disk)
+  and write the same record as the ``evaluate`` stage, which ``compress gate`` reads.
+* ``compress eval --predictions P.json --references R.json --out eval.json`` (or ``--data PATH``
+  instead of ``--references``): score without any model. Predictions: a COCO results list
+  ``[{image_id, caption}]``, a mapping ``{image_id: caption}``, a VQA results list, or the answers
+  CSV of ``compress predict`` (with ``--data``). Ids that do not match are listed in the error.
+
+Everything that can fail on input (paths, data rows, metric names, Java, metric model folders)
+is checked before a model is loaded, and nothing is written then (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from compressor.commands.targets import (
+    check_out,
+    data_options,
+    load_data,
+    load_target,
+    model_options,
+    trainable_from_run,
+)
+from compressor.errors import DataError, UserInputError
+
+log = logging.getLogger(__name__)
+
+
+def _csv_ints(text: str, option: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserInputError(f"{option} {text}: expected comma-separated integers, e.g. 1,8") from None
+    if not vals or any(v < 1 for v in vals):
+        raise UserInputError(f"{option} {text}: expected positive integers, e.g. 1,8")
+    return vals
+
+
+@click.command("eval")
+@click.argument("model", required=False, metavar="[MODEL_OR_ONNX_DIR]")
+@data_options
+@click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), help="Score this predictions file (no model).")
+@click.option("--references", type=click.Path(dir_okay=False, path_type=Path), help="References for --predictions (COCO captions file, VQA annotations or {id: [captions]}).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Write the evaluation record (eval.json) here.")
+@click.option("--metrics", help="Comma-separated metric keys (default: BLEU-1..4, METEOR, ROUGE-L, CIDEr; vqa_accuracy for VQA).")
+@click.option("--label", help="Name of this evaluation in the record (default: the folder or file name).")
+@click.option("--save-predictions", type=click.Path(dir_okay=False, path_type=Path), help="Also write the model's predictions (COCO results list) here.")
+@click.option("--bertscore-model", metavar="DIR", help="Local model folder for bertscore_f1 (e.g. all-MiniLM-L6-v2).")
+@click.option("--bertscore-layers", type=click.IntRange(min=1), help="bert-score layer (default: the model's last).")
+@click.option("--clipscore-model", metavar="DIR", help="Local CLIP folder (CLIPModel + CLIPProcessor) for clipscore.")
+@click.option("--teacher-predictions", type=click.Path(dir_okay=False, path_type=Path), help="A teacher's predictions: references of teacher_cider.")
+@model_options
+@click.option("--latency-batch-sizes", default="1,8", show_default=True, help="Batch sizes to time (latency p50/p95 per caption).")
+@click.option("--latency-repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed calls per batch size.")
+@click.option("--latency-warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed calls per batch size.")
+@click.option("--no-latency", is_flag=True, help="Do not time latency.")
+@click.option("--no-gflops", is_flag=True, help="Do not count GFLOPs.")
+@click.option("--gflops-new-tokens", type=click.IntRange(min=1), default=20, show_default=True, help="Generated tokens the GFLOPs figure assumes.")
+@click.pass_obj
+def eval_command(obj, model, data_path, data_format, task, images, limit, skip_invalid, predictions, references, out, metrics,
+                 label, save_predictions, bertscore_model, bertscore_layers, clipscore_model, teacher_predictions, prompt,
+                 num_beams, max_new_tokens, min_new_tokens, batch_size, device, dtype, latency_batch_sizes, latency_repeats,
+                 latency_warmup, no_latency, no_gflops, gflops_new_tokens):
+    """Score MODEL_OR_ONNX_DIR on --data, or score --predictions against --references / --data.
+
+    Writes an evaluation record (metrics on the 0-100 scale, characteristics, decoding settings)
+    that `compress gate` reads. Exit 2 on bad input (nothing written).
+    """
+    from compressor.evaluation import check_data_for_metrics, check_metric_requirements, resolve_metrics
+    from compressor.recipe.schema import CharacteristicsSpec, LatencySpec
+
+    out = check_out(out, (".json",))
+    metric_list = [m.strip() for m in metrics.split(",") if m.strip()] if metrics is not None else None
+    if model is not None and predictions is not None:
+        raise UserInputError("give MODEL_OR_ONNX_DIR (to caption --data) or --predictions (to score a file), not both")
+    if model is None and predictions is None:
+        raise UserInputError("give MODEL_OR_ONNX_DIR with --data, or --predictions with --references (or --data)")
+    if save_predictions is not None:
+        check_out(save_predictions, (".json",), "--save-predictions")
+    teacher = None
+    if teacher_predictions is not None:
+        from eval.predictions import load_predictions
+
+        teacher = load_predictions(teacher_predictions)
+    if predictions is not None:
+        record = _score_files(predictions, references, data_path, data_format, task, images, limit, skip_invalid,
+                              metric_list, bertscore_model, bertscore_layers, clipscore_model, teacher)
+        record = {"label": label or predictions.stem, **record}
+        _finish(obj, out, record)
+        return
+    if references is not None:
+        raise UserInputError("--references goes with --predictions; with a model, give the data (and references) as --data")
+    if not data_path:
+        raise UserInputError("--data PATH is needed to evaluate a model (a COCO captions file, karpathy JSON, csv or folder)")
+    lat = None if no_latency else LatencySpec(
+        batch_sizes=_csv_ints(latency_batch_sizes, "--latency-batch-sizes"), warmup=latency_warmup, repeats=latency_repeats
+    )
+    spec = CharacteristicsSpec(latency=lat, gflops=not no_gflops, gflops_new_tokens=gflops_new_tokens)
+    data = load_data(data_path, data_format, task, images, limit, skip_invalid)
+    names = resolve_metrics(metric_list, data.task)
+    check_data_for_metrics(names, data)
+    check_metric_requirements(
+        names, data.task, bertscore_model=bertscore_model, clipscore_model=clipscore_model,
+        teacher=teacher is not None, teacher_option="--teacher-predictions FILE",
+    )
+    overrides = dict(prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                     min_new_tokens=min_new_tokens, batch_size=batch_size)
+    tgt = load_target(model, overrides, device, dtype)
+    from compressor.evaluation import evaluate_captioner
+    from eval.captioning import CaptionScorer
+
+    with CaptionScorer() as scorer:
+        record, preds = evaluate_captioner(
+            tgt.captioner, data, tgt.generation, metrics=names, scorer=scorer, model=tgt.model, processor=tgt.processor,
+            device=tgt.device, spec=spec, model_dir=tgt.path if tgt.kind == "torch" else None,
+            onnx_dir=tgt.path if tgt.kind == "onnx" else None, make_captioner=tgt.make_captioner,
+            bertscore_model=bertscore_model, bertscore_layers=bertscore_layers, clipscore_model=clipscore_model,
+            teacher_predictions=teacher, params_trainable=trainable_from_run(tgt.path) if tgt.kind == "torch" else None,
+            progress=not (obj.quiet or obj.json),
+        )
+    record["decoding"]["settings_from"] = tgt.settings_from
+    record = {"label": label or tgt.path.name, "model": str(tgt.path), **record}
+    record["data"] = {"path": str(Path(data_path).resolve()), **record["data"]}
+    if save_predictions is not None:
+        from compressor.evaluation import write_predictions
+
+        write_predictions(save_predictions, preds, data.task)
+    _finish(obj, out, record)
+
+
+def _score_files(predictions, references, data_path, data_format, task, images, limit, skip_invalid, metric_list,
+                 bertscore_model, bertscore_layers, clipscore_model, teacher) -> dict[str, Any]:
+    """Score a predictions file against references or data; returns the record (no label)."""
+    from compressor.evaluation import (
+        MODEL_METRICS,
+        check_data_for_metrics,
+        check_metric_requirements,
+        resolve_metrics,
+        teacher_cider,
+    )
+    from eval.predictions import load_predictions, load_references
+
+    if (references is None) == (data_path is None):
+        raise UserInputError("--predictions needs exactly one of --references FILE or --data PATH")
+    data = refs = None
+    if data_path is not None:
+        data = load_data(data_path, data_format, task, images, limit, skip_invalid)
+        task = data.task
+    else:
+        refs = load_references(references)
+        task = task or _detect_task(predictions, references)
+    if predictions.suffix.lower() == ".csv":
+        if data is None:
+            raise UserInputError(f"{predictions} is an answers CSV (image_name,question,answer): score it with --data, which holds the question ids")
+        preds = _answers_csv_to_ids(predictions, data)
+    else:
+        preds = load_predictions(predictions)
+    names = resolve_metrics(metric_list, task)
+    if data is not None:
+        check_data_for_metrics(names, data)
+    needs_model = [m for m in names if m == "perplexity" or (m == "clipscore" and data is None)]
+    if needs_model:
+        raise UserInputError(
+            f"{', '.join(needs_model)} need{'s' if len(needs_model) == 1 else ''} the model (perplexity) or the images "
+            "(clipscore): use `compress eval MODEL --data PATH`, or --data instead of --references for clipscore"
+        )
+    check_metric_requirements(names, task, bertscore_model=bertscore_model, clipscore_model=clipscore_model,
+                              teacher=teacher is not None, teacher_option="--teacher-predictions FILE")
+    from eval.captioning import CaptionScorer
+    from eval.harness import score_predictions
+
+    values: dict[str, Any] = {}
+    notes: list[str] = []
+    with CaptionScorer() as scorer:
+        plain = [m for m in names if m not in MODEL_METRICS]
+        if data is not None:
+            refs = data.references()
+        if not plain:
+            from eval.predictions import match_ids
+
+            match_ids(preds, refs)  # lists ids that do not match
+        elif data is not None:
+            scored = score_predictions(preds, data, plain, scorer)
+            values.update(scored["metrics"])
+            notes += scored["notes"]
+        else:
+            values.update(_score_against(preds, refs, plain, task, scorer, notes))
+        if "teacher_cider" in names:
+            values["teacher_cider"] = teacher_cider(preds, teacher, scorer)
+    if "bertscore_f1" in names:
+        from eval.embedding_metrics import bertscore_f1
+
+        keys = list(preds)
+        values["bertscore_f1"] = bertscore_f1([preds[k] for k in keys], [refs[k] for k in keys], bertscore_model, bertscore_layers)
+    if "clipscore" in names:
+        from eval.embedding_metrics import clip_score
+        from eval.harness import example_key
+
+        values["clipscore"] = clip_score(
+            [ex.load_image() for ex in data.examples], [preds[example_key(ex, task)] for ex in data.examples], clipscore_model
+        )
+    source = {"predictions": str(predictions.resolve())}
+    if references is not None:
+        source["references"] = str(Path(references).resolve())
+    else:
+        source["data"] = str(Path(data_path).resolve())
+    return {
+        "task": task,
+        "metrics": values,
+        "characteristics": {},
+        "source": source,
+        "data": {"examples": len(preds), **({"fingerprint": data.fingerprint} if data is not None else {})},
+        "notes": notes + ["scored from a predictions file: no model, so no characteristics"],
+    }
+
+
+def _score_against(preds, refs, metrics, task, scorer, notes) -> dict[str, float]:
+    if task == "caption":
+        res = scorer.score(preds, refs, metrics)
+        notes += list(res.notes)
+        return dict(res.metrics)
+    from eval.vqa import vqa_accuracy
+
+    out = {}
+    if "vqa_accuracy" in metrics:
+        out["vqa_accuracy"] = vqa_accuracy(preds, refs)
+    rest = [m for m in metrics if m != "vqa_accuracy"]
+    if rest:
+        notes.append(f"{', '.join(rest)} skipped: with --references only vqa_accuracy is computed (MME needs --data)")
+    return out
+
+
+def _detect_task(predictions: Path, references: Path) -> str:
+    """``vqa`` when either file is in a VQA layout (question_id), else ``caption``."""
+    for path in (predictions, references):
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        rows = data if isinstance(data, list) else data.get("annotations") if isinstance(data, dict) else None
+        if isinstance(rows, list) and rows and isinstance(rows[0], dict) and "question_id" in rows[0]:
+            return "vqa"
+    return "caption"
+
+
+def _answers_csv_to_ids(path: Path, data) -> dict[str, str]:
+    """Map the rows of an answers CSV to the data's question ids by (image name, question)."""
+    from compressor.evaluation import image_name
+    from eval.predictions import load_answers_csv
+
+    if data.task != "vqa":
+        raise UserInputError(f"{path} is an answers CSV, but --data holds captions (task caption)")
+    slots: dict[tuple[str, str], list[str]] = {}
+    for ex in data.examples:
+        for name in dict.fromkeys((image_name(ex), Path(ex.image_path).name if ex.image_path else ex.image_id)):
+            slots.setdefault((name, ex.question.strip()), []).append(ex.question_id)
+    out: dict[str, str] = {}
+    unknown: list[str] = []
+    for n, (name, question, answer) in enumerate(load_answers_csv(path), start=2):
+        queue = slots.get((name, question.strip()))
+        qid = next((q for q in queue or [] if q not in out), None)
+        if qid is None:
+            unknown.append(f"line {n}: ({name}, {question!r}) is not a question of --data")
+            continue
+        out[qid] = answer
+    if unknown:
+        raise DataError(f"{path}: {len(unknown)} rows match no question of the data:", unknown)
+    return out
+
+
+def _finish(obj, out: Path, record: dict) -> None:
+    from compressor.evaluation import finite
+    from compressor.pipeline.io import atomic_write_json
+    from eval.reports import comparison_text
+
+    record = finite(record)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, record)
+    if obj.json:
+        click.echo(json.dumps(record, indent=2, default=str))
+        return
+    label = record["label"]
+    click.echo(comparison_text([label], {label: record}), nl=False)
+    dec = record.get("decoding")
+    if dec:
+        click.echo("decoding: " + ", ".join(f"{k}={dec[k]}" for k in ("backend", "num_beams", "max_new_tokens", "min_new_tokens", "prompt", "batch_size", "device", "dtype") if k in dec))
+    for note in record.get("notes", []):
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {out}")
