@@ -265,6 +265,13 @@ def gate(obj: Ctx, candidate, baseline, candidate_label, rules, junit, out):
         raise GateFailed("the gate failed: " + "; ".join(f"{v.key} {v.rule} ({v.reason})" for v in verdicts if not v.passed))
 
 
+from compressor.commands.push import push as _push  # noqa: E402
+from compressor.commands.report import report as _report  # noqa: E402
+
+cli.add_command(_push)
+cli.add_command(_report)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="compress")
