@@ -4,8 +4,9 @@ What goes up is decided before this module is reached: the pipeline (or ``compre
 writes the upload folder (model or adapter files, the model card as ``README.md``, the resolved
 recipe) and this module uploads exactly that folder:
 
-1. ``HfApi.create_repo(repo_id, private=..., exist_ok=True)`` (the private flag only applies to a
-   repository that does not exist yet: the Hub ignores it for existing ones);
+1. ``HfApi.create_repo(repo_id, private=..., exist_ok=True)``; the Hub ignores the private flag
+   for a repository that already exists, so ``HfApi.model_info`` then checks that a push asked to
+   be private does not land in an existing public repository (refused, exit 2);
 2. ``HfApi.create_branch(..., exist_ok=True)`` when a revision other than ``main`` is asked for;
 3. ``HfApi.create_commit`` with one ``CommitOperationAdd`` per file: huggingface_hub asks the
    Hub's ``preupload`` endpoint which files are LFS (``*.safetensors``, ``*.onnx``, files over
@@ -127,7 +128,8 @@ def push_folder(
 
     Raises:
         HubAuthError: no token, token refused (401), no write access (403), repository or
-            revision not found (404), a request the Hub rejects as bad (400) (exit 2).
+            revision not found (404), a request the Hub rejects as bad (400), a private push into
+            an existing public repository (exit 2).
         HubNetworkError: the Hub is unreachable (exit 3).
         HubError: any other Hub error (exit 3).
     """
@@ -147,6 +149,11 @@ def push_folder(
              "private" if push_spec.private else "public")
     try:
         url = api.create_repo(repo_id, private=bool(push_spec.private), exist_ok=True, repo_type="model")
+        if push_spec.private and api.model_info(repo_id).private is False:
+            raise HubAuthError(
+                f"{repo_id} already exists and is public, but the push asks for a private repository: make it "
+                "private on the Hub or push with --public (push.private: false); nothing was uploaded"
+            )
         if revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files]

@@ -6,6 +6,7 @@ them for ``create_repo`` + ``create_branch`` + ``create_commit``:
 
 * ``POST /api/repos/create`` — JSON ``{name, organization, visibility|private, type}``
 * ``POST /api/models/{repo}/branch/{branch}``
+* ``GET /api/models/{repo}`` — ``model_info`` (visibility of an existing repository)
 * ``POST /api/validate-yaml`` — the README metadata check ``create_commit`` makes first
 * ``POST /api/models/{repo}/preupload/{rev}`` — which files are LFS (``*.safetensors``,
   ``*.onnx``, ``*.bin``, over 10 MB: what the Hub's default ``.gitattributes`` says)
@@ -129,7 +130,12 @@ class FakeHub:
         if m == "POST" and path == "/api/repos/create":
             return self._create_repo(rec)
         if m == "POST" and path == "/api/validate-yaml":
-            return 200, {"errors": [], "warnings": []}, None
+            return self._validate_yaml(rec)
+        if m == "GET" and path.startswith("/api/models/") and path.count("/") == 4:  # model_info
+            repo_id = path[len("/api/models/"):]
+            if repo_id not in self.repos:
+                return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
+            return 200, {"id": repo_id, "private": self.repos[repo_id]["private"], "sha": "0" * 40}, None
         if m == "POST" and path.startswith("/api/models/"):
             rest = path[len("/api/models/"):]
             for verb in ("preupload", "commit", "branch"):
@@ -154,6 +160,28 @@ class FakeHub:
         private = req.get("private", req.get("visibility") == "private")
         self.repos[repo_id] = {"private": bool(private), "branches": {"main"}, "request": req}
         return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": repo_id}, None
+
+    def _validate_yaml(self, rec: dict):
+        """The front matter must be a YAML mapping; a model-index must hold numeric metric values."""
+        import yaml
+
+        content = json.loads(rec["body"])["content"]
+        errors = []
+        if content.startswith("---\n"):
+            try:
+                meta = yaml.safe_load(content.split("\n---", 1)[0][4:]) or {}
+            except yaml.YAMLError as exc:
+                meta, errors = {}, [f"invalid YAML: {exc}"]
+            if not isinstance(meta, dict):
+                errors.append("metadata is not a mapping")
+            for model in (meta.get("model-index") or []) if isinstance(meta, dict) else []:
+                for res in model.get("results", []):
+                    for met in res.get("metrics", []):
+                        if not isinstance(met.get("value"), (int, float)):
+                            errors.append(f"metric {met.get('type')} has a non-numeric value")
+        if errors:
+            return 400, {"errors": [{"message": e} for e in errors], "warnings": []}, None
+        return 200, {"errors": [], "warnings": []}, None
 
     def _branch(self, rec: dict, repo_id: str, branch: str):
         self.repos[repo_id]["branches"].add(branch)

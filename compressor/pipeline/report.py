@@ -79,8 +79,9 @@ def report_markdown(report: dict, plots: list[str] | None = None) -> str:
     for s in report["stages"]:
         peak = f"{s['peak_rss_mb']:.0f}" if s.get("peak_rss_mb") else "—"
         parts.append(f"| {s['index']} | {s['type']} | {s['label'] or ''} | {s['status']} | {s['seconds']:.1f} | {peak} |")
-    ran = sum(s["seconds"] for s in report["stages"] if s["status"] == "ran")
-    parts.append(f"| | total | | | {sum(s['seconds'] for s in report['stages']):.1f} ({ran:.1f} run now) | |")
+    n_ran = sum(s["status"] == "ran" for s in report["stages"])
+    total = sum(s["seconds"] for s in report["stages"])
+    parts.append(f"| | **total** | | {n_ran} ran, {len(report['stages']) - n_ran} reused | {total:.1f} | |")
     if "push" in report:
         parts += ["", "## Push", "", f"{report['push'].get('summary', '')}"]
     return "\n".join(parts) + "\n"

@@ -140,6 +140,21 @@ def test_push_dry_run_lists_the_folder_it_writes(runs, tmp_path):
     assert "# other-name" in (out / "README.md").read_text()
 
 
+def test_push_dry_run_of_a_folder_outside_a_run(runs, tmp_path):
+    from exporters.model_card import card_metrics
+
+    run, _ = runs["llm4"]
+    model = tmp_path / "exported"
+    shutil.copytree(run / "final", model)
+    res = run_cli("push", str(model), "--repo-id", "me/exported", "--dry-run", "--license", "mit")
+    assert res.returncode == 0, res.stderr[-2000:]
+    folder = tmp_path / "exported-push"
+    assert set(tree_bytes(folder)) == set(tree_bytes(model)) | {"README.md"}
+    card = (folder / "README.md").read_text()
+    assert "license: mit" in card and "No evaluation was recorded" in card and card_metrics(folder / "README.md") == {}
+    assert tree_bytes(model) == tree_bytes(run / "final")  # the source folder is untouched
+
+
 # ------------------------------------------------------------------------------------ loopback push
 
 
@@ -176,6 +191,7 @@ def test_push_sends_one_commit_with_exactly_the_dry_run_files_and_no_token_leaks
     assert all((m == "PUT" and p.startswith("/_lfs/")) or p == "/api/agent-harnesses" for m, p in unauthenticated)
     paths = [r["path"] for r in hub.requests]
     assert paths.count("/api/repos/create") == 1 and sum("/commit/" in p for p in paths) == 1
+    assert "/api/validate-yaml" in paths  # huggingface_hub had the Hub check the card's metadata
     assert "pushed 10 files" in res.stdout and "in one commit" in res.stdout
     summary = json.loads((run / "push.json").read_text())
     assert summary["commit_oid"] and summary["files"] == dry_files
@@ -205,8 +221,34 @@ def _one_error_line(stderr: str) -> str:
     return lines[0]
 
 
+def test_private_push_into_an_existing_public_repo_is_refused(runs, tmp_path):
+    run, _ = runs["llm4"]
+    with FakeHub(TOKEN) as hub:
+        env = hub_env(tmp_path, hub.url)
+        first = push_cli("push", str(run), "--repo-id", "me/open", "--public", env=env)
+        assert first.returncode == 0, first.stderr[-2000:]
+        second = push_cli("push", str(run), "--repo-id", "me/open", env=env)  # private by default
+    assert second.returncode == 2
+    assert "already exists and is public" in _one_error_line(second.stderr)
+    assert len(hub.commits) == 1 and hub.repos["me/open"]["private"] is False
+
+
+def test_adapter_push_dry_run(runs, tmp_path):
+    run, _ = runs["llm4"]
+    out = tmp_path / "adapter"
+    res = run_cli("push", str(run), "--repo-id", "me/tiny-lora", "--what", "adapter", "--dry-run", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    files = set(tree_bytes(out))
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "recipe.resolved.yaml"} <= files
+    assert "model.safetensors" not in files and not any(f.startswith("onnx/") for f in files)
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "PeftModel.from_pretrained" in card
+    assert "trained on the model after stage 3 (`remove_layers`)" in card  # the heal adapter needs the pruned model
+
+
 def test_refused_token_exits_2_with_one_line_and_keeps_everything(runs, tmp_path):
     run, _ = runs["llm4"]
+    assert run_cli("push", str(run), "--repo-id", "me/tiny-compressed", "--dry-run").returncode == 0
     before = tree_bytes(run / "push")
     wrong = "hf_WrongToken9876543210zyxwvutsrq"
     with FakeHub(TOKEN) as hub:
