@@ -110,7 +110,7 @@ def metric_bars(names: list[str], evals: list[dict], path: Path, title: str = ""
     side = [k for k in keys if k in LOWER_BETTER_METRICS]
     colors = _colors(names, roles)
     n = len(evals)
-    fig = _figure(max(4.5, 1.1 * len(main) * max(1, n / 2) + 2.0) + (2.2 if side else 0), 3.8)
+    fig = _figure(min(14.0, max(4.5, 1.1 * len(main) * max(1, n / 2) + 2.0)) + (2.2 if side else 0), 3.8)
     axes = fig.subplots(1, 2, width_ratios=[max(len(main), 1), max(len(side), 1) * 0.9]) if side and main else [fig.subplots()]
     width = 0.8 / n
     for ax, group in zip(axes, [g for g in (main, side) if g]):
@@ -122,7 +122,7 @@ def metric_bars(names: list[str], evals: list[dict], path: Path, title: str = ""
                 ax.annotate("n/a" if v is None else f"{v:.1f}", (b.get_x() + b.get_width() / 2, b.get_height()),
                             xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(group)), group)
-        ax.set_ylabel("score (0–100)" if group is main else "perplexity (lower is better)")
+        ax.set_ylabel("score (×100 scale)" if group is main else "perplexity (lower is better)")
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.15)
     axes[0].legend(fontsize=8, loc="best")

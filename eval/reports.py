@@ -105,8 +105,9 @@ def experiments_from_reports(named: list[tuple[str, dict]], labels: list[str] | 
     """One entry per compared model across runs: each run's candidate, plus baselines once.
 
     A baseline that several runs share (same metrics, data fingerprint and parameter count, as
-    when pruning experiments start from one model) appears once, named ``baseline``; a run's
-    candidate is named after the run; any other label is ``<run>:<label>``.
+    when pruning experiments start from one model) appears once, named ``baseline`` (when the
+    runs have different baselines, each is ``<run>:<label>``); a run's candidate is named after
+    the run; any other label is ``<run>:<label>``.
 
     Args:
         named: ``(run name, report.json dict)`` per run, in the order to show.
@@ -142,6 +143,8 @@ def experiments_from_reports(named: list[tuple[str, dict]], labels: list[str] | 
             if role == "baseline":
                 baselines.append(entry)
             out.append(entry)
+    if len(baselines) > 1:  # several different baselines: name each after its run
+        baselines[0]["name"] = f"{baselines[0]['run']}:{baselines[0]['label']}"
     seen: dict[str, int] = {}
     for e in out:  # unique names (two runs with the same folder name)
         n = seen.get(e["name"], 0)

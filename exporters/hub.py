@@ -96,10 +96,10 @@ def resolve_token() -> str:
     from huggingface_hub import constants, get_token
 
     if constants.HF_HUB_OFFLINE:
-        raise HubAuthError("HF_HUB_OFFLINE is set: unset it to push to the Hub (or use --dry-run)")
+        raise HubAuthError("HF_HUB_OFFLINE is set: unset it to push to the Hub (a push dry run works offline)")
     token = get_token()
     if not token:
-        raise HubAuthError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
+        raise HubAuthError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a push dry run needs none)")
     return token
 
 
@@ -149,7 +149,10 @@ def push_folder(
              "private" if push_spec.private else "public")
     try:
         url = api.create_repo(repo_id, private=bool(push_spec.private), exist_ok=True, repo_type="model")
-        if push_spec.private and api.model_info(repo_id).private is False:
+        is_private = api.model_info(repo_id).private
+        if not push_spec.private and is_private:
+            log.warning("%s already exists and is private: it stays private", repo_id)
+        if push_spec.private and is_private is False:
             raise HubAuthError(
                 f"{repo_id} already exists and is public, but the push asks for a private repository: make it "
                 "private on the Hub or push with --public (push.private: false); nothing was uploaded"
@@ -173,7 +176,7 @@ def push_folder(
         "dry_run": False,
         "repo_id": repo_id,
         "revision": revision,
-        "private": bool(push_spec.private),
+        "private": bool(push_spec.private) if is_private is None else bool(is_private),
         "url": str(url),
         "commit_oid": info.oid,
         "commit_url": info.commit_url,
@@ -209,7 +212,7 @@ def _classify(exc: BaseException, repo_id: str, revision: str, endpoint: str, fo
 
     kept = f"nothing was uploaded; {folder} is kept"
     if isinstance(exc, OfflineModeIsEnabled):
-        return HubAuthError("HF_HUB_OFFLINE is set: unset it to push to the Hub (or use --dry-run)")
+        return HubAuthError("HF_HUB_OFFLINE is set: unset it to push to the Hub (a push dry run works offline)")
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if getattr(exc, "response", None) is not None else None
         server = getattr(exc, "server_message", None) or ""

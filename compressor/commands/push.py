@@ -160,6 +160,7 @@ def push(obj, directory: Path, repo_id, dry_run, what, revision, private, licens
         click.echo(f"dry run: {len(result['files'])} files in {folder} would be uploaded to {spec.repo_id} "
                    f"({vis}, revision {spec.revision or 'main'}):")
     else:
+        vis = "private" if result["private"] else "public"
         click.echo(f"pushed {len(result['files'])} files to {result['url']} ({vis}, revision {result['revision']}) "
                    f"in one commit {result['commit_oid']}:")
     for rel in result["files"]:

@@ -51,7 +51,7 @@ def test_shared_baseline_is_shown_once_and_candidates_are_named_by_run():
     # a different baseline (other data) is kept and named after its run
     other = experiments_from_reports([("a", _report("a", base, _ev(1, 1, 1, 1))),
                                       ("b", _report("b", _ev(80.0, 30.0, 1000, 0.5, fp="y"), _ev(2, 2, 2, 2)))])
-    assert [e["name"] for e in other] == ["baseline", "b:baseline", "a", "b"]
+    assert [e["name"] for e in other] == ["a:baseline", "b:baseline", "a", "b"]
 
 
 def test_combined_table_markdown_and_csv():
@@ -93,3 +93,12 @@ def test_experiment_plots_write_every_figure(tmp_path):
         assert Image.open(f).format == "PNG"
     with pytest.raises(ValueError, match="against must be one of"):
         experiment_plots(entries, tmp_path, "cider", "memory")
+
+
+def test_perplexity_gets_its_own_panel(tmp_path):
+    """Perplexity (lower is better, another scale) is drawn beside the ×100 metrics, not among them."""
+    evals = [{"metrics": {"cider": 80.0, "perplexity": 12.0}}, {"metrics": {"cider": 70.0, "perplexity": 15.0}}]
+    wide = metric_bars(["baseline", "candidate"], evals, tmp_path / "with.png", roles=["baseline", ""])
+    narrow = metric_bars(["baseline", "candidate"], [{"metrics": {"cider": 80.0}}, {"metrics": {"cider": 70.0}}],
+                         tmp_path / "without.png", roles=["baseline", ""])
+    assert Image.open(wide).size[0] > Image.open(narrow).size[0]
