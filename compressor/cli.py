@@ -288,6 +288,11 @@ from compressor.commands.predict import predict_command  # noqa: E402
 
 cli.add_command(eval_command)
 cli.add_command(predict_command)
+from compressor.commands.push import push as _push  # noqa: E402
+from compressor.commands.report import report as _report  # noqa: E402
+
+cli.add_command(_push)
+cli.add_command(_report)
 
 
 def main() -> None:

@@ -91,3 +91,125 @@ def comparison_text(labels: list[str], evals: dict[str, dict]) -> str:
     for k, cells in rows:
         out.append(k.ljust(w0) + "  " + "  ".join(c.rjust(w) for c, w in zip(cells, ws)))
     return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------ across runs
+
+#: Characteristics shown per experiment in the combined table (in this order, when present).
+TABLE_CHARS = (
+    "params_total", "params_vision", "params_qformer", "params_projection", "params_language_model",
+    "gflops", "latency_p50_s", "latency_p95_s", "tokens_per_s", "size_mb", "peak_rss_mb",
+)
+
+
+def _same_eval(a: dict, b: dict) -> bool:
+    """Two evaluations of the same model on the same data (latency and memory may differ)."""
+    ca, cb = a.get("characteristics", {}), b.get("characteristics", {})
+    return (
+        a.get("metrics") == b.get("metrics")
+        and a.get("data", {}).get("fingerprint") == b.get("data", {}).get("fingerprint")
+        and ca.get("params_total") == cb.get("params_total")
+    )
+
+
+def experiments_from_reports(named: list[tuple[str, dict]], labels: list[str] | None = None) -> list[dict]:
+    """One entry per compared model across runs: each run's candidate, plus baselines once.
+
+    A baseline that several runs share (same metrics, data fingerprint and parameter count, as
+    when pruning experiments start from one model) appears once, named ``baseline`` (when the
+    runs have different baselines, each is ``<run>:<label>``); a run's candidate is named after
+    the run; any other label is ``<run>:<label>``.
+
+    Args:
+        named: ``(run name, report.json dict)`` per run, in the order to show.
+        labels: evaluate labels to include (default: all of them).
+
+    Returns:
+        Dicts with ``name``, ``run``, ``label``, ``role`` (``baseline`` / ``candidate`` /
+        ``other``), ``eval`` (the evaluation dict) and ``gate`` (True / False / None).
+    """
+    out: list[dict] = []
+    baselines: list[dict] = []
+    for run, report in named:
+        evals = report.get("evaluations", {})
+        keys = list(evals)
+        gate = report.get("gate") or {}
+        cand = gate.get("candidate") or (keys[-1] if keys else None)
+        base = gate.get("baseline") or (keys[0] if len(keys) > 1 else None)
+        for label in keys:
+            if labels and label not in labels:
+                continue
+            ev = evals[label]
+            role = "baseline" if label == base else "candidate" if label == cand else "other"
+            if role == "baseline":
+                if any(_same_eval(ev, b["eval"]) for b in baselines):
+                    continue
+                name = "baseline" if not baselines else f"{run}:{label}"
+            elif role == "candidate":
+                name = run
+            else:
+                name = f"{run}:{label}"
+            entry = {"name": name, "run": run, "label": label, "role": role, "eval": ev,
+                     "gate": gate.get("passed") if role == "candidate" and gate else None}
+            if role == "baseline":
+                baselines.append(entry)
+            out.append(entry)
+    if len(baselines) > 1:  # several different baselines: name each after its run
+        baselines[0]["name"] = f"{baselines[0]['run']}:{baselines[0]['label']}"
+    seen: dict[str, int] = {}
+    for e in out:  # unique names (two runs with the same folder name)
+        n = seen.get(e["name"], 0)
+        seen[e["name"]] = n + 1
+        if n:
+            e["name"] = f"{e['name']}#{n + 1}"
+    return sorted(out, key=lambda e: e["role"] != "baseline")
+
+
+def experiment_columns(entries: list[dict]) -> tuple[list[str], list[str]]:
+    """``(metric keys, characteristic keys)`` present in any entry, in display order."""
+    mets = [k for k in METRIC_ORDER if any(isinstance(e["eval"].get("metrics", {}).get(k), (int, float)) for e in entries)]
+    chars = [k for k in TABLE_CHARS if any(isinstance(e["eval"].get("characteristics", {}).get(k), (int, float)) for e in entries)]
+    return mets, chars
+
+
+def _gate_cell(v) -> str:
+    return "—" if v is None else ("passed" if v else "FAILED")
+
+
+def experiments_markdown(entries: list[dict]) -> str:
+    """The combined table in Markdown: one row per experiment, metrics then characteristics."""
+    mets, chars = experiment_columns(entries)
+    head = ["experiment", "run", "label", *mets, *chars, "gate", "examples"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        ev = e["eval"]
+        cells = [e["name"], e["run"], e["label"]]
+        cells += [fmt_value(k, ev.get("metrics", {}).get(k)) for k in mets]
+        cells += [fmt_value(k, ev.get("characteristics", {}).get(k)) for k in chars]
+        cells += [_gate_cell(e["gate"]), str(ev.get("data", {}).get("examples", "—"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def experiments_csv(entries: list[dict]) -> str:
+    """The combined table as CSV (raw numbers, empty cells where a value is missing)."""
+    import csv
+    import io
+
+    mets, chars = experiment_columns(entries)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["experiment", "run", "label", "role", *mets, *chars, "gate_passed", "examples"])
+    for e in entries:
+        ev = e["eval"]
+
+        def cell(v):
+            return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+        w.writerow([
+            e["name"], e["run"], e["label"], e["role"],
+            *[cell(ev.get("metrics", {}).get(k)) for k in mets],
+            *[cell(ev.get("characteristics", {}).get(k)) for k in chars],
+            "" if e["gate"] is None else e["gate"], ev.get("data", {}).get("examples", ""),
+        ])
+    return buf.getvalue()

@@ -75,6 +75,10 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
 
     check_features(loaded)
     recipe = loaded.recipe
+    if recipe.push is not None and not recipe.push.dry_run:
+        from exporters.hub import resolve_token
+
+        resolve_token()  # no token: fail now (exit 2), not after the run; makes no network call
     pf = Preflight()
     pf.config = model_config(loaded)
     problems: list[str] = []

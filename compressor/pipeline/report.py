@@ -50,7 +50,13 @@ def _short(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if not isinstance(v, (list, dict)) or k in ("lora", "removed")}
 
 
-def report_markdown(report: dict) -> str:
+def report_markdown(report: dict, plots: list[str] | None = None) -> str:
+    """``report.md``: metrics and characteristics side by side, plots, gate verdicts, stage timings.
+
+    Args:
+        report: the report dict (with the gate's verdict objects).
+        plots: PNG file names beside report.md to embed.
+    """
     labels = list(report["evaluations"])
     parts = [f"# Run report: {report['recipe']}", "", f"Recipe hash `{report['recipe_hash'][:12]}`, wall time {report['seconds']:.1f} s.", ""]
     if labels:
@@ -73,29 +79,39 @@ def report_markdown(report: dict) -> str:
             for note in ev.get("notes", []):
                 parts.append(f"  - note: {note}")
         parts.append("")
+    for name in plots or []:
+        parts += [f"![{name[:-4]}]({name})", ""]
     if "gate" in report:
         parts += ["## Gate", "", gate_markdown(report["gate"]["_verdicts"]), ""]
     parts += ["## Stages", "", "| # | stage | label | status | seconds | peak RSS (MB) |", "|---|---|---|---|---|---|"]
     for s in report["stages"]:
         peak = f"{s['peak_rss_mb']:.0f}" if s.get("peak_rss_mb") else "—"
         parts.append(f"| {s['index']} | {s['type']} | {s['label'] or ''} | {s['status']} | {s['seconds']:.1f} | {peak} |")
+    n_ran = sum(s["status"] == "ran" for s in report["stages"])
+    total = sum(s["seconds"] for s in report["stages"])
+    parts.append(f"| | **total** | | {n_ran} ran, {len(report['stages']) - n_ran} reused | {total:.1f} | |")
     if "push" in report:
         parts += ["", "## Push", "", f"{report['push'].get('summary', '')}"]
     return "\n".join(parts) + "\n"
 
 
 def write_report(run_dir: Path, report: dict, plots: bool = True) -> None:
-    """Write ``report.json``, ``report.md`` and (with a gate) ``gate.json`` / ``gate.xml``."""
+    """Write ``report.json``, ``report.md``, the plots (``metrics.png``, ``characteristics.png``) and,
+    with a gate, ``gate.json`` / ``gate.xml``. ``plots=False`` keeps plots drawn earlier."""
     clean = {k: v for k, v in report.items() if k != "gate"}
     if "gate" in report:
         clean["gate"] = {k: v for k, v in report["gate"].items() if k != "_verdicts"}
         atomic_write_json(run_dir / "gate.json", clean["gate"])
         atomic_write_text(run_dir / "gate.xml", gate_junit(report["gate"]["_verdicts"], f"gate {report['recipe']}"))
     atomic_write_json(run_dir / "report.json", clean)
-    atomic_write_text(run_dir / "report.md", report_markdown(report))
     if plots:
         try:
             from eval.plots import run_plots
-        except ImportError:
-            return
-        run_plots(run_dir, clean)
+
+            run_plots(run_dir, clean)
+        except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
+            log.warning("could not draw the report plots: %s", exc)
+    from eval.plots import RUN_PLOTS
+
+    shown = [name for name in RUN_PLOTS if (run_dir / name).is_file()]
+    atomic_write_text(run_dir / "report.md", report_markdown(report, shown))

@@ -40,6 +40,4 @@ def unbuilt(recipe: Recipe) -> list[tuple[tuple, str]]:
             out.append((("stages", i, "formats"), "ONNX export"))
         if st.type in ("evaluate", "predict") and st.backend == "onnx" and not onnx_built:
             out.append((("stages", i, "backend"), "evaluation of an ONNX export (backend: onnx)"))
-    if recipe.push is not None and not recipe.push.dry_run and not _module_exists("exporters.hub"):
-        out.append((("push",), "uploading to the Hub (use push.dry_run: true)"))
     return out
