@@ -1,0 +1,97 @@
+"""Shared helpers for the model-surgery tests: tiny presets per family, probe images, greedy
+decoding with and without KV cache, and the "teeth" checks every equality test makes first
+(several distinct tokens per sequence, different captions across the batch, a 1% change to the
+touched weights moves the logits)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+FAMILIES = ("tiny-blip2-opt", "tiny-blip2-llama", "tiny-blip2-t5", "tiny-instructblip", "tiny-blip")
+_CACHE: dict[str, tuple] = {}
+
+
+def preset(name: str):
+    """A fresh deep copy of a preset (built once per session): ``(model, processor, family)``."""
+    from compressor.families import family_for_model
+    from compressor.models.presets import build_preset
+
+    if name not in _CACHE:
+        _CACHE[name] = build_preset(name)
+    model, proc = _CACHE[name]
+    model = copy.deepcopy(model)
+    return model, proc, family_for_model(model)
+
+
+def probe_images(n: int = 3, size: int = 32, seed: int = 4):
+    """Seeded noise images (they give every tiny preset several distinct tokens per caption and
+    different captions per image; plain shape scenes leave the tiny T5 repeating one token)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def prompts_for(family, n: int = 3):
+    if family.name == "blip":
+        return [""] * n
+    return ["", "a picture of", ""][:n]
+
+
+def greedy(model, processor, family, images, prompts, use_cache: bool = True, new_tokens: int = 10):
+    """Greedy generated token ids ``(batch, new_tokens)`` (prompt stripped for causal LMs)."""
+    import torch
+
+    from compressor.models.batches import generation_inputs
+
+    inp = generation_inputs(family, processor, images, prompts)
+    with torch.inference_mode():
+        out = model.generate(**inp, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                             use_cache=use_cache)
+    if family.decoder_only and family.name != "blip":
+        out = out[:, inp["input_ids"].shape[1]:]
+    return out
+
+
+def logits(model, processor, family, images, texts=None):
+    """Logits of a labelled batch, float32 ``(batch, seq, vocab)``."""
+    import torch
+
+    from compressor.models.batches import training_batch
+
+    texts = texts or ["a red circle on the left", "two blue squares", "a green triangle at the top"][: len(images)]
+    batch = training_batch(family, processor, images, texts, [""] * len(images))
+    with torch.inference_mode():
+        return model(**batch).logits.float()
+
+
+def assert_teeth(tokens) -> None:
+    """At least 3 distinct tokens per sequence and not every sequence the same."""
+    rows = [tuple(r) for r in tokens.tolist()]
+    for r in rows:
+        assert len(set(r)) >= 3, f"degenerate sequence {r}: the test would pass trivially"
+    assert len(set(rows)) > 1, "every example got the same tokens: the model ignores its input"
+
+
+def perturb_moves_logits(model, processor, family, module_names, images, min_change: float = 1e-3) -> float:
+    """Scale the named modules' weights by 1.01 in a copy; returns the max logit change (asserted > min_change)."""
+    import torch
+
+    from compressor.families import get_module
+
+    ref = logits(model, processor, family, images)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in module_names:
+            get_module(other, name).weight.mul_(1.01)
+    change = float((logits(other, processor, family, images) - ref).abs().max())
+    assert change > min_change, f"a 1% change of {module_names} moved logits by only {change:.2e}"
+    return change
+
+
+@pytest.fixture(scope="session")
+def images():
+    return probe_images(3)
