@@ -75,8 +75,19 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     model, processor = load_working_model(input_dir, ctx, with_adapter=False)
     family = family_for_model(model)
     report: dict = {}
-    if cfg.trainable == "lora":
+    if cfg.trainable == "lora" and cfg.train.resume_from:
+        from peft import PeftModel
+
+        from compressor.lora import match_report
+        from compressor.stages.lora_finetune import resolve_adapter
+
+        adapter = resolve_adapter(cfg.train.resume_from)
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        report = {**match_report(model, family, []), "resumed_from": str(adapter)}
+    elif cfg.trainable == "lora":
         model, report = apply_lora(model, cfg.lora, cfg.parts)
+    elif cfg.train.resume_from:
+        raise UserInputError("heal: train.resume_from continues a LoRA adapter; it needs trainable: lora")
     else:
         n = freeze_all_but(model, family, None if cfg.trainable == "full" else cfg.parts)
         report = {"params_trainable": n, "params_total": sum(p.numel() for p in model.parameters())}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import preset, probe_images
+from surgery_helpers import preset, probe_images
 
 from compressor.errors import UserInputError
 from compressor.families import get_module

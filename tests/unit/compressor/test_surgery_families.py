@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_teeth, greedy, logits, perturb_moves_logits, preset, probe_images, prompts_for
+from surgery_helpers import (
+    assert_teeth,
+    greedy,
+    logits,
+    perturb_moves_logits,
+    preset,
+    probe_images,
+    prompts_for,
+)
 
 from compressor.errors import UserInputError
 from compressor.families import get_config_value, get_module

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-
 FAMILIES = ("tiny-blip2-opt", "tiny-blip2-llama", "tiny-blip2-t5", "tiny-instructblip", "tiny-blip")
 _CACHE: dict[str, tuple] = {}
 
@@ -90,8 +88,3 @@ def perturb_moves_logits(model, processor, family, module_names, images, min_cha
     change = float((logits(other, processor, family, images) - ref).abs().max())
     assert change > min_change, f"a 1% change of {module_names} moved logits by only {change:.2e}"
     return change
-
-
-@pytest.fixture(scope="session")
-def images():
-    return probe_images(3)
