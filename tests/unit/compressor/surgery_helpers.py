@@ -88,3 +88,56 @@ def perturb_moves_logits(model, processor, family, module_names, images, min_cha
     change = float((logits(other, processor, family, images) - ref).abs().max())
     assert change > min_change, f"a 1% change of {module_names} moved logits by only {change:.2e}"
     return change
+
+
+_SAVED: dict[str, object] = {}
+
+
+def saved_preset(name: str):
+    """A preset saved (model + processor) once per session into a temporary folder; returns the folder."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from compressor.models.presets import save_preset
+
+    if name not in _SAVED:
+        root = Path(tempfile.mkdtemp(prefix="surgery-tests-"))
+        atexit.register(shutil.rmtree, root, True)
+        _SAVED[name] = save_preset(name, root / name)
+    return _SAVED[name]
+
+
+def make_recipe(stages: list[dict], model: str = "tiny-blip2-opt", data: dict | None = None, generation: dict | None = None):
+    """A validated Recipe around ``stages`` with small synthetic data."""
+    from compressor.recipe.schema import Recipe
+
+    return Recipe.model_validate({
+        "name": "t",
+        "model": model,
+        "data": data or {"format": "synthetic", "train": {"size": 16, "image_size": 32},
+                         "val": {"size": 4, "image_size": 32}, "eval": {"size": 4, "image_size": 32}},
+        "generation": generation or {"max_new_tokens": 6, "batch_size": 8},
+        "stages": stages,
+    })
+
+
+def stage_ctx(recipe, run_dir, index: int = 0):
+    """A StageContext for calling a stage's ``run`` directly (CPU, no progress bars)."""
+    from compressor.stages.common import StageContext
+
+    return StageContext(recipe=recipe, index=index, run_dir=run_dir, device="cpu", progress=False)
+
+
+def run_stage(recipe, index: int, input_dir, out_dir, ctx=None):
+    """Run stage ``index`` of ``recipe`` from ``input_dir`` into ``out_dir``; returns its summary."""
+    from pathlib import Path
+
+    from compressor.stages import get_stage
+
+    st = recipe.stages[index]
+    ctx = ctx or stage_ctx(recipe, Path(out_dir).parent, index)
+    ctx.index = index
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return get_stage(st.type).run(st, ctx, Path(input_dir), Path(out_dir))
