@@ -55,15 +55,17 @@ def greedy(model, processor, family, images, prompts, use_cache: bool = True, ne
 
 
 def logits(model, processor, family, images, texts=None):
-    """Logits of a labelled batch, float32 ``(batch, seq, vocab)``."""
+    """Logits of a labelled batch ``(batch, seq, vocab)``: float32, or float64 for a float64 model."""
     import torch
 
     from compressor.models.batches import training_batch
 
     texts = texts or ["a red circle on the left", "two blue squares", "a green triangle at the top"][: len(images)]
     batch = training_batch(family, processor, images, texts, [""] * len(images))
+    batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
     with torch.inference_mode():
-        return model(**batch).logits.float()
+        out = model(**batch).logits
+    return out if out.dtype == torch.float64 else out.float()
 
 
 def assert_teeth(tokens) -> None:
