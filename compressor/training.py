@@ -34,6 +34,8 @@ class TrainResult:
         evals: ``(step, metrics)`` of in-training evaluations.
         best_step: the step whose checkpoint was kept (``select_best_by``), or None.
         seconds: wall time of the loop.
+        parts: ``(step, {name: value})`` of the loss function's own logs (distillation: ``ce``,
+            ``kl``), means over the step's micro-batches on the main process.
     """
 
     steps: int = 0
@@ -41,6 +43,7 @@ class TrainResult:
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     best_step: int | None = None
     seconds: float = 0.0
+    parts: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -154,6 +157,7 @@ def train(
     step = 0
     while step < total:
         micro_losses = []
+        micro_logs: dict[str, list[float]] = {}
         for _ in range(train_spec.gradient_accumulation_steps):
             group = next(batches)
             mine = group[acc.process_index :: world] or group[:1]
@@ -167,7 +171,11 @@ def train(
                 sched.step()
                 opt.zero_grad()
             micro_losses.append(float(loss.detach()))
+            for k, v in logs.items():
+                micro_logs.setdefault(k, []).append(float(v))
         step += 1
+        if micro_logs:
+            result.parts.append((step, {k: sum(v) / len(v) for k, v in micro_logs.items()}))
         mean = float(acc.gather(torch.tensor([sum(micro_losses) / len(micro_losses)], device=acc.device)).mean())
         if not math.isfinite(mean):
             raise FloatingPointError(f"the training loss became {mean} at step {step}; lower learning_rate")
@@ -214,6 +222,8 @@ def write_loss_curve(out_dir: Path, result: TrainResult) -> None:
         "best_step": result.best_step,
         "seconds": round(result.seconds, 3),
     }
+    if result.parts:
+        data["parts"] = [[s, m] for s, m in result.parts]
     atomic_write_text(out_dir / "loss.json", json.dumps(data, indent=1))
     try:
         import matplotlib
