@@ -97,6 +97,10 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
                     from compressor.stages.lora_finetune import check_quantization
 
                     check_quantization(st, resolve_device(recipe.device))
+                if st.type == "prune_width":
+                    from compressor.pruning import check_width_on_config
+
+                    check_width_on_config(config, pf.family, st)
                 if st.type == "remove_layers":
                     plan = plan_removals(config, pf.family, st)
                     pf.removals[i] = plan

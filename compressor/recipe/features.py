@@ -27,8 +27,6 @@ def unbuilt(recipe: Recipe) -> list[tuple[tuple, str]]:
     out: list[tuple[tuple, str]] = []
     onnx_built = _module_exists(_ONNX_MODULE)
     for i, st in enumerate(recipe.stages):
-        if st.type == "prune_width":
-            out.append((("stages", i, "type"), "width pruning (prune_width)"))
         if st.type == "export" and "onnx" in st.formats and not onnx_built:
             out.append((("stages", i, "formats"), "ONNX export"))
         if st.type in ("evaluate", "predict") and st.backend == "onnx" and not onnx_built:

@@ -103,7 +103,8 @@ def load_working_model(input_dir: Path, ctx: StageContext, *, with_adapter: bool
 
 
 def save_model(model, processor, out: Path, extra_files: dict[str, str] | None = None) -> Path:
-    """``save_pretrained`` model (safetensors) and processor into ``out``.
+    """``save_pretrained`` model (safetensors) and processor into ``out``; a width-pruned model also
+    gets its ``shape_plan.json`` (:mod:`compressor.models.shapes`).
 
     Args:
         model: a BLIP-family model (not a peft wrapper).
@@ -111,9 +112,12 @@ def save_model(model, processor, out: Path, extra_files: dict[str, str] | None =
         out: the folder (created).
         extra_files: name → text written beside (e.g. the resolved recipe).
     """
+    from compressor.models.shapes import write_shape_plan
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    write_shape_plan(model, out)
     if processor is not None:
         processor.save_pretrained(out)
     for name, text in (extra_files or {}).items():
