@@ -156,6 +156,8 @@ def apply(obj: Ctx, recipe, out, overrides, resume, dry_run):
 
     try:
         report = runner.run()
+        if not runner.dist.main:  # another process of a multi-process run: the main one reports
+            return
     except GateFailed:
         _print_summary(obj, runner.run_dir)
         raise

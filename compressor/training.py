@@ -128,10 +128,14 @@ def train(
     if device != "cuda" and mixed != "no":
         log.info("mixed_precision=%s needs CUDA; training in full precision on %s", mixed, device)
         mixed = "no"
+    from accelerate.utils import DistributedDataParallelKwargs
+
     acc = Accelerator(
         gradient_accumulation_steps=train_spec.gradient_accumulation_steps,
         mixed_precision=mixed,
         cpu=device == "cpu",
+        # Frozen or unused parameters (a part not in the forward path) must not stall DDP's reduction.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     total = count_steps(len(pairs), train_spec)
     warmup = train_spec.warmup_steps or int(round(train_spec.warmup_ratio * total))
@@ -144,7 +148,9 @@ def train(
     sched = get_scheduler(train_spec.lr_scheduler_type, opt, num_warmup_steps=warmup, num_training_steps=total)
     if train_spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
-    model, opt, sched = acc.prepare(model, opt, sched)
+    # The scheduler is stepped by hand once per optimizer step: accelerate's prepared scheduler
+    # steps num_processes times per step (it assumes a sharded dataloader, which this loop does not use).
+    model, opt = acc.prepare(model, opt)
     model.train()
 
     result = TrainResult()
@@ -168,7 +174,8 @@ def train(
                 if acc.sync_gradients and train_spec.max_grad_norm:
                     acc.clip_grad_norm_(params, train_spec.max_grad_norm)
                 opt.step()
-                sched.step()
+                if acc.sync_gradients:
+                    sched.step()
                 opt.zero_grad()
             micro_losses.append(float(loss.detach()))
             for k, v in logs.items():

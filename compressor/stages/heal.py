@@ -49,6 +49,8 @@ def distill_loss(teacher, family, temperature: float, kl_weight: float, ce_weigh
         out = model(**batch)
         labels = batch["labels"]
         s = out.logits[:, -labels.shape[1]:, :]
+        if next(teacher.parameters()).device != labels.device:  # one device per process under accelerate
+            teacher.to(labels.device)
         with torch.no_grad():
             t = teacher(**batch).logits[:, -labels.shape[1]:, :]
         lab = labels
