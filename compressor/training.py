@@ -34,6 +34,8 @@ class TrainResult:
         evals: ``(step, metrics)`` of in-training evaluations.
         best_step: the step whose checkpoint was kept (``select_best_by``), or None.
         seconds: wall time of the loop.
+        extra: ``state_dict`` under FSDP / DeepSpeed (the gathered full state dict; stages pass it
+            to ``save_pretrained``).
         parts: ``(step, {name: value})`` of the loss function's own logs (distillation: ``ce``,
             ``kl``), means over the step's micro-batches on the main process.
     """
@@ -113,7 +115,7 @@ def train(
 
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -211,6 +213,9 @@ def train(
     result.seconds = time.perf_counter() - t0
     model.eval()
     acc.wait_for_everyone()
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Sharded parameters: the full state dict (gathered on the main process) is what stages save.
+        result.extra["state_dict"] = acc.get_state_dict(model)
     if acc.is_main_process:
         write_loss_curve(out_dir, result)
     acc.free_memory()

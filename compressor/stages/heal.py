@@ -127,11 +127,11 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         if use_best:
             best.rename(out_model / ADAPTER_SUBDIR)
         else:
-            model.save_pretrained(str(out_model / ADAPTER_SUBDIR))
+            model.save_pretrained(str(out_model / ADAPTER_SUBDIR), state_dict=result.extra.get("state_dict"))
     elif use_best:
         best.rename(model_dir(out_dir))
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-        save_model(model, processor, model_dir(out_dir))
+        save_model(model, processor, model_dir(out_dir), state_dict=result.extra.get("state_dict"))
     return {**summary_of(result), "trainable": report, "loss": cfg.loss, "train_examples": len(pairs)}

@@ -99,7 +99,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     if result.best_step is not None and best.is_dir():
         shutil.move(str(best), str(out_model / ADAPTER_SUBDIR))
     else:
-        model.save_pretrained(str(out_model / ADAPTER_SUBDIR))
+        model.save_pretrained(str(out_model / ADAPTER_SUBDIR), state_dict=result.extra.get("state_dict"))
     atomic_write_json(out_dir / "matches.json", report)
     return {**summary_of(result), "lora": report, "train_examples": len(data.training_pairs())}
 
