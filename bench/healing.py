@@ -15,8 +15,11 @@ setting, so the teacher's evaluation and the removal are computed once and share
   ``--eval-every`` steps from the in-training evaluation (same held-out set, no checkpoint
   selection: the last step's adapter is merged and scored).
 
-Usage: ``python -m bench.healing [--steps 100] [--eval-every 25] [--out runs/bench-healing]``.
-Prints one table; ``results.json`` in ``--out`` holds every figure. About 6 minutes on 2 CPU
+Every heal runs once per ``--seeds`` value (LoRA initialisation and batch order), because one
+run's CIDEr moves by ±10 from step to step; the table shows the mean and the range.
+
+Usage: ``python -m bench.healing [--steps 100] [--eval-every 25] [--seeds 0 1 2] [--out runs/bench-healing]``.
+Prints one table; ``results.json`` in ``--out`` holds every figure. About 25 minutes on 2 CPU
 cores with ``OMP_NUM_THREADS=1`` (the default here: tiny models run 10-25x slower with two
 OpenMP threads on a busy machine, and the figures do not depend on it).
 """
@@ -34,7 +37,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 BASE = """\
 name: {name}
 model: shapes-teacher
-seed: 0
+seed: {seed}
 data:
   format: synthetic
   train: {{size: 512, seed: 300}}
@@ -83,58 +86,76 @@ SETTINGS = {
 }
 
 
-def run_setting(out: Path, name: str, removal: str, heal: bool, steps: int, eval_every: int, eval_size: int) -> dict:
-    """Run one setting (teacher → removal → heal with ce, then distill) and collect its figures."""
+def run_setting(out: Path, name: str, removal: str, heal: bool, steps: int, eval_every: int, eval_size: int,
+                seeds: list[int]) -> dict:
+    """Run one setting (teacher → removal → heal with ce, then distill; once per seed) and collect its figures.
+
+    The recipe seed changes the LoRA initialisation and the order of the training batches; the
+    teacher, the removal and the held-out set are the same for every seed.
+    """
     from compressor.pipeline.runner import Runner
     from compressor.recipe.loader import load_recipe
 
     slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
-    run_dir = out / slug
     result: dict = {"setting": name}
-    for loss in ("ce", "distill") if heal else ("ce",):
-        path = out / f"{slug}-{loss}.yaml"
-        text = BASE.format(name=slug, eval_size=eval_size, removal=removal)
-        if heal:
-            text += HEAL.format(loss=loss, distill=DISTILL if loss == "distill" else "", steps=steps, eval_every=eval_every)
-        path.write_text(text)
-        loaded = load_recipe(path)
-        runner = Runner(loaded, run_dir, progress=False)
-        t0 = time.perf_counter()
-        report = runner.run()
-        evals = report["evaluations"]
-        result["teacher"] = evals["teacher"]["metrics"]["cider"]
-        result["removed"] = evals["removed"]["metrics"]["cider"]
-        removal_json = json.loads(next((run_dir / "stages").glob("01-remove_layers-*/removal.json")).read_text())
-        result["layers"] = {r["part"]: r["removed"] for r in removal_json["removed"]}
-        if heal:
-            heal_dir = run_dir / "stages" / next(r.folder for r in runner.records if r.type == "heal")
-            curve = json.loads((heal_dir / "loss.json").read_text())["evals"]
-            result[loss] = {"final": evals["healed"]["metrics"]["cider"], "curve": {s: m["cider"] for s, m in curve},
-                            "seconds": round(time.perf_counter() - t0, 1)}
+    for seed in seeds if heal else seeds[:1]:
+        run_dir = out / f"{slug}-seed{seed}"
+        for loss in ("ce", "distill") if heal else ("ce",):
+            path = out / f"{slug}-seed{seed}-{loss}.yaml"
+            text = BASE.format(name=slug, seed=seed, eval_size=eval_size, removal=removal)
+            if heal:
+                text += HEAL.format(loss=loss, distill=DISTILL if loss == "distill" else "", steps=steps, eval_every=eval_every)
+            path.write_text(text)
+            runner = Runner(load_recipe(path), run_dir, progress=False)
+            t0 = time.perf_counter()
+            report = runner.run()
+            evals = report["evaluations"]
+            result["teacher"] = evals["teacher"]["metrics"]["cider"]
+            result["removed"] = evals["removed"]["metrics"]["cider"]
+            removal_json = json.loads(next((run_dir / "stages").glob("01-remove_layers-*/removal.json")).read_text())
+            result["layers"] = {r["part"]: r["removed"] for r in removal_json["removed"]}
+            if heal:
+                heal_dir = run_dir / "stages" / next(r.folder for r in runner.records if r.type == "heal")
+                curve = json.loads((heal_dir / "loss.json").read_text())["evals"]
+                result.setdefault(loss, []).append({
+                    "seed": seed, "final": evals["healed"]["metrics"]["cider"], "curve": {s: m["cider"] for s, m in curve},
+                    "seconds": round(time.perf_counter() - t0, 1),
+                })
     return result
 
 
-def table(results: list[dict], steps: int) -> str:
+def _stats(runs: list[dict], teacher: float) -> str:
+    vals = [r["final"] for r in runs]
+    mean = sum(vals) / len(vals)
+    spread = f" [{min(vals):.0f}-{max(vals):.0f}]" if len(vals) > 1 else ""
+    return f"{mean:.1f} ({100 * mean / teacher:.0f}%){spread}"
+
+
+def table(results: list[dict], steps: int, seeds: list[int]) -> str:
     teacher = results[0]["teacher"]
-    head = f"teacher CIDEr {teacher:.1f} (held-out shapes, greedy)\n"
-    cols = ["setting", "removed layers", "after removal", f"heal ce ({steps} steps)", f"heal distill ({steps} steps)"]
+    head = (f"teacher CIDEr {teacher:.1f} (held-out shapes, greedy); healing: mean over seeds {seeds} "
+            "[min-max], % of the teacher\n")
+    cols = ["setting", "removed layers", "after removal", f"heal ce ({steps} steps)", f"heal distill ({steps} steps)",
+            "distill > ce"]
     rows = []
     for r in results:
         layers = "; ".join(f"{p} {v}" for p, v in r["layers"].items())
-
-        def pct(x):
-            return f"{x:.1f} ({100 * x / teacher:.0f}%)"
-
-        rows.append([r["setting"], layers, pct(r["removed"]),
-                     pct(r["ce"]["final"]) if "ce" in r else "-", pct(r["distill"]["final"]) if "distill" in r else "-"])
+        after = f"{r['removed']:.1f} ({100 * r['removed'] / teacher:.0f}%)"
+        if "ce" in r:
+            wins = sum(d["final"] > c["final"] for c, d in zip(r["ce"], r["distill"]))
+            rows.append([r["setting"], layers, after, _stats(r["ce"], teacher), _stats(r["distill"], teacher),
+                         f"{wins} of {len(r['ce'])} seeds"])
+        else:
+            rows.append([r["setting"], layers, after, "-", "-", "-"])
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
-    curves = ["", "CIDEr during healing (in-training evaluation on the same held-out set):"]
+    curves = ["", "CIDEr during healing, mean over seeds (in-training evaluation on the same held-out set):"]
     for r in results:
         for loss in ("ce", "distill"):
             if loss in r:
-                pts = ", ".join(f"{s}: {v:.1f}" for s, v in r[loss]["curve"].items())
+                steps_seen = list(r[loss][0]["curve"])
+                pts = ", ".join(f"{s}: {sum(x['curve'][s] for x in r[loss]) / len(r[loss]):.1f}" for s in steps_seen)
                 curves.append(f"  {r['setting']:<28} {loss:<8} {pts}")
     return head + "\n".join(lines + curves)
 
@@ -145,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-every", type=int, default=25, help="In-training evaluation interval.")
     parser.add_argument("--eval-size", type=int, default=256, help="Held-out images scored.")
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), help="Subset of settings to run.")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="Recipe seeds of the heals.")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-healing"))
     args = parser.parse_args(argv)
     import logging
@@ -154,10 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for name in args.settings:
         removal, heal = SETTINGS[name]
-        results.append(run_setting(args.out, name, removal, heal, args.steps, args.eval_every, args.eval_size))
+        results.append(run_setting(args.out, name, removal, heal, args.steps, args.eval_every, args.eval_size, args.seeds))
         print(f"done: {name}", flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print(table(results, args.steps))
+    print(table(results, args.steps, args.seeds))
     return {"results": results}
 
 

@@ -64,10 +64,12 @@ class Dist:
 
     @staticmethod
     def drop(path: Path) -> None:
+        """Delete a scratch folder (and everything in it)."""
         shutil.rmtree(path, ignore_errors=True)
 
 
 def world_size() -> int:
+    """Processes in this run, from the launcher's environment (torchrun / accelerate, MPI); 1 without one."""
     for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
         if os.environ.get(var):
             return int(os.environ[var])
