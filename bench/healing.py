@@ -11,7 +11,8 @@ setting, so the teacher's evaluation and the removal are computed once and share
   the top ones cost nothing on this teacher); 50% (4 of 8) by ``drop_top`` and ``block_influence``;
   and the demo's Q-Former top 2 + language-model top 2;
 * after healing each (LoRA as in the demo) with ``loss: ce`` and ``loss: distill`` (teacher =
-  the uncompressed model) for the same number of steps, with the CIDEr curve every
+  the uncompressed model) for the same number of steps, against the references and against
+  the teacher's own captions (``teacher_cider``: how closely the student imitates the teacher), with the CIDEr curve every
   ``--eval-every`` steps from the in-training evaluation (same held-out set, no checkpoint
   selection: the last step's adapter is merged and scored).
 
@@ -55,7 +56,8 @@ stages:
     calibration: {{batches: 4, batch_size: 16}}
   - type: evaluate
     label: removed
-    metrics: [bleu_4, cider]
+    metrics: [bleu_4, cider, teacher_cider]
+    teacher: teacher
     characteristics: {{latency: null, gflops: false}}
 """
 HEAL = """\
@@ -69,10 +71,13 @@ HEAL = """\
   - type: merge_adapters
   - type: evaluate
     label: healed
-    metrics: [bleu_4, cider]
+    metrics: [bleu_4, cider, teacher_cider]
+    teacher: teacher
     characteristics: {{latency: null, gflops: false}}
 """
-DISTILL = "    distill: {teacher: teacher, temperature: 2.0, kl_weight: 1.0, ce_weight: 0.5}\n"
+DISTILL = "    distill: {{teacher: teacher, temperature: {temperature}, kl_weight: {kl_weight}, ce_weight: {ce_weight}}}\n"
+#: The demo's distillation settings (recipes/demo.yaml); --temperature / --kl-weight / --ce-weight change them.
+DISTILL_DEFAULTS = {"temperature": 2.0, "kl_weight": 1.0, "ce_weight": 0.5}
 
 #: name → (remove_layers body, heal it?)
 SETTINGS = {
@@ -87,7 +92,7 @@ SETTINGS = {
 
 
 def run_setting(out: Path, name: str, removal: str, heal: bool, steps: int, eval_every: int, eval_size: int,
-                seeds: list[int]) -> dict:
+                seeds: list[int], distill: dict | None = None) -> dict:
     """Run one setting (teacher → removal → heal with ce, then distill; once per seed) and collect its figures.
 
     The recipe seed changes the LoRA initialisation and the order of the training batches; the
@@ -104,7 +109,8 @@ def run_setting(out: Path, name: str, removal: str, heal: bool, steps: int, eval
             path = out / f"{slug}-seed{seed}-{loss}.yaml"
             text = BASE.format(name=slug, seed=seed, eval_size=eval_size, removal=removal)
             if heal:
-                text += HEAL.format(loss=loss, distill=DISTILL if loss == "distill" else "", steps=steps, eval_every=eval_every)
+                d = DISTILL.format(**{**DISTILL_DEFAULTS, **(distill or {})}) if loss == "distill" else ""
+                text += HEAL.format(loss=loss, distill=d, steps=steps, eval_every=eval_every)
             path.write_text(text)
             runner = Runner(load_recipe(path), run_dir, progress=False)
             t0 = time.perf_counter()
@@ -112,16 +118,22 @@ def run_setting(out: Path, name: str, removal: str, heal: bool, steps: int, eval
             evals = report["evaluations"]
             result["teacher"] = evals["teacher"]["metrics"]["cider"]
             result["removed"] = evals["removed"]["metrics"]["cider"]
+            result["removed_teacher_cider"] = evals["removed"]["metrics"]["teacher_cider"]
             removal_json = json.loads(next((run_dir / "stages").glob("01-remove_layers-*/removal.json")).read_text())
             result["layers"] = {r["part"]: r["removed"] for r in removal_json["removed"]}
             if heal:
                 heal_dir = run_dir / "stages" / next(r.folder for r in runner.records if r.type == "heal")
                 curve = json.loads((heal_dir / "loss.json").read_text())["evals"]
                 result.setdefault(loss, []).append({
-                    "seed": seed, "final": evals["healed"]["metrics"]["cider"], "curve": {s: m["cider"] for s, m in curve},
+                    "seed": seed, "final": evals["healed"]["metrics"]["cider"],
+                    "teacher_cider": evals["healed"]["metrics"]["teacher_cider"], "curve": {s: m["cider"] for s, m in curve},
                     "seconds": round(time.perf_counter() - t0, 1),
                 })
     return result
+
+
+def _mean(runs: list[dict], key: str) -> float:
+    return sum(r[key] for r in runs) / len(runs)
 
 
 def _stats(runs: list[dict], teacher: float) -> str:
@@ -134,19 +146,21 @@ def _stats(runs: list[dict], teacher: float) -> str:
 def table(results: list[dict], steps: int, seeds: list[int]) -> str:
     teacher = results[0]["teacher"]
     head = (f"teacher CIDEr {teacher:.1f} (held-out shapes, greedy); healing: mean over seeds {seeds} "
-            "[min-max], % of the teacher\n")
+            "[min-max], % of the teacher; teacher agreement = CIDEr against the teacher's own captions\n")
     cols = ["setting", "removed layers", "after removal", f"heal ce ({steps} steps)", f"heal distill ({steps} steps)",
-            "distill > ce"]
+            "distill > ce", "teacher agreement: removed / ce / distill"]
     rows = []
     for r in results:
         layers = "; ".join(f"{p} {v}" for p, v in r["layers"].items())
         after = f"{r['removed']:.1f} ({100 * r['removed'] / teacher:.0f}%)"
         if "ce" in r:
             wins = sum(d["final"] > c["final"] for c, d in zip(r["ce"], r["distill"]))
+            agree = " / ".join(f"{v:.0f}" for v in (r["removed_teacher_cider"], _mean(r["ce"], "teacher_cider"),
+                                                          _mean(r["distill"], "teacher_cider")))
             rows.append([r["setting"], layers, after, _stats(r["ce"], teacher), _stats(r["distill"], teacher),
-                         f"{wins} of {len(r['ce'])} seeds"])
+                         f"{wins} of {len(r['ce'])} seeds", agree])
         else:
-            rows.append([r["setting"], layers, after, "-", "-", "-"])
+            rows.append([r["setting"], layers, after, "-", "-", "-", f"{r['removed_teacher_cider']:.0f}"])
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
@@ -167,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-size", type=int, default=256, help="Held-out images scored.")
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), help="Subset of settings to run.")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="Recipe seeds of the heals.")
+    for key, value in DISTILL_DEFAULTS.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=float, default=value, help=f"distill.{key}")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-healing"))
     args = parser.parse_args(argv)
     import logging
@@ -176,7 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for name in args.settings:
         removal, heal = SETTINGS[name]
-        results.append(run_setting(args.out, name, removal, heal, args.steps, args.eval_every, args.eval_size, args.seeds))
+        distill = {k: getattr(args, k) for k in DISTILL_DEFAULTS}
+        results.append(run_setting(args.out, name, removal, heal, args.steps, args.eval_every, args.eval_size, args.seeds,
+                                   distill))
         print(f"done: {name}", flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(table(results, args.steps, args.seeds))
