@@ -156,6 +156,8 @@ def apply(obj: Ctx, recipe, out, overrides, resume, dry_run):
 
     try:
         report = runner.run()
+        if not runner.dist.main:  # another process of a multi-process run: the main one reports
+            return
     except GateFailed:
         _print_summary(obj, runner.run_dir)
         raise
@@ -293,6 +295,9 @@ from compressor.commands.report import report as _report  # noqa: E402
 
 cli.add_command(_push)
 cli.add_command(_report)
+from compressor.commands.inspect import inspect_command  # noqa: E402
+
+cli.add_command(inspect_command)
 
 
 def main() -> None:

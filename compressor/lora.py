@@ -65,7 +65,14 @@ def lora_config(spec, family, parts: list[str], task_type: str | None = None):
     kwargs["target_modules"] = target_regex(family, parts, spec.target_modules)
     if task_type:
         kwargs["task_type"] = task_type
-    return LoraConfig(**kwargs)
+    try:
+        return LoraConfig(**kwargs)
+    except (ValueError, TypeError) as exc:
+        hint = ""
+        if spec.layers_to_transform is not None and parts:
+            hint = (" (`parts` expand to one regular expression, which peft cannot combine with layers_to_transform; "
+                    "give `target_modules` as a list of names instead of `parts`)")
+        raise UserInputError(f"lora: peft refused these settings: {exc}{hint}") from None
 
 
 def part_of(family, module_name: str) -> str:
@@ -135,6 +142,31 @@ def apply_lora(model, spec, parts: list[str]):
     report = match_report(peft_model, family, parts, spec.target_modules)
     check_matches(report)
     return peft_model, report
+
+
+def check_targets_on_config(config, spec, parts: list[str]) -> dict[str, Any]:
+    """Match LoRA targets on an empty (meta-device) model built from ``config``: no weights are read.
+
+    Used by pre-flight, so that an entry matching nothing exits 2 before anything is written.
+
+    Returns:
+        The :func:`match_report`.
+
+    Raises:
+        UserInputError: an entry matched nothing, or peft refused the settings.
+    """
+    import warnings
+
+    import torch
+
+    from compressor.families import family_for_config
+
+    family = family_for_config(config)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = family.model_cls()(config)
+        _, report = apply_lora(model, spec, parts)
+    return report
 
 
 def freeze_all_but(model, family, parts: list[str] | None) -> int:

@@ -91,6 +91,27 @@ def check_qformer_removal(n: int, removed: list[int], freq: int) -> None:
     )
 
 
+def check_t5_depths(family: Family, encoder_layers: int, decoder_layers: int) -> None:
+    """Refuse a T5 whose decoder would be deeper than its encoder (exit 2).
+
+    transformers 5.x sizes T5's generation KV cache by ``config.num_hidden_layers``, which T5's
+    config aliases to ``num_layers`` (the *encoder* depth): with more decoder than encoder blocks,
+    cached generation fails with ``IndexError`` in ``DynamicCache.update`` (reproducible on a fresh
+    ``T5ForConditionalGeneration`` with ``num_decoder_layers > num_layers``).
+
+    Raises:
+        UserInputError: ``decoder_layers > encoder_layers``, naming how to fix the selection.
+    """
+    if family.lm is None or family.lm.model_type not in ("t5", "mt5", "umt5"):
+        return
+    if decoder_layers > encoder_layers:
+        raise UserInputError(
+            f"language_model: this removal leaves a T5 with {encoder_layers} encoder and {decoder_layers} decoder blocks; "
+            "transformers sizes T5's generation cache by the encoder depth, so generating with a decoder deeper than "
+            f"the encoder fails. Remove at least {decoder_layers - encoder_layers} more decoder block(s) or fewer encoder blocks."
+        )
+
+
 def remove_layers(model, family: Family, part: str, removed: list[int]) -> dict:
     """Remove layers of one stack in place.
 
@@ -205,10 +226,16 @@ def plan_removals(config, family: Family, stage) -> dict[str, list[int] | None]:
                     "`language_model: {encoder: {drop_top: k}, decoder: {drop_top: k}}`"
                 )
             selections.append(("language_model", lm))
+    after: dict[str, int] = {}
     for part, sel in selections:
         n = stack_size(config, family, part)
         removed = selection_to_removed(sel, n, part)
         if removed is not None and part == "qformer":
             check_qformer_removal(n, removed, family.cross_attention_frequency)
         out[part] = removed
+        after[part] = n - (len(removed) if removed is not None else sel.count)
+    if "language_model.encoder" in family.stacks and ({"language_model.encoder", "language_model.decoder"} & set(after)):
+        enc = after.get("language_model.encoder", stack_size(config, family, "language_model.encoder"))
+        dec = after.get("language_model.decoder", stack_size(config, family, "language_model.decoder"))
+        check_t5_depths(family, enc, dec)
     return out

@@ -34,6 +34,10 @@ class TrainResult:
         evals: ``(step, metrics)`` of in-training evaluations.
         best_step: the step whose checkpoint was kept (``select_best_by``), or None.
         seconds: wall time of the loop.
+        extra: ``state_dict`` under FSDP / DeepSpeed (the gathered full state dict; stages pass it
+            to ``save_pretrained``).
+        parts: ``(step, {name: value})`` of the loss function's own logs (distillation: ``ce``,
+            ``kl``), means over the step's micro-batches on the main process.
     """
 
     steps: int = 0
@@ -41,6 +45,7 @@ class TrainResult:
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     best_step: int | None = None
     seconds: float = 0.0
+    parts: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -110,7 +115,7 @@ def train(
 
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -125,10 +130,14 @@ def train(
     if device != "cuda" and mixed != "no":
         log.info("mixed_precision=%s needs CUDA; training in full precision on %s", mixed, device)
         mixed = "no"
+    from accelerate.utils import DistributedDataParallelKwargs
+
     acc = Accelerator(
         gradient_accumulation_steps=train_spec.gradient_accumulation_steps,
         mixed_precision=mixed,
         cpu=device == "cpu",
+        # Frozen or unused parameters (a part not in the forward path) must not stall DDP's reduction.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     total = count_steps(len(pairs), train_spec)
     warmup = train_spec.warmup_steps or int(round(train_spec.warmup_ratio * total))
@@ -141,7 +150,9 @@ def train(
     sched = get_scheduler(train_spec.lr_scheduler_type, opt, num_warmup_steps=warmup, num_training_steps=total)
     if train_spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
-    model, opt, sched = acc.prepare(model, opt, sched)
+    # The scheduler is stepped by hand once per optimizer step: accelerate's prepared scheduler
+    # steps num_processes times per step (it assumes a sharded dataloader, which this loop does not use).
+    model, opt = acc.prepare(model, opt)
     model.train()
 
     result = TrainResult()
@@ -154,6 +165,7 @@ def train(
     step = 0
     while step < total:
         micro_losses = []
+        micro_logs: dict[str, list[float]] = {}
         for _ in range(train_spec.gradient_accumulation_steps):
             group = next(batches)
             mine = group[acc.process_index :: world] or group[:1]
@@ -164,10 +176,15 @@ def train(
                 if acc.sync_gradients and train_spec.max_grad_norm:
                     acc.clip_grad_norm_(params, train_spec.max_grad_norm)
                 opt.step()
-                sched.step()
+                if acc.sync_gradients:
+                    sched.step()
                 opt.zero_grad()
             micro_losses.append(float(loss.detach()))
+            for k, v in logs.items():
+                micro_logs.setdefault(k, []).append(float(v))
         step += 1
+        if micro_logs:
+            result.parts.append((step, {k: sum(v) / len(v) for k, v in micro_logs.items()}))
         mean = float(acc.gather(torch.tensor([sum(micro_losses) / len(micro_losses)], device=acc.device)).mean())
         if not math.isfinite(mean):
             raise FloatingPointError(f"the training loss became {mean} at step {step}; lower learning_rate")
@@ -196,6 +213,9 @@ def train(
     result.seconds = time.perf_counter() - t0
     model.eval()
     acc.wait_for_everyone()
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Sharded parameters: the full state dict (gathered on the main process) is what stages save.
+        result.extra["state_dict"] = acc.get_state_dict(model)
     if acc.is_main_process:
         write_loss_curve(out_dir, result)
     acc.free_memory()
@@ -214,6 +234,8 @@ def write_loss_curve(out_dir: Path, result: TrainResult) -> None:
         "best_step": result.best_step,
         "seconds": round(result.seconds, 3),
     }
+    if result.parts:
+        data["parts"] = [[s, m] for s, m in result.parts]
     atomic_write_text(out_dir / "loss.json", json.dumps(data, indent=1))
     try:
         import matplotlib

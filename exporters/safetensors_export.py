@@ -1,7 +1,7 @@
 """safetensors export: a verified save_pretrained folder with a SHA-256 manifest. Never pickle.
 
 The folder holds the weights (sharded above ``max_shard_size``), config, generation config,
-processor, the resolved recipe when given, and ``SHA256SUMS`` (``sha256sum -c`` format) of
+``shape_plan.json`` for a width-pruned model (:mod:`compressor.models.shapes`), processor, the resolved recipe when given, and ``SHA256SUMS`` (``sha256sum -c`` format) of
 every file. After writing, the folder is reloaded with
 ``from_pretrained(output_loading_info=True)`` and any missing or unexpected key fails the export.
 """
@@ -84,11 +84,16 @@ def export_safetensors(
         processor.save_pretrained(out)
     for name, text in (extra_files or {}).items():
         atomic_write_text(out / name, text)
-    family = family_for_config(model.config)
-    reloaded, info = family.model_cls().from_pretrained(str(out), output_loading_info=True, dtype=next(model.parameters()).dtype)
-    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if problems:
-        raise VerificationError(f"safetensors export {out}: reload reported {problems}")
+    from compressor.models.shapes import load_planned, write_shape_plan
+
+    if write_shape_plan(model, out) is not None:  # width-pruned: shapes the config cannot express
+        reloaded = load_planned(out, next(model.parameters()).dtype)
+    else:
+        family = family_for_config(model.config)
+        reloaded, info = family.model_cls().from_pretrained(str(out), output_loading_info=True, dtype=next(model.parameters()).dtype)
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise VerificationError(f"safetensors export {out}: reload reported {problems}")
     src = model.state_dict()
     for k, v in reloaded.state_dict().items():
         if k in src and not torch.equal(src[k].to(v.device), v):

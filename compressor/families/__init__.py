@@ -21,12 +21,14 @@ from compressor.families.language_models import (
     SUPPORTED_LANGUAGE_MODELS,
     LanguageModelKind,
     Stack,
+    Width,
     language_model_kind,
 )
 
 __all__ = [
     "Family",
     "Stack",
+    "Width",
     "family_for_config",
     "family_for_model",
     "get_module",
@@ -69,6 +71,7 @@ class Family:
         decoder_only: whether generation output repeats the prompt (causal LM).
         cross_attention_frequency: Q-Former cross-attention every N layers (None: no Q-Former).
         has_qformer_text: the Q-Former also reads the instruction (InstructBLIP).
+        width: prunable widths (heads, MLP units) of the language model's stacks (``prune_width``).
     """
 
     name: str
@@ -83,6 +86,7 @@ class Family:
     cross_attention_frequency: int | None = None
     has_qformer_text: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    width: tuple[Width, ...] = ()
 
     @property
     def lm_model_type(self) -> str:
@@ -141,6 +145,7 @@ def _blip2_like(name: str, model_type: str, model_class: str, config_class: str,
         decoder_only=lm.decoder_only,
         cross_attention_frequency=int(config.qformer_config.cross_attention_frequency),
         has_qformer_text=name == "instructblip",
+        width=lm.width,
     )
 
 
@@ -163,6 +168,11 @@ def _blip(config) -> Family:
         lora={**_VISION_LORA, **_BLIP_LORA},
         lm=None,
         decoder_only=True,
+        width=(
+            Width("language_model", ("intermediate.dense",), ("output.dense",), "attention.self.query",
+                  "attention.self.key", "attention.self.value", "attention.output.dense", "attention.self",
+                  (("num_attention_heads", "heads"), ("all_head_size", "width"))),
+        ),
     )
 
 

@@ -38,6 +38,33 @@ class Stack:
 
 
 @dataclass(frozen=True)
+class Width:
+    """Where the prunable widths of one stack's layers live (``prune_width``), relative to a layer.
+
+    Attributes:
+        part: the stack (a key of the family's stacks).
+        mlp_in: linears whose *output* channels are the MLP's hidden units (``fc1``; gate and up).
+        mlp_out: linears whose *input* channels are those units (``fc2``; down).
+        q, k, v, o: the self-attention projections (None: heads cannot be pruned in this stack).
+        head_attrs: attention-module attributes to set after head pruning: name → what it
+            counts (``heads``, ``kv_heads``, ``kv_groups``, ``width`` = heads × head_dim).
+        attention: path of the attention module (relative to a layer) holding ``head_attrs``.
+        heads_refused: why heads cannot be pruned here (None when they can).
+    """
+
+    part: str
+    mlp_in: tuple[str, ...]
+    mlp_out: tuple[str, ...]
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    o: str | None = None
+    attention: str | None = None
+    head_attrs: tuple[tuple[str, str], ...] = ()
+    heads_refused: str | None = None
+
+
+@dataclass(frozen=True)
 class LanguageModelKind:
     """Knowledge of one language-model architecture.
 
@@ -47,6 +74,7 @@ class LanguageModelKind:
         stacks: the removable stacks, relative to the BLIP-family model root.
         lora: part-scoped LoRA name → regex of module paths relative to the model root.
         embed_tokens: path of the token-embedding module relative to the model root.
+        width: prunable widths per stack (``prune_width``).
     """
 
     model_type: str
@@ -54,6 +82,7 @@ class LanguageModelKind:
     stacks: tuple[Stack, ...]
     lora: dict[str, str] = field(default_factory=dict)
     embed_tokens: str = ""
+    width: tuple[Width, ...] = ()
 
 
 def _opt(root: str) -> LanguageModelKind:
@@ -75,6 +104,10 @@ def _opt(root: str) -> LanguageModelKind:
             "language_model.mlp": rf"{layers}\.(fc1|fc2)",
         },
         embed_tokens=f"{root}.model.decoder.embed_tokens",
+        width=(
+            Width("language_model", ("fc1",), ("fc2",), "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                  "self_attn.out_proj", "self_attn", (("num_heads", "heads"),)),
+        ),
     )
 
 
@@ -98,7 +131,18 @@ def _llama_like(model_type: str, root: str) -> LanguageModelKind:
             "language_model.mlp": rf"{layers}\.mlp\.(gate_proj|up_proj|down_proj)",
         },
         embed_tokens=f"{root}.model.embed_tokens",
+        width=(
+            Width("language_model", ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",), "self_attn.q_proj",
+                  "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn",
+                  (("num_heads", "heads"), ("num_key_value_heads", "kv_heads"), ("num_key_value_groups", "kv_groups"))),
+        ),
     )
+
+
+_T5_HEADS = (
+    "T5 shares one relative position bias (block 0's, one column per head) across every block of a stack, so "
+    "heads cannot be pruned block by block; prune `mlp` only"
+)
 
 
 def _t5(root: str) -> LanguageModelKind:
@@ -140,6 +184,14 @@ def _t5(root: str) -> LanguageModelKind:
             "language_model.decoder.mlp": dec_mlp,
         },
         embed_tokens=f"{root}.shared",
+        width=(
+            Width("language_model.encoder", ("layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wi_0",
+                                             "layer.1.DenseReluDense.wi_1"), ("layer.1.DenseReluDense.wo",),
+                  heads_refused=_T5_HEADS),
+            Width("language_model.decoder", ("layer.2.DenseReluDense.wi", "layer.2.DenseReluDense.wi_0",
+                                             "layer.2.DenseReluDense.wi_1"), ("layer.2.DenseReluDense.wo",),
+                  heads_refused=_T5_HEADS),
+        ),
     )
 
 

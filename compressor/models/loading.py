@@ -255,6 +255,9 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
         device: ``cpu`` or ``cuda``.
         with_processor: also load the processor (None if the folder has none).
 
+    A folder with ``shape_plan.json`` (a width-pruned model) is loaded through
+    :func:`compressor.models.shapes.load_planned`, exactly.
+
     Returns:
         ``(model, processor_or_None)``, the model in eval mode.
 
@@ -264,10 +267,15 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
     from transformers import AutoConfig
 
     from compressor.families import family_for_config
+    from compressor.models.shapes import SHAPE_PLAN, load_planned
 
     path = Path(path)
     if not is_model_dir(path):
         raise ModelSpecError(f"{path}: not a model folder (expected config.json and *.safetensors)")
+    if (path / SHAPE_PLAN).is_file():  # width-pruned: shapes the config cannot express
+        model = load_planned(path, torch_dtype(dtype) if dtype is not None else None)
+        model.to(device)
+        return model, (load_processor(path) if with_processor else None)
     config = AutoConfig.from_pretrained(str(path))
     family = family_for_config(config)
     kwargs: dict[str, Any] = {}

@@ -70,7 +70,7 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
         NotBuiltError, RecipeError, UserInputError, DataError, ModelSpecError (all exit 2).
     """
     from compressor.families import family_for_config
-    from compressor.lora import part_patterns
+    from compressor.lora import check_targets_on_config, part_patterns
     from compressor.surgery import plan_removals
 
     check_features(loaded)
@@ -91,6 +91,20 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
             try:
                 if st.type in ("lora_finetune", "heal") and getattr(st, "trainable", "lora") == "lora":
                     part_patterns(pf.family, st.parts)
+                    check_targets_on_config(config, st.lora, st.parts)
+                if st.type in ("lora_finetune", "heal") and st.train.resume_from:
+                    from compressor.stages.lora_finetune import resolve_adapter
+
+                    resolve_adapter(st.train.resume_from)
+                if st.type == "lora_finetune" and st.quantization is not None:
+                    from compressor.models.loading import resolve_device
+                    from compressor.stages.lora_finetune import check_quantization
+
+                    check_quantization(st, resolve_device(recipe.device))
+                if st.type == "prune_width":
+                    from compressor.pruning import check_width_on_config
+
+                    check_width_on_config(config, pf.family, st)
                 if st.type == "remove_layers":
                     plan = plan_removals(config, pf.family, st)
                     pf.removals[i] = plan

@@ -149,10 +149,14 @@ class Runner:
     # ---------------------------------------------------------------- pre-flight (writes nothing)
     def preflight(self):
         from compressor.models.loading import resolve_device
+        from compressor.pipeline import distributed
         from compressor.pipeline.preflight import run_preflight
 
         self.device = resolve_device(self.recipe.device)
+        self.dist = distributed.init(self.device)
         self.pf = run_preflight(self.loaded)
+        if not self.dist.main:  # the main process owns the run directory and its lock
+            return self.pf
         lock = RunLock(self.run_dir)
         stale = lock.stale_pid()
         if stale is not None and not self.resume:
@@ -177,28 +181,34 @@ class Runner:
         if not hasattr(self, "pf"):
             self.preflight()
         run_dir = self.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(run_dir)
-        lock.acquire()
+        if self.dist.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        self.dist.barrier()
         try:
             return self._run(lock)
         finally:
             # A run that ends (even with an error) releases its lock; only a killed run leaves it,
             # which is what --resume is for.
-            lock.release()
+            if self.dist.main:
+                lock.release()
 
     def _run(self, lock: RunLock) -> dict:
         from compressor.models.loading import materialize
         from compressor.stages.common import StageContext
 
         run_dir = self.run_dir
-        (run_dir / "stages").mkdir(exist_ok=True)
-        for tmp in (run_dir / "stages").glob(".tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)  # half-written stages of a killed run: never trusted
-        atomic_write_text(run_dir / "recipe.resolved.yaml", self.loaded.resolved_yaml())
         t_run = time.perf_counter()
-
-        resolved = materialize(self.recipe.model, run_dir / "inputs", self.recipe.dtype)
+        if self.dist.main:
+            (run_dir / "stages").mkdir(exist_ok=True)
+            for tmp in (run_dir / "stages").glob(".tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True)  # half-written stages of a killed run: never trusted
+            atomic_write_text(run_dir / "recipe.resolved.yaml", self.loaded.resolved_yaml())
+            resolved = materialize(self.recipe.model, run_dir / "inputs", self.recipe.dtype)
+        self.dist.barrier()  # the other processes find the model the main one materialised
+        if not self.dist.main:
+            resolved = materialize(self.recipe.model, run_dir / "inputs", self.recipe.dtype)
         current_dir = resolved.path
         current_key = canonical_hash({"model": resolved.key, "files": self._input_hash(resolved.path)})
         ctx = StageContext(recipe=self.recipe, index=0, run_dir=run_dir, device=self.device, progress=self.progress)
@@ -209,6 +219,7 @@ class Runner:
             ctx.close()
 
     def _stages(self, ctx, resolved, current_dir: Path, current_key: str, t_run: float) -> dict:
+        from compressor.pipeline.distributed import TRAINING_STAGES
         from compressor.stages import get_stage
         from compressor.stages.common import model_dir
 
@@ -233,22 +244,29 @@ class Runner:
                 key_parts["generation"] = self.recipe.generation.model_dump(mode="json")
             if st.type == "heal" and st.distill is not None:
                 key_parts["teacher"] = label_keys[st.distill.teacher]
+            if self.dist.enabled and st.type in TRAINING_STAGES:
+                key_parts["processes"] = self.dist.world  # each step sees batch_size × processes examples
             if st.type == "evaluate" and st.teacher:
                 key_parts["teacher"] = label_keys[st.teacher]
             if getattr(st, "backend", "torch") == "onnx":
                 key_parts["export"] = export_keys[-1] if export_keys else None
             key = canonical_hash(key_parts)
             folder = run_dir / "stages" / f"{i:02d}-{st.type}-{key[:10]}"
+            self.dist.barrier()  # every process sees the same stage folders
             rec = _verify_stage(folder) if folder.exists() else None
+            self.dist.barrier()
             if rec is not None:
                 status, seconds, peak, summary = "reused", rec.get("seconds", 0.0), rec.get("peak_rss_mb"), rec.get("summary", {})
                 log.info("stage %d %s: reusing %s", i, st.type, folder.name)
+            elif not self.dist.main:
+                status, seconds, peak, summary = self._follow_stage(mod, st, ctx, current_dir, folder)
             else:
                 if folder.exists():
                     log.warning("stage %d %s: %s is incomplete or changed; running it again", i, st.type, folder.name)
                     shutil.rmtree(folder)
                 status = "ran"
                 seconds, peak, summary = self._run_stage(mod, st, ctx, current_dir, folder, key, key_parts)
+                self.dist.barrier()
             self.records.append(StageRecord(i, st.type, st.label, key, folder.name, status, seconds, peak, summary))
             if mod.PRODUCES_MODEL:
                 current_dir, current_key = model_dir(folder), key
@@ -267,6 +285,8 @@ class Runner:
                 label_keys[st.label] = current_key
             self._write_manifest(resolved, current_key, t_run)
 
+        if not self.dist.main:
+            return {}
         final = run_dir / "final"
         tmp = make_tmp_dir(run_dir, "final")
         link_tree(current_dir, tmp)
@@ -330,6 +350,21 @@ class Runner:
         publish_dir(tmp, folder)
         return round(seconds, 3), round(mem.rss_mb, 1), summary
 
+    def _follow_stage(self, mod, st, ctx, input_dir: Path, folder: Path):
+        """A non-main process: train with the others (output discarded), or wait for the main one."""
+        from compressor.pipeline.distributed import TRAINING_STAGES
+
+        if st.type in TRAINING_STAGES:
+            scratch = self.dist.scratch_dir(self.run_dir, folder.name)
+            try:
+                seed_everything(self.recipe.seed + ctx.index)
+                mod.run(st, ctx, input_dir, scratch)
+            finally:
+                self.dist.drop(scratch)
+        self.dist.barrier()  # the main process has published the stage folder
+        rec = _verify_stage(folder) or {}
+        return "ran", rec.get("seconds", 0.0), rec.get("peak_rss_mb"), rec.get("summary", {})
+
     def _data_fp(self, ctx, section: str, st) -> str:
         from compressor.data import section_fingerprint
 
@@ -355,12 +390,15 @@ class Runner:
             if ck not in cache:
                 cache[ck] = sha256_file(p)
             files[p.relative_to(path).as_posix()] = cache[ck]
-        atomic_write_json(cache_file, cache)
+        if self.dist.main:
+            atomic_write_json(cache_file, cache)
         return tree_hash(files)
 
     def _write_manifest(self, resolved, input_key: str, t0: float, done: bool = False) -> None:
         import dataclasses
 
+        if not self.dist.main:
+            return
         manifest = {
             "recipe": self.recipe.name,
             "recipe_hash": self.loaded.hash(),

@@ -27,15 +27,6 @@ def unbuilt(recipe: Recipe) -> list[tuple[tuple, str]]:
     out: list[tuple[tuple, str]] = []
     onnx_built = _module_exists(_ONNX_MODULE)
     for i, st in enumerate(recipe.stages):
-        if st.type == "prune_width":
-            out.append((("stages", i, "type"), "width pruning (prune_width)"))
-        if st.type == "remove_layers" and not _module_exists("compressor.importance"):
-            sels = [st.vision, st.qformer]
-            lm = st.language_model
-            if lm is not None:
-                sels += [lm.encoder, lm.decoder] if hasattr(lm, "encoder") else [lm]
-            if any(s is not None and s.count is not None for s in sels):
-                out.append((("stages", i), "importance-based layer selection (count + select)"))
         if st.type == "export" and "onnx" in st.formats and not onnx_built:
             out.append((("stages", i, "formats"), "ONNX export"))
         if st.type in ("evaluate", "predict") and st.backend == "onnx" and not onnx_built:

@@ -451,10 +451,15 @@ class PruneWidthStage(StageBase):
 
     type: Literal["prune_width"]
     part: Literal["language_model"] = Field("language_model", description="The part to prune.")
-    heads: WidthRatio | None = Field(None, description="Head pruning ratio (respects grouped KV heads).")
-    mlp: WidthRatio | None = Field(None, description="MLP channel pruning ratio.")
+    heads: WidthRatio | None = Field(
+        None, description="Share of attention heads removed per layer; grouped KV heads go in whole groups (not T5)."
+    )
+    mlp: WidthRatio | None = Field(None, description="Share of MLP hidden units removed per layer.")
     importance: Literal["magnitude", "taylor"] = Field("magnitude", description="torch-pruning importance criterion.")
-    ignored_layers: list[str] = Field(default_factory=list, description="Module name patterns left untouched.")
+    ignored_layers: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns over module names (e.g. `*.layers.0.*`, `*.fc1`): matching attentions / MLPs stay untouched.",
+    )
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Batches for `taylor`.")
 
     @model_validator(mode="after")

@@ -102,18 +102,24 @@ def load_working_model(input_dir: Path, ctx: StageContext, *, with_adapter: bool
     return model, processor
 
 
-def save_model(model, processor, out: Path, extra_files: dict[str, str] | None = None) -> Path:
-    """``save_pretrained`` model (safetensors) and processor into ``out``.
+def save_model(model, processor, out: Path, extra_files: dict[str, str] | None = None, state_dict=None) -> Path:
+    """``save_pretrained`` model (safetensors) and processor into ``out``; a width-pruned model also
+    gets its ``shape_plan.json`` (:mod:`compressor.models.shapes`).
 
     Args:
         model: a BLIP-family model (not a peft wrapper).
         processor: its processor, or None.
         out: the folder (created).
         extra_files: name → text written beside (e.g. the resolved recipe).
+        state_dict: the weights to save instead of ``model.state_dict()`` (the gathered full state
+            dict after FSDP / DeepSpeed training).
     """
+    from compressor.models.shapes import write_shape_plan
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    write_shape_plan(model, out)
     if processor is not None:
         processor.save_pretrained(out)
     for name, text in (extra_files or {}).items():

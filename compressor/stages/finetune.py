@@ -50,5 +50,5 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-        save_model(model, processor, model_dir(out_dir))
+        save_model(model, processor, model_dir(out_dir), state_dict=result.extra.get("state_dict"))
     return {**summary_of(result), "params_trainable": trainable, "train_examples": len(pairs)}

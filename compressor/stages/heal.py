@@ -49,6 +49,8 @@ def distill_loss(teacher, family, temperature: float, kl_weight: float, ce_weigh
         out = model(**batch)
         labels = batch["labels"]
         s = out.logits[:, -labels.shape[1]:, :]
+        if next(teacher.parameters()).device != labels.device:  # one device per process under accelerate
+            teacher.to(labels.device)
         with torch.no_grad():
             t = teacher(**batch).logits[:, -labels.shape[1]:, :]
         lab = labels
@@ -75,8 +77,19 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     model, processor = load_working_model(input_dir, ctx, with_adapter=False)
     family = family_for_model(model)
     report: dict = {}
-    if cfg.trainable == "lora":
+    if cfg.trainable == "lora" and cfg.train.resume_from:
+        from peft import PeftModel
+
+        from compressor.lora import match_report
+        from compressor.stages.lora_finetune import resolve_adapter
+
+        adapter = resolve_adapter(cfg.train.resume_from)
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        report = {**match_report(model, family, []), "resumed_from": str(adapter)}
+    elif cfg.trainable == "lora":
         model, report = apply_lora(model, cfg.lora, cfg.parts)
+    elif cfg.train.resume_from:
+        raise UserInputError("heal: train.resume_from continues a LoRA adapter; it needs trainable: lora")
     else:
         n = freeze_all_but(model, family, None if cfg.trainable == "full" else cfg.parts)
         report = {"params_trainable": n, "params_total": sum(p.numel() for p in model.parameters())}
@@ -114,11 +127,11 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         if use_best:
             best.rename(out_model / ADAPTER_SUBDIR)
         else:
-            model.save_pretrained(str(out_model / ADAPTER_SUBDIR))
+            model.save_pretrained(str(out_model / ADAPTER_SUBDIR), state_dict=result.extra.get("state_dict"))
     elif use_best:
         best.rename(model_dir(out_dir))
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-        save_model(model, processor, model_dir(out_dir))
+        save_model(model, processor, model_dir(out_dir), state_dict=result.extra.get("state_dict"))
     return {**summary_of(result), "trainable": report, "loss": cfg.loss, "train_examples": len(pairs)}

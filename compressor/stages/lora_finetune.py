@@ -42,6 +42,22 @@ def check_quantization(cfg, device: str) -> None:
         raise UserInputError("quantization: QLoRA needs bitsandbytes: pip install bitsandbytes") from None
 
 
+def resolve_adapter(path: str | Path) -> Path:
+    """The adapter folder to resume from: ``path`` itself, or its ``adapter/`` (a stage's ``model/``).
+
+    Raises:
+        UserInputError: no ``adapter_config.json`` there.
+    """
+    p = Path(path).expanduser()
+    for cand in (p, p / ADAPTER_SUBDIR, p / "model" / ADAPTER_SUBDIR):
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    raise UserInputError(
+        f"train.resume_from: {path} holds no LoRA adapter (adapter_config.json); point it at an adapter folder or "
+        "at a lora_finetune stage's model/ folder"
+    )
+
+
 def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     """Train a LoRA adapter on ``input_dir``'s model; see the module docstring for outputs.
 
@@ -55,8 +71,13 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     if cfg.train.resume_from:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, cfg.train.resume_from, is_trainable=True)
-        report = {"resumed_from": cfg.train.resume_from}
+        from compressor.families import family_for_model
+        from compressor.lora import match_report
+
+        family = family_for_model(model)
+        adapter = resolve_adapter(cfg.train.resume_from)
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        report = {**match_report(model, family, []), "resumed_from": str(adapter)}
     else:
         model, report = apply_lora(model, cfg.lora, cfg.parts)
     log.info("LoRA matched %s; trainable %s of %s parameters", report.get("entries"), report.get("params_trainable"), report.get("params_total"))
@@ -78,7 +99,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     if result.best_step is not None and best.is_dir():
         shutil.move(str(best), str(out_model / ADAPTER_SUBDIR))
     else:
-        model.save_pretrained(str(out_model / ADAPTER_SUBDIR))
+        model.save_pretrained(str(out_model / ADAPTER_SUBDIR), state_dict=result.extra.get("state_dict"))
     atomic_write_json(out_dir / "matches.json", report)
     return {**summary_of(result), "lora": report, "train_examples": len(data.training_pairs())}
 

@@ -54,6 +54,44 @@ def logits_of(model, batch):
         return model(**batch).logits.float()
 
 
+QUANTIZED_MESSAGE = (
+    "merge_adapters: the base model is {what}; merging LoRA into quantised weights rounds the update away. "
+    "Merge into an fp16/bf16 copy of the base (the full-precision model the adapter was trained on), then re-quantise "
+    "the merged model"
+)
+
+
+def check_not_quantized_config(model_folder: Path) -> None:
+    """Refuse a base saved quantised (``quantization_config`` in its config.json), before loading weights.
+
+    Raises:
+        UserInputError: the folder's config declares a quantisation method (exit 2).
+    """
+    import json
+
+    cfg_file = Path(model_folder) / "config.json"
+    try:
+        q = json.loads(cfg_file.read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return
+    if q:
+        method = q.get("quant_method", "quantised") if isinstance(q, dict) else "quantised"
+        bits = "4-bit" if isinstance(q, dict) and q.get("load_in_4bit") else "8-bit" if isinstance(q, dict) and q.get("load_in_8bit") else ""
+        raise UserInputError(QUANTIZED_MESSAGE.format(what=f"saved {bits} {method}-quantised ({cfg_file})".replace("  ", " ")))
+
+
+def check_not_quantized(base) -> None:
+    """Refuse a loaded 4/8-bit base (bitsandbytes, transformers' ``hf_quantizer``).
+
+    Raises:
+        UserInputError: the model is quantised (exit 2).
+    """
+    if getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None or any(
+        type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in base.modules()
+    ):
+        raise UserInputError(QUANTIZED_MESSAGE.format(what="loaded in 4/8 bits"))
+
+
 def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     """Merge ``input_dir/adapter`` into the model and verify; writes ``model/``.
 
@@ -65,12 +103,10 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
 
     if not has_adapter(input_dir):
         raise UserInputError(f"merge_adapters: {input_dir} holds no adapter; put a lora_finetune or heal (lora) stage before it")
+    check_not_quantized_config(input_dir)
     model, processor = load_working_model(input_dir, ctx)
+    check_not_quantized(model.get_base_model())
     base = model.get_base_model()
-    if getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None:
-        raise UserInputError(
-            "merge_adapters: the base is 4/8-bit quantised; merge into an fp16/bf16 copy of the base, then re-quantise"
-        )
     lora_modules = {n: m for n, m in base.named_modules() if hasattr(m, "lora_B") and len(m.lora_B) > 0}
     deltas = {}
     for name, mod in lora_modules.items():

@@ -62,16 +62,24 @@ def batch_maker(model, processor, prompt_template: str | None):
 
 
 def eval_hook(ctx, processor, train_spec, metrics: list[str] | None = None):
-    """An ``evaluate(model) -> metrics`` for in-training evaluation on ``val``, or None if not asked."""
+    """An ``evaluate(model) -> metrics`` for in-training evaluation on ``val``, or None if not asked.
+
+    Scores ``select_best_by`` when set, else BLEU-4 and CIDEr (VQA accuracy for VQA data), with the
+    run's shared caption scorer.
+    """
     if not train_spec.eval_every:
         return None
     from compressor.evaluation import score_model
 
     data = ctx.data("val", limit=train_spec.eval_limit)
-    wanted = metrics or ([train_spec.select_best_by] if train_spec.select_best_by else None)
+    # Without a selection metric, the cheap caption metrics (METEOR costs a JVM round trip per call).
+    cheap = ["vqa_accuracy"] if data.task == "vqa" else ["bleu_4", "cider"]
+    wanted = metrics or ([train_spec.select_best_by] if train_spec.select_best_by else cheap)
 
     def evaluate(model) -> dict[str, float]:
-        result = score_model(model, processor, data, ctx.recipe.generation, ctx.device, metrics=wanted, progress=False)
+        result = score_model(
+            model, processor, data, ctx.recipe.generation, ctx.device, metrics=wanted, scorer=ctx.scorer(), progress=False
+        )
         return result["metrics"]
 
     return evaluate
