@@ -265,6 +265,9 @@ def gate(obj: Ctx, candidate, baseline, candidate_label, rules, junit, out):
         raise GateFailed("the gate failed: " + "; ".join(f"{v.key} {v.rule} ({v.reason})" for v in verdicts if not v.passed))
 
 
+cli.add_command(__import__("compressor.commands.export", fromlist=["export"]).export)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="compress")

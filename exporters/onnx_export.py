@@ -121,7 +121,9 @@ class OnnxOptions:
 # --------------------------------------------------------------------------------------------
 
 
-def export_onnx(model_dir: Path, out_dir: Path, export_stage_cfg, device: str = "cpu") -> dict:
+def export_onnx(
+    model_dir: Path, out_dir: Path, export_stage_cfg, device: str = "cpu", extra_files: dict[str, str] | None = None
+) -> dict:
     """Export a model folder to a verified split ONNX folder (the ``export`` stage and CLI).
 
     Args:
@@ -131,6 +133,8 @@ def export_onnx(model_dir: Path, out_dir: Path, export_stage_cfg, device: str = 
             :class:`OnnxOptions`.
         device: ``cpu`` or ``cuda``: where validation runs ONNX Runtime (CUDA provider when the
             ``[gpu]`` extra is installed). Export itself traces on CPU.
+        extra_files: name → text written into the folder (default: the model folder's
+            ``recipe.resolved.yaml`` when it has one).
 
     Returns:
         The summary written to ``export.json`` (graphs, files, sizes, seconds, validation verdict).
@@ -149,9 +153,9 @@ def export_onnx(model_dir: Path, out_dir: Path, export_stage_cfg, device: str = 
     model, processor = load_model(model_dir, dtype=opts.dtype, device="cpu")
     if processor is None:
         raise ModelSpecError(f"{model_dir}: no processor (tokenizer + image processor) saved; the ONNX folder needs one")
-    extra = {}
+    extra = dict(extra_files or {})
     recipe = model_dir / "recipe.resolved.yaml"
-    if recipe.is_file():
+    if recipe.is_file() and "recipe.resolved.yaml" not in extra:
         extra["recipe.resolved.yaml"] = recipe.read_text()
     return export_model_onnx(model, processor, out_dir, opts, device=device, source=str(model_dir), extra_files=extra)
 
@@ -211,7 +215,7 @@ def export_model_onnx(
         timings: dict[str, float] = {}
         for g in plan.graphs:
             t0 = time.perf_counter()
-            files[g.spec.name] = _export_graph(g, cases[g.spec.name][-1][1], tmp, opts)
+            files[g.spec.name] = _export_graph(g, cases[g.spec.name][-1][1], tmp, opts, dtype)
             timings[g.spec.name] = round(time.perf_counter() - t0, 3)
         runnable = _ort_can_run(dtype, device)
         fp64 = _Float64Reference(model)
@@ -251,7 +255,7 @@ def export_model_onnx(
         _write_json(tmp / VALIDATION_JSON, validation)
         _write_json(tmp / EXPORT_JSON, meta)
         write_checksums(tmp)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -264,6 +268,40 @@ def export_model_onnx(
         opts.exporter,
     )
     return meta
+
+
+def validate_export(model, onnx_dir: Path, device: str = "cpu", variant: str = "plain") -> dict:
+    """Re-check an existing ONNX folder against a PyTorch model (same cases as after export).
+
+    Args:
+        model: the BLIP-family model the folder was exported from, in the export's dtype.
+        onnx_dir: the ONNX folder.
+        device: where ONNX Runtime runs.
+        variant: ``plain`` (``<graph>.onnx``) or ``optimized`` (``<graph>.opt.onnx``).
+
+    Returns:
+        The per-graph validation record (as in ``validation.json``).
+
+    Raises:
+        OnnxValidationError: an output differs beyond its graph's tolerance.
+        ModelSpecError: ``onnx_dir`` is not an ONNX export folder.
+    """
+    import torch
+
+    from compressor.families.onnx_graphs import export_plan
+    from exporters.onnx_runtime import read_export_json
+
+    meta = read_export_json(onnx_dir)
+    model.eval()
+    plan = export_plan(model)
+    with torch.no_grad():
+        cases = sample_cases(plan, model)
+    opts = OnnxOptions(tolerance=None)
+    files = {k: {"onnx": v["onnx"], "optimized": v.get("optimized")} for k, v in meta["graphs"].items()}
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return _validate_all(
+        plan, cases, Path(onnx_dir), files, opts, dtype, device, _ort_can_run(dtype, device), variant, _Float64Reference(model)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,8 +429,13 @@ def _param_bytes(module) -> int:
     return total
 
 
-def _export_graph(graph, args: list, folder: Path, opts: OnnxOptions) -> dict[str, Any]:
-    """Export one graph to ``folder/<name>.onnx``; ``onnx.checker`` must pass."""
+def _export_graph(graph, args: list, folder: Path, opts: OnnxOptions, dtype: str) -> dict[str, Any]:
+    """Export one graph to ``folder/<name>.onnx``; ``onnx.checker`` and the signature check must pass.
+
+    Raises:
+        VerificationError: the checker rejects the graph, or its inputs/outputs differ from the spec.
+        UserInputError: ``external_data: never`` for a graph above 2 GB.
+    """
     import onnx
     import torch
 
@@ -421,15 +464,16 @@ def _export_graph(graph, args: list, folder: Path, opts: OnnxOptions) -> dict[st
             _remove_external(path)
             onnx.save_model(m, str(path), save_as_external_data=True, location=f"{spec.name}.onnx.data")
     else:
-        prog = torch.onnx.export(
-            graph.module,
-            tuple(args),
-            dynamo=True,
-            dynamic_shapes=_dynamic_shapes(spec, len(args)),
-            optimize=True,
-            verbose=False,
-            **kwargs,
-        )
+        with _quiet_loggers("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo"):
+            prog = torch.onnx.export(
+                graph.module,
+                tuple(args),
+                dynamo=True,
+                dynamic_shapes=_dynamic_shapes(spec, len(args)),
+                optimize=True,
+                verbose=False,
+                **kwargs,
+            )
         weights = sum(
             int(v.const_value.nbytes) for v in prog.model.graph.initializers.values() if v.const_value is not None
         )
@@ -439,10 +483,14 @@ def _export_graph(graph, args: list, folder: Path, opts: OnnxOptions) -> dict[st
         prog.save(str(path), external_data=external)
         del prog
     try:
-        onnx.checker.check_model(str(path), full_check=False)
-    except Exception as exc:  # onnx.checker.ValidationError and protobuf errors
-        raise VerificationError(f"onnx.checker rejected {path.name}: {str(exc).splitlines()[0]}") from exc
-    _check_signature(path, spec)
+        # full_check adds strict type and shape inference (catches mixed-dtype nodes); it loads
+        # the whole model, so graphs above 2 GB get the structural check only
+        # bf16 Conv/LayerNorm are outside the ONNX type constraints onnx's inference enforces
+        # (ONNX Runtime's CUDA provider runs them); those graphs get the structural check
+        onnx.checker.check_model(str(path), full_check=_onnx_bytes(path) < TWO_GB and dtype != "bfloat16")
+    except Exception as exc:  # onnx.checker.ValidationError, InferenceError and protobuf errors
+        raise VerificationError(f"onnx.checker rejected {path.name}: {str(exc).splitlines()[0][:400]}") from exc
+    _check_signature(path, spec, dtype)
     return {"onnx": path.name, "bytes": _onnx_bytes(path), "external_data": (folder / f"{spec.name}.onnx.data").is_file()}
 
 
@@ -470,8 +518,15 @@ def _remove_external(path: Path) -> None:
         p.unlink()
 
 
-def _check_signature(path: Path, spec) -> None:
-    """The graph's inputs/outputs are exactly the declared ones, in order, with the declared ranks."""
+_ELEM = {"float32": 1, "int64": 7, "float16": 10, "bfloat16": 16}
+
+
+def _check_signature(path: Path, spec, dtype: str) -> None:
+    """The graph's inputs/outputs are exactly the declared ones: names in order, ranks, element types.
+
+    Raises:
+        VerificationError: naming the first mismatch.
+    """
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
@@ -486,6 +541,11 @@ def _check_signature(path: Path, spec) -> None:
         rank = len(vi.type.tensor_type.shape.dim)
         if rank != len(t.dims):
             raise VerificationError(f"{path.name}: {t.name} has rank {rank}, declared {len(t.dims)}")
+        want = _ELEM[dtype if t.dtype == "model" else t.dtype]
+        got = vi.type.tensor_type.elem_type
+        if got != want:
+            name = onnx.TensorProto.DataType.Name(got)
+            raise VerificationError(f"{path.name}: {t.name} is {name}, declared {t.dtype if t.dtype != 'model' else dtype}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,6 +649,23 @@ def _quantize_int8(folder: Path, name: str) -> str:
     return dst.name
 
 
+class _quiet_loggers:
+    """Raise the given loggers to WARNING for a block (the dynamo exporter logs every pass at INFO)."""
+
+    def __init__(self, *names: str):
+        self.loggers = [logging.getLogger(n) for n in names]
+
+    def __enter__(self):
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            if lg.getEffectiveLevel() < logging.WARNING:
+                lg.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc):
+        for lg, lvl in zip(self.loggers, self.levels):
+            lg.setLevel(lvl)
+
+
 class _root_logging_quiet:
     """onnxruntime.quantization logs every tensor at INFO on the root logger: mute it meanwhile."""
 
@@ -653,12 +730,12 @@ def _valid_diff(ort_out, ref, axis_mask) -> tuple[float, float]:
 class _Float64Reference:
     """PyTorch in float64 on the same weights: how far PyTorch's own float32 result is from exact.
 
-    Deep, re-initialised tiny models (and some real ones) amplify float32 rounding: PyTorch's
-    fp32 output can differ from the float64 result by more than the fixed tolerance, and ONNX
+    Deep, re-initialised tiny models (and some real ones) amplify rounding: PyTorch's fp32 (or
+    fp16) output can differ from the float64 result by more than the fixed tolerance, and ONNX
     Runtime, rounding differently, by as much. When a graph exceeds its tolerance, the check
-    allows ``FP64_FACTOR ×`` PyTorch's own float32 error on those inputs (recorded in
-    validation.json), so it measures the export, not float32 itself. Models above
-    ``MAX_BYTES`` of fp32 weights are not copied (the fixed tolerance applies).
+    allows ``FP64_FACTOR ×`` PyTorch's own rounding error on those inputs (recorded in
+    validation.json), so it measures the export, not the floating-point format. Models whose
+    float64 copy would exceed ``4 × MAX_BYTES`` are not copied (the fixed tolerance applies).
     """
 
     MAX_BYTES = 2 * 1024**3
@@ -669,7 +746,10 @@ class _Float64Reference:
         self.plan = None
 
     def available(self) -> bool:
-        return self.model is not None and _param_bytes(self.model) <= self.MAX_BYTES
+        if self.model is None:
+            return False
+        n = sum(p.numel() for p in self.model.parameters())
+        return n * 8 <= 4 * self.MAX_BYTES
 
     def outputs(self, graph: str, inputs: list):
         import copy
@@ -710,7 +790,13 @@ def _validate_all(
         tol = opts.tolerance or spec.tolerance
         if dtype == "float16":
             tol = max(tol, FP16_TOLERANCE)
-        sess = make_session(folder / name, providers_for(device), optimize=variant == "plain")
+        try:
+            sess = make_session(folder / name, providers_for(device), optimize=variant == "plain")
+        except Exception as exc:  # onnxruntime's own exception types
+            raise VerificationError(
+                f"ONNX Runtime cannot load the exported graph {name} ({dtype}, {opts.exporter} exporter): "
+                f"{str(exc).splitlines()[0][:400]}"
+            ) from None
         rec: dict[str, Any] = {"file": name, "checked": "numbers", "tolerance": tol, "cases": {}}
         for label, inputs in cases[spec.name]:
             with torch.no_grad():
@@ -729,7 +815,7 @@ def _validate_all(
                 if scaled <= tol:
                     continue
                 allowed = tol
-                if dtype == "float32" and fp64 is not None and fp64.available():
+                if dtype in ("float32", "float16") and fp64 is not None and fp64.available():
                     if ref64 is None:
                         ref64 = fp64.outputs(spec.name, inputs)
                     _, own = _valid_diff(_np(r), _np(ref64[k]), am)
@@ -794,7 +880,7 @@ def _twin_check(model, opts: OnnxOptions, device: str) -> dict:
         plan = export_plan(twin)
         with torch.no_grad():
             cases = sample_cases(plan, twin)
-        files = {g.spec.name: _export_graph(g, cases[g.spec.name][-1][1], scratch, opts) for g in plan.graphs}
+        files = {g.spec.name: _export_graph(g, cases[g.spec.name][-1][1], scratch, opts, "float32") for g in plan.graphs}
         res = _validate_all(
             plan, cases, scratch, files, opts, "float32", device, True, fp64=_Float64Reference(twin)
         )
@@ -888,7 +974,7 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first and removed after."""
     old = None
     if final.exists():

@@ -76,14 +76,9 @@ def verify_onnx_dir(onnx_dir: Path | str) -> None:
     Raises:
         VerificationError: a file is missing or its bytes changed (names the files).
     """
-    from exporters.safetensors_export import verify_checksums
+    from exporters.safetensors_export import verify_folder
 
-    bad = verify_checksums(Path(onnx_dir))
-    if bad:
-        raise VerificationError(
-            f"{onnx_dir}: {len(bad)} file(s) do not match SHA256SUMS (corrupted or edited): {', '.join(bad)}; "
-            "re-export with `compress export --onnx`"
-        )
+    verify_folder(Path(onnx_dir))
 
 
 class OnnxCaptioner:
@@ -93,8 +88,8 @@ class OnnxCaptioner:
         onnx_dir: a folder written by ``compress export --onnx`` (holds ``export.json``).
         generation: decoding settings (a recipe ``GenerationSpec`` or any object with its
             fields); None for the defaults (greedy, 20 new tokens, batch 8).
-        providers: ONNX Runtime execution providers, e.g. ``["CUDAExecutionProvider",
-            "CPUExecutionProvider"]``; None for the CPU provider.
+        providers: ONNX Runtime execution providers, e.g. ``["CPUExecutionProvider"]``; None:
+            CUDA first when this onnxruntime has it (the ``[gpu]`` extra), then CPU.
         variant: which files to run: ``plain`` (``<graph>.onnx``), ``optimized``
             (``<graph>.opt.onnx``), ``int8`` (the quantised decoder, other graphs optimised), or
             None for the export's default (int8 if it was quantised, else optimised).
@@ -130,7 +125,11 @@ class OnnxCaptioner:
             verify_onnx_dir(self.dir)
         self.generation = generation if generation is not None else SimpleNamespace(**DEFAULT_GENERATION)
         self.kwargs = generate_kwargs(self.generation)
-        self.providers = list(providers or ["CPUExecutionProvider"])
+        if providers is None:
+            providers = ["CPUExecutionProvider"]
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers = ["CUDAExecutionProvider", *providers]
+        self.providers = list(providers)
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
         if missing:
             raise UserInputError(

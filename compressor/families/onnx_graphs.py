@@ -402,7 +402,7 @@ def _blip2_plan(model, family: Family, M) -> ExportPlan:
     }
     if family.decoder_only:
         L = int(text.num_hidden_layers)
-        heads = int(getattr(text, "num_attention_heads"))
+        heads = int(text.num_attention_heads)
         kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
         dec = GraphSpec(

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from compressor.recipe.schema import Recipe
 
-#: Import paths whose presence means a feature is built (checked lazily, cheap).
-_ONNX_MODULE = "exporters.onnx_export"
-
 
 def _module_exists(name: str) -> bool:
     import importlib.util
@@ -25,7 +22,6 @@ def _module_exists(name: str) -> bool:
 def unbuilt(recipe: Recipe) -> list[tuple[tuple, str]]:
     """``(field path, feature)`` for every recipe key this version cannot run yet."""
     out: list[tuple[tuple, str]] = []
-    onnx_built = _module_exists(_ONNX_MODULE)
     for i, st in enumerate(recipe.stages):
         if st.type == "prune_width":
             out.append((("stages", i, "type"), "width pruning (prune_width)"))
@@ -36,10 +32,6 @@ def unbuilt(recipe: Recipe) -> list[tuple[tuple, str]]:
                 sels += [lm.encoder, lm.decoder] if hasattr(lm, "encoder") else [lm]
             if any(s is not None and s.count is not None for s in sels):
                 out.append((("stages", i), "importance-based layer selection (count + select)"))
-        if st.type == "export" and "onnx" in st.formats and not onnx_built:
-            out.append((("stages", i, "formats"), "ONNX export"))
-        if st.type in ("evaluate", "predict") and st.backend == "onnx" and not onnx_built:
-            out.append((("stages", i, "backend"), "evaluation of an ONNX export (backend: onnx)"))
     if recipe.push is not None and not recipe.push.dry_run and not _module_exists("exporters.hub"):
         out.append((("push",), "uploading to the Hub (use push.dry_run: true)"))
     return out
