@@ -54,7 +54,8 @@ def _targets(model_dir: Path, out: Path | None, onnx: bool, safetensors: bool) -
 @click.argument("model_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--onnx", "onnx", is_flag=True, help="Write the split ONNX export (validated against PyTorch).")
 @click.option("--safetensors", "safetensors", is_flag=True, help="Write a verified safetensors folder (SHA256SUMS).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (see above).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="The ONNX folder with --onnx alone, the safetensors folder with --safetensors alone, their parent with both "
+              "(default: onnx/ and safetensors/ beside MODEL_DIR).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Weights dtype (default: as saved).")
 @click.option("--opset", type=click.IntRange(min=14), help="ONNX opset (default: the exporter's).")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a dynamically quantised int8 decoder.")

@@ -166,26 +166,47 @@ def _modules():
 
         ``(batch, 3, H, W)`` float32 [+ ``qformer_input_ids`` / ``qformer_attention_mask``
         ``(batch, q)``] → ``image_embeds (batch, num_query_tokens, lm_hidden)``: the vision
-        encoder, the Q-Former over the learned queries, and the projection, as
-        ``get_image_features(...).pooler_output`` (transformers 5.x).
+        encoder, the Q-Former over the learned queries (and the instruction), the projection,
+        as ``get_image_features`` / ``generate`` of transformers 5.x compute them. Only those
+        parts are registered: the dynamo exporter keeps every registered parameter.
         """
 
         def __init__(self, model, with_text: bool):
             super().__init__()
-            self.model = model
+            self.vision_model = model.vision_model
+            self.qformer = model.qformer
+            self.query_tokens = model.query_tokens
+            self.language_projection = model.language_projection
             self.with_text = with_text
             self.dtype_ = next(model.vision_model.parameters()).dtype
             self.out_dtype = model.language_projection.weight.dtype
 
         def forward(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None):
-            pixel_values = pixel_values.to(self.dtype_)
-            if self.with_text:
-                out = self.model.get_image_features(
-                    pixel_values, qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask
+            image_embeds = self.vision_model(pixel_values=pixel_values.to(self.dtype_), return_dict=True).last_hidden_state
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+            query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            if self.with_text:  # InstructBLIP: the Q-Former also reads the instruction
+                query_mask = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=image_embeds.device)
+                out = self.qformer(
+                    input_ids=qformer_input_ids,
+                    attention_mask=torch.cat([query_mask, qformer_attention_mask], dim=1),
+                    query_embeds=query_tokens,
+                    encoder_hidden_states=image_embeds,
+                    encoder_attention_mask=image_mask,
+                    return_dict=True,
                 )
+                query_output = out[0][:, : query_tokens.shape[1], :]
             else:
-                out = self.model.get_image_features(pixel_values)
-            return out.pooler_output.to(self.out_dtype)
+                out = self.qformer(
+                    query_embeds=query_tokens,
+                    encoder_hidden_states=image_embeds,
+                    encoder_attention_mask=image_mask,
+                    return_dict=True,
+                )
+                query_output = out[0]
+            if query_output.dtype != image_embeds.dtype:  # the Q-Former may be kept in fp32
+                query_output = query_output.to(image_embeds.dtype)
+            return self.language_projection(query_output).to(self.out_dtype)
 
     class EmbedTokens(nn.Module):
         """``input_ids (batch, seq)`` → ``inputs_embeds (batch, seq, hidden)``."""
@@ -245,12 +266,12 @@ def _modules():
 
         def __init__(self, lm):
             super().__init__()
-            self.lm = lm
-            self.attn = [blk.layer[1].EncDecAttention for blk in lm.decoder.block]
+            self.encoder = lm.encoder
+            self.attn = nn.ModuleList([blk.layer[1].EncDecAttention for blk in lm.decoder.block])
             self.head_dim = lm.config.d_kv
 
         def forward(self, inputs_embeds, attention_mask):
-            h = self.lm.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+            h = self.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
             return (h, *_cross_kv(self.attn, h, "k", "v", self.head_dim))
 
     class T5Decoder(nn.Module):
@@ -259,16 +280,20 @@ def _modules():
         ``inputs_embeds (batch, seq, d_model)``, ``encoder_attention_mask (batch, enc)``,
         ``past.{i}.key/value (batch, heads, past, d_kv)``, ``cross.{i}.key/value (batch, heads,
         enc, d_kv)`` → ``logits (batch, vocab)`` (last position), ``present.{i}.key/value``.
+        The decoder stack and head as ``T5ForConditionalGeneration.forward`` runs them
+        (output scaled by ``d_model ** -0.5`` when the embeddings are tied).
         """
 
         def __init__(self, lm, layers: int):
             super().__init__()
-            self.lm = lm
+            self.decoder = lm.decoder
+            self.lm_head = lm.lm_head
+            self.config = lm.config
             self.layers = layers
 
         def forward(self, inputs_embeds, encoder_attention_mask, *past):
             L = self.layers
-            self_cache, cross_cache = DynamicCache(config=self.lm.config), DynamicCache(config=self.lm.config)
+            self_cache, cross_cache = DynamicCache(config=self.config), DynamicCache(config=self.config)
             for i in range(L):
                 self_cache.update(past[2 * i], past[2 * i + 1], i)
                 cross_cache.update(past[2 * L + 2 * i], past[2 * L + 2 * i + 1], i)
@@ -278,17 +303,20 @@ def _modules():
             k0 = past[2 * L]
             # only the shape of the encoder states is read (cross K/V come from the cache)
             dummy = torch.zeros(
-                (k0.shape[0], k0.shape[2], self.lm.config.d_model), dtype=inputs_embeds.dtype, device=k0.device
+                (k0.shape[0], k0.shape[2], self.config.d_model), dtype=inputs_embeds.dtype, device=k0.device
             )
-            out = self.lm(
-                encoder_outputs=BaseModelOutput(last_hidden_state=dummy),
-                attention_mask=encoder_attention_mask,
-                decoder_inputs_embeds=inputs_embeds,
+            out = self.decoder(
+                inputs_embeds=inputs_embeds,
                 cache=cache,
+                encoder_hidden_states=dummy,
+                encoder_attention_mask=encoder_attention_mask,
                 use_cache=True,
             )
+            h = out[0][:, -1:, :]
+            if getattr(self.config, "scale_decoder_outputs", self.config.tie_word_embeddings):
+                h = h * (self.config.d_model**-0.5)
             presents = [t for layer in out.cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
-            return (out.logits[:, -1, :].float(), *presents)
+            return (self.lm_head(h)[:, -1, :].float(), *presents)
 
     class BlipVisionEncoder(nn.Module):
         """BLIP: ``pixel_values (batch, 3, H, W)`` float32 → ``image_embeds (batch, patches + 1,
@@ -297,14 +325,14 @@ def _modules():
 
         def __init__(self, model):
             super().__init__()
-            self.model = model
+            self.vision_model = model.vision_model
             self.dtype_ = next(model.vision_model.parameters()).dtype
             layers = model.text_decoder.bert.encoder.layer
-            self.attn = [layer.crossattention.self for layer in layers]
+            self.attn = nn.ModuleList([layer.crossattention.self for layer in layers])
             self.head_dim = self.attn[0].attention_head_size
 
         def forward(self, pixel_values):
-            h = self.model.vision_model(pixel_values=pixel_values.to(self.dtype_))[0]
+            h = self.vision_model(pixel_values=pixel_values.to(self.dtype_))[0]
             return (h, *_cross_kv(self.attn, h, "key", "value", self.head_dim))
 
     class BlipTextDecoder(nn.Module):
