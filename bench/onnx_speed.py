@@ -58,6 +58,7 @@ def build_demo(out: Path) -> Path:
         return out
     try:
         from compressor.models.assemble import assemble
+
         from compressor.recipe.schema import AssembleParts
 
         assemble(AssembleParts(**DEMO_PARTS), out)
@@ -84,7 +85,13 @@ def _build_demo_directly(out: Path) -> Path:
     so that captions differ per image, the projection scaled to the LM embeddings' std.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+    )
 
     from compressor.models.init import reinit_
     from compressor.models.processors import IMAGE_TOKEN, blip2_processor
@@ -199,15 +206,15 @@ def coco_images(root: Path | None, n: int, size: int):
 # --------------------------------------------------------------------------------------------
 
 
-def alternate(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Time each function ``rounds`` times, interleaved, rotating the order each round."""
-    names = list(fns)
+def alternate(captioners: dict, batch: list, prompts: list, rounds: int) -> dict[str, list[float]]:
+    """Time each captioner ``rounds`` times on ``batch``, interleaved, rotating the order each round."""
+    names = list(captioners)
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for k in order:
             t0 = time.perf_counter()
-            fns[k]()
+            captioners[k].caption(batch, prompts)
             times[k].append(time.perf_counter() - t0)
     return times
 
@@ -256,11 +263,7 @@ def bench_model(name: str, args) -> dict:
         q8.caption(batch, prompts)
         assert got == ref, f"{name} batch {bs}: ORT fp32 captions differ from PyTorch:\n{ref}\n{got}"
         _tokens_equal(tc, oc, batch, prompts)
-        times = alternate(
-            {"torch": lambda: tc.caption(batch, prompts), "ort": lambda: oc.caption(batch, prompts),
-             "ort_int8": lambda: q8.caption(batch, prompts)},
-            args.rounds,
-        )
+        times = alternate({"torch": tc, "ort": oc, "ort_int8": q8}, batch, prompts, args.rounds)
         med = {k: statistics.median(v) for k, v in times.items()}
         result["batch"][bs] = {
             "torch_s": round(med["torch"], 4),

@@ -159,7 +159,6 @@ def _modules():
     import torch
     from torch import nn
     from transformers import DynamicCache, EncoderDecoderCache
-    from transformers.modeling_outputs import BaseModelOutput
 
     class ImageEncoder(nn.Module):
         """BLIP-2 / InstructBLIP: pixels (+ instruction) → language-model inputs.
