@@ -515,8 +515,13 @@ def _export_graph(graph, args: list, folder: Path, opts: OnnxOptions, dtype: str
         onnx.checker.check_model(str(path), full_check=_onnx_bytes(path) < TWO_GB and dtype != "bfloat16")
     except Exception as exc:  # onnx.checker.ValidationError, InferenceError and protobuf errors
         raise VerificationError(f"onnx.checker rejected {path.name}: {str(exc).splitlines()[0][:400]}") from exc
-    _check_signature(path, spec, dtype)
-    return {"onnx": path.name, "bytes": _onnx_bytes(path), "external_data": (folder / f"{spec.name}.onnx.data").is_file()}
+    opset = _check_signature(path, spec, dtype)
+    return {
+        "onnx": path.name,
+        "bytes": _onnx_bytes(path),
+        "external_data": (folder / f"{spec.name}.onnx.data").is_file(),
+        "opset": opset,
+    }
 
 
 def _dynamic_shapes(spec, n_args: int):
@@ -546,8 +551,11 @@ def _remove_external(path: Path) -> None:
 _ELEM = {"float32": 1, "int64": 7, "float16": 10, "bfloat16": 16}
 
 
-def _check_signature(path: Path, spec, dtype: str) -> None:
+def _check_signature(path: Path, spec, dtype: str) -> int:
     """The graph's inputs/outputs are exactly the declared ones: names in order, ranks, element types.
+
+    Returns:
+        The graph's ONNX opset (default domain).
 
     Raises:
         VerificationError: naming the first mismatch.
@@ -571,6 +579,7 @@ def _check_signature(path: Path, spec, dtype: str) -> None:
         if got != want:
             name = onnx.TensorProto.DataType.Name(got)
             raise VerificationError(f"{path.name}: {t.name} is {name}, declared {t.dtype if t.dtype != 'model' else dtype}")
+    return next((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -977,7 +986,7 @@ def _export_meta(model, processor, family, plan, files, dtype, opts, source) -> 
         "decoder_only": family.decoder_only,
         "dtype": dtype,
         "exporter": opts.exporter,
-        "opset": opts.opset,
+        "opset": max((f.get("opset", 0) for f in files.values()), default=opts.opset),
         "optimized": bool(opts.optimize),
         "quantized": opts.quantize,
         "default_variant": "int8" if opts.quantize else ("optimized" if opts.optimize and any(f.get("optimized") for f in files.values()) else "plain"),

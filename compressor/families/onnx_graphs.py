@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from compressor.families import Family, family_for_model, get_module
+from compressor.families import Family, family_for_model
 
 #: Default max |ORT − PyTorch| per graph for an fp32 export (issue 5: at most 1e-4).
 FP32_TOLERANCE = 1e-4
@@ -533,8 +533,3 @@ def export_plan(model) -> ExportPlan:
         g.module.eval()
     return plan
 
-
-def embed_module(model):
-    """The token-embedding module of a BLIP-2 / InstructBLIP language model (for checks)."""
-    family = family_for_model(model)
-    return get_module(model, family.lm.embed_tokens)

@@ -72,6 +72,8 @@ def test_export_writes_validated_graphs(onnx_export, name):
     assert meta["characteristics"]["params_total"] == count_parameters(model, family_for_model(model).parts)["params_total"]
     if name == REMOVED:
         assert meta["num_layers"] == 4
+    if name == "tiny-blip":
+        assert meta["opset"] == 18
 
 
 @pytest.mark.parametrize("name", [*PRESETS, REMOVED])
@@ -227,3 +229,20 @@ def test_bf16_export_checks_signature_and_fp32_twin(tmp_path):
     assert any(i.data_type == onnx.TensorProto.BFLOAT16 for i in m.graph.initializer)  # weights kept in bf16
     with pytest.raises(UserInputError, match="bfloat16"):
         OnnxCaptioner(tmp_path / "bf16")
+
+
+@pytest.mark.gpu
+def test_cuda_provider_gives_the_cpu_tokens(onnx_export, images):
+    """With onnxruntime-gpu ([gpu] extra) on a CUDA machine: same tokens as the CPU provider."""
+    import onnxruntime as ort
+
+    from exporters.onnx_runtime import OnnxCaptioner
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (install the [gpu] extra on a CUDA machine)")
+    _, _, out = onnx_export("tiny-blip2-llama")
+    gen = _gen()
+    cpu = OnnxCaptioner(out, gen, providers=["CPUExecutionProvider"]).caption(images, PROMPTS)
+    gpu = OnnxCaptioner(out, gen, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert gpu.settings["device"] == "cuda"
+    assert gpu.caption(images, PROMPTS) == cpu
