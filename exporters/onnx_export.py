@@ -237,7 +237,7 @@ def export_model_onnx(
         if opts.quantize == "int8":
             dec = "text_decoder" if plan.kind == "blip" else "decoder"
             t0 = time.perf_counter()
-            files[dec]["int8"] = _quantize_int8(tmp, files[dec]["onnx"])
+            files[dec]["int8"], files[dec]["int8_method"] = _quantize_int8(tmp, files[dec]["onnx"])
             timings[f"{dec}.quantize"] = round(time.perf_counter() - t0, 3)
             quant = _int8_report(plan, cases, tmp, files, dec, device) if runnable else {"checked": "not run"}
             validation["int8"] = quant
@@ -606,7 +606,9 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(path: Path, providers: list[str], optimize: bool = True, threads: int | None = None):
+def make_session(
+    path: Path, providers: list[str], optimize: bool = True, threads: int | None = None, spinning: bool = True
+):
     """An ``InferenceSession``; graph optimisation off for already-optimised copies.
 
     Args:
@@ -614,6 +616,9 @@ def make_session(path: Path, providers: list[str], optimize: bool = True, thread
         providers: execution providers.
         optimize: ORT_ENABLE_ALL (True) or ORT_DISABLE_ALL (for ``*.opt.onnx``, already optimised).
         threads: intra-op threads (None: ONNX Runtime's default, one per core).
+        spinning: let idle intra-op threads spin-wait for the next call (ONNX Runtime's default).
+            Off when several sessions take turns on the same cores (the generator): a spinning
+            pool steals the cores the next session needs.
     """
     import onnxruntime as ort
 
@@ -625,6 +630,9 @@ def make_session(path: Path, providers: list[str], optimize: bool = True, thread
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=so, providers=providers)
 
 
@@ -650,13 +658,27 @@ def _optimize(folder: Path, name: str, device: str) -> str:
     return dst.name
 
 
-def _quantize_int8(folder: Path, name: str) -> str:
-    """Dynamic int8 quantisation (weights int8, activations quantised per call) of MatMul/Gemm.
+#: int8 decoder scheme: weights int8 in blocks of this many input channels (one scale each).
+INT8_BLOCK = 32
 
-    Follows onnxruntime.quantization's recipe for transformers: ``quant_pre_process`` (symbolic
-    shape inference + ORT basic optimisation) then ``quantize_dynamic`` with per-channel weights.
+
+def _quantize_int8(folder: Path, name: str) -> tuple[str, str]:
+    """int8 dynamic quantisation of the decoder's MatMuls (onnxruntime.quantization).
+
+    The scheme is ONNX Runtime's ``MatMulNBits`` with 8 bits: weights int8 in blocks of
+    :data:`INT8_BLOCK` input channels with one scale each, activations quantised to int8 per
+    block at run time (``accuracy_level=4``, int8 dot products). On SmolLM2-135M inside the demo
+    BLIP-2, teacher-forced on COCO captions, its top-1 agreement with fp32 was 0.93 (KL 0.007)
+    against 0.83 (KL 0.046) for ``quantize_dynamic`` (per-channel int8 weights, per-tensor uint8
+    activations), at the same speed (24.9 against 23.7 ms per decode step, 2 threads, against
+    56-67 ms in fp32). ``quantize_dynamic`` is the fallback where the blockwise quantiser is
+    missing (older onnxruntime). Both follow onnxruntime.quantization's recipe for transformers:
+    ``quant_pre_process`` first.
+
+    Returns:
+        ``(file name, method)``.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src = folder / name
@@ -669,18 +691,37 @@ def _quantize_int8(folder: Path, name: str) -> str:
     except Exception as exc:  # pre-processing is an optimisation; quantise the plain graph without it
         log.info("quant_pre_process failed (%s); quantising %s directly", type(exc).__name__, name)
         source = src
-    with _root_logging_quiet():
-        quantize_dynamic(
-            str(source),
-            str(dst),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            use_external_data_format=large,
-        )
+    try:
+        with _root_logging_quiet():
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                DefaultWeightOnlyQuantConfig,
+                MatMulNBitsQuantizer,
+            )
+
+            cfg = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4, bits=8)
+            q = MatMulNBitsQuantizer(
+                onnx.load(str(source)), bits=8, block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4, algo_config=cfg
+            )
+            q.process()
+            q.model.save_model_to_file(str(dst), use_external_data_format=large)
+        method = f"MatMulNBits int8 weights (blocks of {INT8_BLOCK}), int8 activations per block (accuracy_level 4)"
+    except (ImportError, TypeError, ValueError) as exc:  # an onnxruntime without 8-bit MatMulNBits
+        log.info("blockwise int8 unavailable (%s); using quantize_dynamic", exc)
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with _root_logging_quiet():
+            quantize_dynamic(
+                str(source),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                use_external_data_format=large,
+            )
+        method = "quantize_dynamic: per-channel int8 weights, per-tensor uint8 activations"
     for p in folder.glob(".int8-pre.onnx*"):
         p.unlink()
-    return dst.name
+    return dst.name, method
 
 
 class _quiet_loggers:
@@ -887,7 +928,12 @@ def _int8_report(plan, cases, folder: Path, files, dec: str, device: str) -> dic
 
     g = plan.graph(dec)
     sess = make_session(folder / files[dec]["int8"], providers_for(device))
-    rep: dict[str, Any] = {"file": files[dec]["int8"], "bytes": _onnx_bytes(folder / files[dec]["int8"]), "cases": {}}
+    rep: dict[str, Any] = {
+        "file": files[dec]["int8"],
+        "method": files[dec].get("int8_method"),
+        "bytes": _onnx_bytes(folder / files[dec]["int8"]),
+        "cases": {},
+    }
     for label, inputs in cases[dec]:
         with torch.no_grad():
             ref = _np(g.module(*inputs)[0])

@@ -95,6 +95,9 @@ class OnnxCaptioner:
             None for the export's default (int8 if it was quantised, else optimised).
         threads: intra-op threads per session (None: ONNX Runtime's default, one per core).
         verify: check ``SHA256SUMS`` before loading (a corrupted file raises).
+        spinning: let ONNX Runtime's idle threads spin-wait (its default). Off by default here:
+            the graphs take turns every decode step, and a spinning pool steals the cores the
+            next graph needs (measured on 2 cores).
 
     Raises:
         ModelSpecError: not an ONNX export folder, or a variant it does not hold (exit 2).
@@ -110,6 +113,7 @@ class OnnxCaptioner:
         variant: str | None = None,
         threads: int | None = None,
         verify: bool = True,
+        spinning: bool = False,
     ):
         import numpy as np
         import onnxruntime as ort
@@ -158,7 +162,15 @@ class OnnxCaptioner:
             if self.variant == "int8" and not any(x.get("int8") for x in self.meta["graphs"].values()):
                 raise ModelSpecError(f"{self.dir}: this export has no int8 decoder; export with --quantize int8")
             try:
-                self.sessions[name] = make_session(self.dir / file, self.providers, optimize=not optimized, threads=threads)
+                # embed_tokens is one Gather: a single thread; no pool spins between the
+                # sessions that take turns every step (they would steal each other's cores)
+                self.sessions[name] = make_session(
+                    self.dir / file,
+                    self.providers,
+                    optimize=not optimized,
+                    threads=1 if name == "embed_tokens" else threads,
+                    spinning=spinning,
+                )
             except Exception as exc:  # onnxruntime raises its own exception types for bad files
                 raise VerificationError(f"{self.dir / file}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
         self.config = AutoConfig.from_pretrained(str(self.dir))
@@ -217,13 +229,11 @@ class OnnxCaptioner:
             ``(batch, seq)`` int64: for causal LMs and BLIP the prompt ids followed by the new
             tokens; for T5 the decoder start token followed by the new tokens.
         """
-        import numpy as np
-
         logits, state, prompt = self._prefill(inputs)
         k = self.kwargs
         if k["num_beams"] > 1:
             return self._beam_search(logits, state, prompt, k)
-        return self._greedy(logits, state, prompt, k, np)
+        return self._greedy(logits, state, prompt, k)
 
     def _run(self, graph: str, feed: dict) -> list:
         return self.sessions[graph].run(None, feed)
@@ -363,7 +373,12 @@ class OnnxCaptioner:
 
     # ---------------------------------------------------------------- greedy
 
-    def _greedy(self, logits, state, prompt, k, np):
+    def _greedy(self, logits, state, prompt, k):
+        """transformers' greedy loop (``_sample`` with ``do_sample=False``): argmax of the processed
+        logits, finished rows padded with ``pad_token_id``, stop at EOS in every row or at
+        ``max_new_tokens``."""
+        import numpy as np
+
         seqs = prompt
         max_len = prompt.shape[1] + int(k["max_new_tokens"])
         unfinished = np.ones(seqs.shape[0], dtype=bool)

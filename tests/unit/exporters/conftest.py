@@ -97,7 +97,8 @@ def determined_rows(model, proc, images, prompts, gen_kwargs: dict, factor: floa
     for r in range(len(ok)):
         if not ok[r]:
             continue
-        err = max(float((a[r].double() - b[r]).abs().max()) for a, b in zip(o32.scores, o64.scores))
-        margin = min(float(torch.topk(a[r].double(), 2).values.diff().abs()) for a in o32.scores)
+        # processed scores hold -inf where a processor bans a token: compare finite entries only
+        err = max(float((a[r].double() - b[r]).nan_to_num(0.0, 0.0, 0.0).abs().max()) for a, b in zip(o32.scores, o64.scores))
+        margin = min(float(torch.topk(a[r].double().nan_to_num(-1e30, 1e30, -1e30), 2).values.diff().abs()) for a in o32.scores)
         ok[r] = margin > factor * err
     return ok

@@ -117,6 +117,33 @@ def test_beam_search_equals_pytorch_beam_search(onnx_export, images, name):
     np.testing.assert_array_equal(pad(got)[rows], pad(ref)[rows])
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=6),
+        dict(num_beams=2, length_penalty=0.6, no_repeat_ngram_size=3, max_new_tokens=8),
+    ],
+    ids=["greedy-processors", "beam-processors"],
+)
+def test_logits_processors_match_generate(onnx_export, images, settings):
+    """Repetition penalty, no-repeat n-grams, min new tokens and length penalty as transformers applies them."""
+    from compressor.generation import generate_kwargs
+    from exporters.onnx_runtime import OnnxCaptioner
+
+    model, proc, out = onnx_export("tiny-blip2-llama")
+    gen = _gen(**settings)
+    ref, inputs = _torch_tokens(model, proc, images, PROMPTS, gen)
+    plain, _ = _torch_tokens(model, proc, images, PROMPTS, _gen(num_beams=settings.get("num_beams", 1),
+                                                               max_new_tokens=settings.get("max_new_tokens", 10)))
+    assert not np.array_equal(ref, plain) if ref.shape == plain.shape else True  # the settings change the tokens
+    rows = determined_rows(model, proc, images, PROMPTS, generate_kwargs(gen))
+    assert rows.sum() >= 2, rows
+    got = OnnxCaptioner(out, gen).generate(inputs)
+    n = max(got.shape[1], ref.shape[1])
+    pad = lambda a: np.pad(a, ((0, 0), (0, n - a.shape[1])), constant_values=-1)  # noqa: E731
+    np.testing.assert_array_equal(pad(got)[rows], pad(ref)[rows])
+
+
 def test_ort_generation_never_calls_pytorch(onnx_export, images, monkeypatch):
     import torch
 
@@ -191,8 +218,11 @@ def test_int8_decoder_is_quantised_and_scorable(onnx_export, images):
     _, _, out = onnx_export("tiny-blip2-opt")
     meta = json.loads((out / "export.json").read_text())
     assert meta["quantized"] == "int8" and meta["default_variant"] == "int8"
-    ops = {n.op_type for n in onnx.load(str(out / meta["graphs"]["decoder"]["int8"])).graph.node}
-    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    q = onnx.load(str(out / meta["graphs"]["decoder"]["int8"])).graph
+    ops = {n.op_type for n in q.node}
+    assert ops & {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    weights = {i.name for i in q.initializer}
+    assert not [n.name for n in q.node if n.op_type == "MatMul" and n.input[1] in weights]  # every weight MatMul is int8
     val = json.loads((out / "validation.json").read_text())
     assert set(val["int8"]["cases"]) == {"prefill", "decode_1", "decode_3"}
     caps = OnnxCaptioner(out, _gen()).caption(images, PROMPTS)
