@@ -298,6 +298,9 @@ cli.add_command(_report)
 from compressor.commands.inspect import inspect_command  # noqa: E402
 
 cli.add_command(inspect_command)
+from compressor.commands.export import export as _export  # noqa: E402
+
+cli.add_command(_export)
 
 
 def main() -> None:

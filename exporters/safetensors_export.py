@@ -46,6 +46,20 @@ def verify_checksums(folder: Path) -> list[str]:
     return bad
 
 
+def verify_folder(folder: Path) -> None:
+    """Raise unless every file of ``folder`` matches its ``SHA256SUMS`` (weights, ONNX, config …).
+
+    Raises:
+        VerificationError: no manifest, or files missing or changed (all of them named).
+    """
+    bad = verify_checksums(folder)
+    if bad:
+        raise VerificationError(
+            f"{folder}: {len(bad)} file(s) do not match SHA256SUMS (corrupted, truncated or edited): {', '.join(bad)}. "
+            "Re-export the folder."
+        )
+
+
 def export_safetensors(
     model,
     processor,

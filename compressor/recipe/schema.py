@@ -516,6 +516,9 @@ class OnnxSpec(Strict):
     quantize: Literal["int8"] | None = Field(None, description="Dynamic int8 quantisation of the decoder.")
     tolerance: float | None = Field(None, gt=0, description="Max abs difference ORT vs PyTorch (default 1e-4 fp32).")
     external_data: Literal["auto", "always", "never"] = Field("auto", description="External weights (auto: above 2 GB).")
+    twin_check: bool = Field(
+        True, description="bf16 exports (not runnable by ORT on CPU): check numbers on an fp32 twin (needs an fp32 copy in memory)."
+    )
 
 
 class ExportStage(StageBase):

@@ -30,9 +30,9 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     from exporters.safetensors_export import export_safetensors
 
     summary: dict = {}
-    model, processor = load_working_model(input_dir, ctx, with_adapter=False)
     resolved = (ctx.run_dir / "recipe.resolved.yaml").read_text() if (ctx.run_dir / "recipe.resolved.yaml").is_file() else ""
     if "safetensors" in cfg.formats:
+        model, processor = load_working_model(input_dir, ctx, with_adapter=False)
         info = export_safetensors(
             model,
             processor,
@@ -43,7 +43,21 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         )
         summary["safetensors"] = {k: v for k, v in info.items() if k != "files"}
     if "onnx" in cfg.formats:
-        from exporters.onnx_export import export_onnx
+        from exporters.onnx_export import OnnxOptions, export_onnx
 
-        summary["onnx"] = export_onnx(input_dir, out_dir / "onnx", cfg, device=ctx.device)
+        opts = OnnxOptions.from_stage(cfg)
+        opts.dtype = cfg.dtype or ctx.dtype
+        meta = export_onnx(
+            input_dir,
+            out_dir / "onnx",
+            opts,
+            device=ctx.device,
+            extra_files={"recipe.resolved.yaml": resolved} if resolved else None,
+        )
+        summary["onnx"] = {
+            "graphs": {k: v["bytes"] for k, v in meta["graphs"].items()},
+            "dtype": meta["dtype"],
+            "quantized": meta["quantized"],
+            "seconds": meta["seconds"]["total"],
+        }
     return summary

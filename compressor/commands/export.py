@@ -1,0 +1,164 @@
+"""``compress export``: write a model folder as a verified split ONNX export and/or safetensors.
+
+``compress export [MODEL_DIR] --onnx [--safetensors] [--out DIR] [--dtype D] [--opset N] [--quantize int8]``
+
+* MODEL_DIR defaults to the newest ``runs/*/final`` (so ``compress export --onnx`` works right
+  after ``compress apply``);
+* ``--out`` is the ONNX folder with ``--onnx`` alone (default: ``onnx/`` beside MODEL_DIR), the
+  safetensors folder with ``--safetensors`` alone (default ``safetensors/`` beside it), and the
+  parent of ``onnx/`` and ``safetensors/`` with both (default: beside MODEL_DIR);
+* a path that is not a model folder exits 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from compressor.errors import ModelSpecError, UserInputError
+
+log = logging.getLogger(__name__)
+
+
+def newest_final(root: Path = Path("runs")) -> Path:
+    """The most recently written ``runs/*/final`` model folder.
+
+    Raises:
+        UserInputError: there is none (exit 2).
+    """
+    from compressor.models.loading import is_model_dir
+
+    finals = [p for p in Path(root).glob("*/final") if is_model_dir(p)]
+    if not finals:
+        raise UserInputError(
+            f"no MODEL_DIR given and no {root}/*/final model folder here; pass the folder to export "
+            "(a save_pretrained folder) or run `compress apply RECIPE` first"
+        )
+    return max(finals, key=lambda p: (p / "config.json").stat().st_mtime)
+
+
+def _targets(model_dir: Path, out: Path | None, onnx: bool, safetensors: bool) -> dict[str, Path]:
+    base = model_dir.resolve().parent
+    if onnx and safetensors:
+        parent = out or base
+        return {"onnx": parent / "onnx", "safetensors": parent / "safetensors"}
+    if onnx:
+        return {"onnx": out or base / "onnx"}
+    return {"safetensors": out or base / "safetensors"}
+
+
+@click.command("export")
+@click.argument("model_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--onnx", "onnx", is_flag=True, help="Write the split ONNX export (validated against PyTorch).")
+@click.option("--safetensors", "safetensors", is_flag=True, help="Write a verified safetensors folder (SHA256SUMS).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="The ONNX folder with --onnx alone, the safetensors folder with --safetensors alone, their parent with both "
+              "(default: onnx/ and safetensors/ beside MODEL_DIR).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Weights dtype (default: as saved).")
+@click.option("--opset", type=click.IntRange(min=14), help="ONNX opset (default: the exporter's).")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Also write a dynamically quantised int8 decoder.")
+@click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True,
+              help="torch.onnx exporter (dynamo keeps bf16 weights and survives real sizes).")
+@click.option("--no-optimize", is_flag=True, help="Skip the ORT_ENABLE_ALL-optimised copies.")
+@click.option("--no-twin-check", is_flag=True, help="bf16: check the signature only (no fp32 twin in memory).")
+@click.option("--tolerance", type=float, help="Max |ONNX Runtime - PyTorch| per graph (default 1e-4 for fp32).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="safetensors shard size.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where validation runs ONNX Runtime (cuda needs the [gpu] extra).")
+@click.pass_obj
+def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, exporter, no_optimize, no_twin_check,
+           tolerance, max_shard_size, device):
+    """Export MODEL_DIR (default: the newest runs/*/final) to ONNX and/or safetensors.
+
+    \b
+    --out is the ONNX folder with --onnx alone (default: onnx/ beside MODEL_DIR),
+    the safetensors folder with --safetensors alone (default: safetensors/ beside it),
+    and the parent of onnx/ and safetensors/ with both (default: beside MODEL_DIR).
+    Every ONNX graph is checked against PyTorch (validation.json); a folder that is
+    not a model exits 2 before anything is written.
+    """
+    from compressor.models.loading import is_model_dir, resolve_device
+
+    if not (onnx or safetensors):
+        raise UserInputError("choose what to write: --onnx and/or --safetensors")
+    if quantize and not onnx:
+        raise UserInputError("--quantize int8 applies to the ONNX decoder: add --onnx")
+    model_dir = model_dir if model_dir is not None else newest_final()
+    if not model_dir.exists():
+        raise ModelSpecError(f"{model_dir}: no such folder")
+    if not is_model_dir(model_dir):
+        hint = " (it is an ONNX export already)" if (model_dir / "export.json").is_file() else ""
+        raise ModelSpecError(
+            f"{model_dir}: not a model folder{hint}; expected config.json and *.safetensors as save_pretrained writes"
+        )
+    from compressor.families import family_for_config
+    from compressor.models.loading import load_config
+
+    family_for_config(load_config(str(model_dir)))  # a non-BLIP model exits 2 before anything is written
+    dev = resolve_device(device)
+    targets = _targets(model_dir, out, onnx, safetensors)
+    for t in targets.values():
+        if t.resolve() == model_dir.resolve() or model_dir.resolve() in t.resolve().parents:
+            raise UserInputError(f"--out {t} would write inside the model folder {model_dir}; choose another folder")
+    summary: dict = {"model_dir": str(model_dir)}
+    if safetensors:
+        summary["safetensors"] = _write_safetensors(model_dir, targets["safetensors"], dtype, max_shard_size)
+    if onnx:
+        from exporters.onnx_export import OnnxOptions, export_onnx
+
+        opts = OnnxOptions(
+            dtype=dtype,
+            opset=opset,
+            exporter=exporter,
+            optimize=not no_optimize,
+            quantize=quantize,
+            tolerance=tolerance,
+            twin_check=not no_twin_check,
+        )
+        meta = export_onnx(model_dir, targets["onnx"], opts, device=dev)
+        summary["onnx"] = {
+            "folder": str(targets["onnx"]),
+            "graphs": {k: {"file": v["onnx"], "bytes": v["bytes"]} for k, v in meta["graphs"].items()},
+            "dtype": meta["dtype"],
+            "seconds": meta["seconds"]["total"],
+            "validation": str(targets["onnx"] / "validation.json"),
+        }
+    if getattr(obj, "json", False):
+        click.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        for kind, info in summary.items():
+            if kind == "model_dir":
+                continue
+            click.echo(f"{kind}: {info['folder']}")
+            if kind == "onnx":
+                for g, v in info["graphs"].items():
+                    click.echo(f"  {g:15s} {v['file']:24s} {v['bytes'] / 1e6:10.1f} MB")
+                click.echo(f"  validated against PyTorch ({info['validation']}), {info['seconds']:.1f} s")
+            else:
+                click.echo(f"  {info['shards']} shard(s), {info['dtype']}, {info['bytes'] / 1e6:.1f} MB, SHA256SUMS written")
+
+
+def _write_safetensors(model_dir: Path, out: Path, dtype: str | None, max_shard_size: str) -> dict:
+    import shutil
+    import tempfile
+
+    from compressor.models.loading import load_model
+    from exporters.safetensors_export import export_safetensors
+
+    model, processor = load_model(model_dir, dtype=dtype)
+    extra = {}
+    if (model_dir / "recipe.resolved.yaml").is_file():
+        extra["recipe.resolved.yaml"] = (model_dir / "recipe.resolved.yaml").read_text()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        info = export_safetensors(model, processor, tmp, max_shard_size=max_shard_size, extra_files=extra or None)
+        from exporters.onnx_export import replace_dir
+
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"folder": str(out), **{k: v for k, v in info.items() if k != "files"}}

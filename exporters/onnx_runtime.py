@@ -1,0 +1,501 @@
+"""ONNX Runtime captioner: greedy and beam search over the split graphs, with no PyTorch model.
+
+``OnnxCaptioner(onnx_dir, generation)`` implements :class:`eval.captioner.Captioner` for a folder
+written by :func:`exporters.onnx_export.export_onnx` (one holding ``export.json``), so
+``compress eval`` / ``compress predict`` and the ``evaluate`` stage score an export exactly like a
+PyTorch model::
+
+    from exporters.onnx_runtime import OnnxCaptioner
+    cap = OnnxCaptioner("runs/demo/onnx", recipe.generation)          # CPU, export's default variant
+    cap = OnnxCaptioner(d, gen, providers=["CUDAExecutionProvider"])  # onnxruntime-gpu ([gpu] extra)
+    captions = cap.caption(images, prompts)
+
+Inputs are built by the same code as PyTorch generation (``compressor.models.batches``: the
+processor saved in the folder, left padding for causal LMs), and the decoding loop reproduces
+transformers 5.x ``generate`` step for step so that the tokens agree: greedy (``_sample`` with
+``do_sample=False``) and the vectorised beam search (``_beam_search``: top ``2 × num_beams``
+continuations, length-penalised finished hypotheses, ``early_stopping``), with the repetition
+penalty, no-repeat n-gram and minimum-new-tokens processors, finished rows padded with
+``pad_token_id``. The KV cache goes through the decoder graph (past in, present out); beams
+reorder it with ``take`` on the batch axis. Nothing here calls a ``torch.nn.Module``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from compressor.errors import ModelSpecError, UserInputError, VerificationError
+
+log = logging.getLogger(__name__)
+
+#: Decoding defaults when no generation spec is given (the recipe's GenerationSpec defaults).
+DEFAULT_GENERATION = dict(
+    num_beams=1,
+    max_new_tokens=20,
+    min_new_tokens=0,
+    prompt=None,
+    batch_size=8,
+    length_penalty=1.0,
+    repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+)
+NEG = -1.0e9
+
+
+def is_onnx_dir(path: Path | str) -> bool:
+    """Whether ``path`` is an ONNX export folder (it holds ``export.json``)."""
+    return (Path(path) / "export.json").is_file()
+
+
+def read_export_json(onnx_dir: Path | str) -> dict:
+    """``export.json`` of an ONNX folder.
+
+    Raises:
+        ModelSpecError: the folder has no ``export.json`` or it is unreadable (exit 2).
+    """
+    path = Path(onnx_dir) / "export.json"
+    if not path.is_file():
+        raise ModelSpecError(f"{onnx_dir}: not an ONNX export folder (no export.json); run `compress export --onnx` first")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ModelSpecError(f"{path}: unreadable ({exc})") from None
+    if meta.get("format") != "vlm-compress-onnx":
+        raise ModelSpecError(f"{path}: not written by vlm-compress (format {meta.get('format')!r})")
+    return meta
+
+
+def verify_onnx_dir(onnx_dir: Path | str) -> None:
+    """Check every file of an ONNX folder against its ``SHA256SUMS``.
+
+    Raises:
+        VerificationError: a file is missing or its bytes changed (names the files).
+    """
+    from exporters.safetensors_export import verify_folder
+
+    verify_folder(Path(onnx_dir))
+
+
+class OnnxCaptioner:
+    """Captions with the split ONNX graphs under ONNX Runtime (the Captioner protocol).
+
+    Args:
+        onnx_dir: a folder written by ``compress export --onnx`` (holds ``export.json``).
+        generation: decoding settings (a recipe ``GenerationSpec`` or any object with its
+            fields); None for the defaults (greedy, 20 new tokens, batch 8).
+        providers: ONNX Runtime execution providers, e.g. ``["CPUExecutionProvider"]``; None:
+            CUDA first when this onnxruntime has it (the ``[gpu]`` extra), then CPU.
+        variant: which files to run: ``plain`` (``<graph>.onnx``), ``optimized``
+            (``<graph>.opt.onnx``), ``int8`` (the quantised decoder, other graphs optimised), or
+            None for the export's default (int8 if it was quantised, else optimised).
+        threads: intra-op threads per session (None: ONNX Runtime's default, one per core).
+        verify: check ``SHA256SUMS`` before loading (a corrupted file raises).
+        spinning: let ONNX Runtime's idle threads spin-wait (its default). Off by default here:
+            the graphs take turns every decode step, and a spinning pool steals the cores the
+            next graph needs (measured on 2 cores).
+
+    Raises:
+        ModelSpecError: not an ONNX export folder, or a variant it does not hold (exit 2).
+        UserInputError: the export's dtype cannot run on these providers (bf16 on CPU).
+        VerificationError: a file does not match ``SHA256SUMS``.
+    """
+
+    def __init__(
+        self,
+        onnx_dir: Path | str,
+        generation=None,
+        providers: Sequence[str] | None = None,
+        variant: str | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+        spinning: bool = False,
+    ):
+        import numpy as np
+        import onnxruntime as ort
+        from transformers import AutoConfig, AutoProcessor
+
+        from compressor.families import family_for_config
+        from compressor.generation import generate_kwargs
+        from exporters.onnx_export import make_session
+
+        self.dir = Path(onnx_dir)
+        self.meta = read_export_json(self.dir)
+        if verify:
+            verify_onnx_dir(self.dir)
+        self.generation = generation if generation is not None else SimpleNamespace(**DEFAULT_GENERATION)
+        self.kwargs = generate_kwargs(self.generation)
+        if providers is None:
+            providers = ["CPUExecutionProvider"]
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers = ["CUDAExecutionProvider", *providers]
+        self.providers = list(providers)
+        missing = [p for p in self.providers if p not in ort.get_available_providers()]
+        if missing:
+            raise UserInputError(
+                f"ONNX Runtime providers {missing} are not available here ({ort.get_available_providers()}); "
+                "CUDA needs the [gpu] extra (onnxruntime-gpu)"
+            )
+        self.dtype = self.meta["dtype"]
+        on_cuda = any(p.startswith("CUDA") for p in self.providers)
+        if self.dtype == "bfloat16":
+            raise UserInputError(
+                f"{self.dir}: a bfloat16 export cannot be run by this captioner (ONNX Runtime's CPU provider has no "
+                "bf16 kernels and numpy no bf16 type); export with --dtype float32 or float16 to caption with it"
+            )
+        self.np_dtype = np.float16 if self.dtype == "float16" else np.float32
+        self.kind = self.meta["kind"]
+        self.variant = variant or self.meta.get("default_variant", "plain")
+        if self.variant not in ("plain", "optimized", "int8"):
+            raise ModelSpecError(f"variant '{self.variant}': expected plain, optimized or int8")
+        self.sessions: dict[str, Any] = {}
+        for name, g in self.meta["graphs"].items():
+            file, optimized = g["onnx"], False
+            if self.variant in ("optimized", "int8") and g.get("optimized"):
+                file, optimized = g["optimized"], True
+            if self.variant == "int8" and g.get("int8"):
+                file, optimized = g["int8"], False
+            if self.variant == "int8" and not any(x.get("int8") for x in self.meta["graphs"].values()):
+                raise ModelSpecError(f"{self.dir}: this export has no int8 decoder; export with --quantize int8")
+            try:
+                # embed_tokens is one Gather: a single thread; no pool spins between the
+                # sessions that take turns every step (they would steal each other's cores)
+                self.sessions[name] = make_session(
+                    self.dir / file,
+                    self.providers,
+                    optimize=not optimized,
+                    threads=1 if name == "embed_tokens" else threads,
+                    spinning=spinning,
+                )
+            except Exception as exc:  # onnxruntime raises its own exception types for bad files
+                raise VerificationError(f"{self.dir / file}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+        self.config = AutoConfig.from_pretrained(str(self.dir))
+        self.family = family_for_config(self.config)
+        self.processor = AutoProcessor.from_pretrained(str(self.dir))
+        ids = self.meta["token_ids"]
+        self.eos = [int(e) for e in ids["eos_token_id"]]
+        pad = ids.get("pad_token_id")
+        self.pad = int(pad) if pad is not None else (self.eos[0] if self.eos else 0)
+        self.settings = {
+            "backend": "onnxruntime",
+            "device": "cuda" if on_cuda else "cpu",
+            "providers": self.providers,
+            "dtype": self.dtype,
+            "variant": self.variant,
+            "batch_size": self.generation.batch_size,
+            **{k: v for k, v in self.kwargs.items() if k != "do_sample"},
+            "prompt": self.generation.prompt,
+        }
+
+    # ---------------------------------------------------------------- protocol
+
+    def caption(self, images: Sequence[Any], prompts: Sequence[str] | None = None) -> list[str]:
+        """Caption ``images`` (see :class:`eval.captioner.Captioner`), ``generation.batch_size`` at a time.
+
+        Args:
+            images: PIL images, length ``batch``.
+            prompts: one prompt per image (``""`` for none), or None for ``generation.prompt``.
+
+        Returns:
+            ``batch`` captions, prompt and special tokens stripped.
+        """
+        from compressor.models.batches import decode, generation_inputs
+
+        prompts = list(prompts) if prompts is not None else [self.generation.prompt or ""] * len(images)
+        out: list[str] = []
+        bs = self.generation.batch_size
+        for i in range(0, len(images), bs):
+            imgs, prm = list(images[i : i + bs]), prompts[i : i + bs]
+            inputs = {k: v.numpy() for k, v in generation_inputs(self.family, self.processor, imgs, prm, "cpu").items()}
+            seq = self.generate(inputs)
+            out.extend(decode(self.family, self.processor, seq, inputs, prm))
+        return out
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, inputs: dict) -> Any:
+        """Token ids as ``model.generate`` returns them (prompt included for causal LMs).
+
+        Args:
+            inputs: numpy arrays from the processor: ``pixel_values (batch, 3, H, W)``,
+                ``input_ids`` / ``attention_mask (batch, seq)`` (and InstructBLIP's
+                ``qformer_input_ids`` / ``qformer_attention_mask``).
+
+        Returns:
+            ``(batch, seq)`` int64: for causal LMs and BLIP the prompt ids followed by the new
+            tokens; for T5 the decoder start token followed by the new tokens.
+        """
+        logits, state, prompt = self._prefill(inputs)
+        k = self.kwargs
+        if k["num_beams"] > 1:
+            return self._beam_search(logits, state, prompt, k)
+        return self._greedy(logits, state, prompt, k)
+
+    def _run(self, graph: str, feed: dict) -> list:
+        return self.sessions[graph].run(None, feed)
+
+    def _empty_past(self, batch: int) -> list:
+        import numpy as np
+
+        m = self.meta
+        shape = (batch, m["num_kv_heads"], 0, m["head_dim"])
+        return [np.zeros(shape, dtype=self.np_dtype) for _ in range(2 * m["num_layers"])]
+
+    def _past_feed(self, past: list, cross: list | None = None) -> dict:
+        L = self.meta["num_layers"]
+        feed = {f"past.{i}.{kv}": past[2 * i + j] for i in range(L) for j, kv in enumerate(("key", "value"))}
+        if cross is not None:
+            feed.update({f"cross.{i}.{kv}": cross[2 * i + j] for i in range(L) for j, kv in enumerate(("key", "value"))})
+        return feed
+
+    def _spliced_embeds(self, inputs: dict):
+        """Token embeddings with the image features written over the ``<image>`` positions."""
+        import numpy as np
+
+        ids = inputs["input_ids"].astype(np.int64)
+        feed = {"pixel_values": inputs["pixel_values"].astype(np.float32)}
+        if self.family.has_qformer_text:
+            feed["qformer_input_ids"] = inputs["qformer_input_ids"].astype(np.int64)
+            feed["qformer_attention_mask"] = inputs["qformer_attention_mask"].astype(np.int64)
+        feats = self._run("image_encoder", feed)[0]
+        emb = self._run("embed_tokens", {"input_ids": ids})[0]
+        where = ids == int(self.meta["image_token_id"])
+        n = int(where.sum())
+        if n != feats.shape[0] * feats.shape[1]:
+            raise UserInputError(
+                f"the prompt holds {n} image tokens for {feats.shape[0]} images of {feats.shape[1]} query tokens; "
+                "the processor in the ONNX folder does not match the model"
+            )
+        emb[where] = feats.reshape(-1, feats.shape[-1]).astype(emb.dtype)
+        return emb
+
+    def _prefill(self, inputs: dict):
+        """First forward: returns ``(logits (batch, vocab), state, prompt ids (batch, n))``."""
+        import numpy as np
+
+        if self.kind == "causal":
+            emb = self._spliced_embeds(inputs)
+            mask = inputs["attention_mask"].astype(np.int64)
+            b = emb.shape[0]
+            past = self._empty_past(b)
+            out = self._run("decoder", {"inputs_embeds": emb, "attention_mask": mask, **self._past_feed(past)})
+            return out[0], {"past": out[1:], "mask": mask}, inputs["input_ids"].astype(np.int64)
+        if self.kind == "seq2seq":
+            emb = self._spliced_embeds(inputs)
+            mask = inputs["attention_mask"].astype(np.int64)
+            b = emb.shape[0]
+            enc = self._run("encoder", {"inputs_embeds": emb, "attention_mask": mask})
+            cross = enc[1:]
+            start = np.full((b, 1), int(self.meta["token_ids"]["decoder_start_token_id"]), dtype=np.int64)
+            state = {"past": self._empty_past(b), "cross": cross, "mask": mask}
+            logits, state = self._step(start[:, 0], state)
+            return logits, state, start
+        # blip: BlipForConditionalGeneration.generate sets column 0 to BOS and drops the final [SEP]
+        pix = inputs["pixel_values"].astype(np.float32)
+        b = pix.shape[0]
+        bos = int(self.meta["token_ids"]["bos_token_id"])
+        if "input_ids" in inputs:
+            ids = inputs["input_ids"].astype(np.int64).copy()
+            mask = inputs["attention_mask"].astype(np.int64)[:, :-1]
+        else:
+            ids = np.array([[bos, self.eos[0]]] * b, dtype=np.int64)
+            mask = np.ones((b, 1), dtype=np.int64)
+        ids[:, 0] = bos
+        ids = ids[:, :-1]
+        cross = self._run("vision_encoder", {"pixel_values": pix})[1:]
+        past = self._empty_past(b)
+        out = self._run("text_decoder", {"input_ids": ids, "attention_mask": mask, **self._past_feed(past, cross)})
+        return out[0], {"past": out[1:], "cross": cross, "mask": mask}, ids
+
+    def _step(self, tokens, state: dict):
+        """One decode step for ``tokens (batch,)``; returns ``(logits, new state)``."""
+        import numpy as np
+
+        tok = tokens.astype(np.int64)[:, None]
+        if self.kind == "causal":
+            mask = np.concatenate([state["mask"], np.ones_like(tok)], axis=1)
+            emb = self._run("embed_tokens", {"input_ids": tok})[0]
+            out = self._run("decoder", {"inputs_embeds": emb, "attention_mask": mask, **self._past_feed(state["past"])})
+            return out[0], {"past": out[1:], "mask": mask}
+        if self.kind == "seq2seq":
+            emb = self._run("embed_tokens", {"input_ids": tok})[0]
+            out = self._run(
+                "decoder",
+                {"inputs_embeds": emb, "encoder_attention_mask": state["mask"], **self._past_feed(state["past"], state["cross"])},
+            )
+            return out[0], {**state, "past": out[1:]}
+        mask = np.concatenate([state["mask"], np.ones_like(tok)], axis=1)
+        out = self._run("text_decoder", {"input_ids": tok, "attention_mask": mask, **self._past_feed(state["past"], state["cross"])})
+        return out[0], {**state, "past": out[1:], "mask": mask}
+
+    @staticmethod
+    def _take(state: dict, idx) -> dict:
+        """Rows ``idx`` of every batch-major array in the state (beam expansion and reordering)."""
+        out = {}
+        for k, v in state.items():
+            out[k] = [a[idx] for a in v] if isinstance(v, list) else v[idx]
+        return out
+
+    # ---------------------------------------------------------------- logits processors
+
+    def _process(self, seqs, scores, prompt_len: int):
+        """transformers' processors in its order: repetition penalty, no-repeat n-gram, min new tokens.
+
+        Args:
+            seqs: ``(rows, cur_len)`` ids so far (prompt included, as ``generate`` passes them).
+            scores: ``(rows, vocab)`` float32 logits (greedy) or log-probabilities (beam).
+            prompt_len: the prompt length (``min_new_tokens`` counts from it).
+        """
+        import numpy as np
+
+        g = self.generation
+        if g.repetition_penalty != 1.0:
+            p = float(g.repetition_penalty)
+            rows = np.arange(seqs.shape[0])[:, None]
+            sel = scores[rows, seqs]
+            scores[rows, seqs] = np.where(sel < 0, sel * p, sel / p)
+        n = int(g.no_repeat_ngram_size or 0)
+        cur = seqs.shape[1]
+        if n and cur + 1 >= n:
+            for r in range(seqs.shape[0]):
+                toks = seqs[r].tolist()
+                prev = tuple(toks[cur + 1 - n : cur])
+                banned = {toks[i + n - 1] for i in range(cur - n + 1) if tuple(toks[i : i + n - 1]) == prev}
+                if banned:
+                    scores[r, list(banned)] = -np.inf
+        if g.min_new_tokens and cur - prompt_len < g.min_new_tokens and self.eos:
+            scores[:, self.eos] = -np.inf
+        return scores
+
+    # ---------------------------------------------------------------- greedy
+
+    def _greedy(self, logits, state, prompt, k):
+        """transformers' greedy loop (``_sample`` with ``do_sample=False``): argmax of the processed
+        logits, finished rows padded with ``pad_token_id``, stop at EOS in every row or at
+        ``max_new_tokens``."""
+        import numpy as np
+
+        seqs = prompt
+        max_len = prompt.shape[1] + int(k["max_new_tokens"])
+        unfinished = np.ones(seqs.shape[0], dtype=bool)
+        while True:
+            scores = self._process(seqs, logits.astype(np.float32).copy(), prompt.shape[1])
+            nxt = scores.argmax(-1).astype(np.int64)
+            nxt = np.where(unfinished, nxt, self.pad)
+            seqs = np.concatenate([seqs, nxt[:, None]], axis=1)
+            unfinished &= ~np.isin(nxt, self.eos)
+            if not unfinished.any() or seqs.shape[1] >= max_len:
+                return seqs
+            logits, state = self._step(nxt, state)
+
+    # ---------------------------------------------------------------- beam search
+
+    def _beam_search(self, logits, state, prompt, k):
+        """transformers 5.x ``GenerationMixin._beam_search`` (vectorised), ported to numpy."""
+        import numpy as np
+
+        nb = int(k["num_beams"])
+        lp = float(k.get("length_penalty", 1.0))
+        early = k.get("early_stopping", False)
+        B, n = prompt.shape
+        max_length = n + int(k["max_new_tokens"])
+        beams_to_keep = max(2, 1 + len(self.eos)) * nb
+        top_mask = np.array([True] * nb + [False] * (beams_to_keep - nb))
+        fill = (self.pad or self.eos[0]) if self.eos else -1  # generate's `pad or eos[0]` (a pad of 0 falls to eos)
+
+        running = np.full((B, nb, max_length), fill, dtype=np.int64)
+        running[:, :, :n] = prompt[:, None, :]
+        sequences = running.copy()
+        running_scores = np.zeros((B, nb), dtype=np.float32)
+        running_scores[:, 1:] = NEG
+        beam_scores = np.full((B, nb), NEG, dtype=np.float32)
+        finished = np.zeros((B, nb), dtype=bool)
+        unsat = np.ones((B, 1), dtype=bool)
+        running_idx = np.full((B, nb, max_length - n), -1, dtype=np.int64)
+        beam_idx_out = running_idx.copy()
+        rep = np.repeat(np.arange(B), nb)
+        state = self._take(state, rep)
+        logits = logits[rep]
+        cur = n
+        first = True
+        while True:
+            if not first:
+                logits, state = self._step(running[:, :, cur - 1].reshape(-1), state)
+            first = False
+            x = logits.astype(np.float32)
+            x = x - x.max(-1, keepdims=True)
+            logp = (x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(np.float32)
+            logp = self._process(running[:, :, :cur].reshape(B * nb, cur), logp, n)
+            V = logp.shape[-1]
+            acc = (logp.reshape(B, nb, V) + running_scores[:, :, None]).reshape(B, nb * V)
+            top_lp, top_i = _topk(acc, beams_to_keep)
+            cur_beam = top_i // V
+            top_ids = top_i % V
+            top_running_idx = np.take_along_axis(running_idx, cur_beam[:, :, None], axis=1)
+            top_running = np.take_along_axis(running, cur_beam[:, :, None], axis=1)
+            top_running[:, :, cur] = top_ids
+            top_running_idx[:, :, cur - n] = cur_beam + np.arange(B)[:, None] * nb
+            hits = np.isin(top_ids, self.eos) | (cur + 1 >= max_length)
+            # e. running beams for the next step
+            top_running_lp = (top_lp + hits.astype(np.float32) * np.float32(NEG)).astype(np.float32)
+            nxt = _topk(top_running_lp, nb)[1]
+            running = np.take_along_axis(top_running, nxt[:, :, None], axis=1)
+            running_scores = np.take_along_axis(top_running_lp, nxt, axis=1)
+            running_idx = np.take_along_axis(top_running_idx, nxt[:, :, None], axis=1)
+            # f. finished hypotheses
+            did = hits & top_mask[None, :]
+            fin_lp = (top_lp / np.float32((cur + 1 - n) ** lp)).astype(np.float32)
+            full = finished.all(-1, keepdims=True) & (early is True)
+            fin_lp = fin_lp + full.astype(np.float32) * np.float32(NEG)
+            fin_lp = fin_lp + (~unsat).astype(np.float32) * np.float32(NEG)
+            fin_lp = fin_lp + (~did).astype(np.float32) * np.float32(NEG)
+            m_seq = np.concatenate([sequences, top_running], axis=1)
+            m_scores = np.concatenate([beam_scores, fin_lp], axis=1)
+            m_idx = np.concatenate([beam_idx_out, top_running_idx], axis=1)
+            m_fin = np.concatenate([finished, did], axis=1)
+            keep = _topk(m_scores, nb)[1]
+            sequences = np.take_along_axis(m_seq, keep[:, :, None], axis=1)
+            beam_scores = np.take_along_axis(m_scores, keep, axis=1)
+            beam_idx_out = np.take_along_axis(m_idx, keep[:, :, None], axis=1)
+            finished = np.take_along_axis(m_fin, keep, axis=1)
+            # g. reorder the cache, stopping condition
+            state = self._take(state, running_idx[:, :, cur - n].reshape(-1))
+            cur += 1
+            if early == "never" and lp > 0.0:
+                best_len = max_length - n
+            else:
+                best_len = cur - n
+            best_possible = running_scores[:, :1] / np.float32(best_len**lp)
+            worst_finished = np.where(finished, beam_scores.min(1, keepdims=True), np.float32(NEG))
+            unsat = unsat & (best_possible > worst_finished).any(-1, keepdims=True)
+            improvement = unsat.any()
+            open_beam = not (finished.all() and early is True)
+            valid = not hits.all()
+            if not (improvement and open_beam and valid):
+                break
+        best = sequences[:, 0, :]
+        gen_len = int((beam_idx_out[:, 0, :] + 1 != 0).sum(-1).max())
+        return best[:, : n + gen_len]
+
+
+def _topk(x, k: int):
+    """Largest ``k`` per row, sorted descending (ties: lower index first), like ``torch.topk``."""
+    import numpy as np
+
+    if k >= x.shape[1]:
+        idx = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    else:
+        part = np.argpartition(-x, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(x, part, axis=1)
+        idx = np.take_along_axis(part, _row_lexsort(part, vals), axis=1)
+    return np.take_along_axis(x, idx, axis=1), idx
+
+
+def _row_lexsort(part, vals):
+    import numpy as np
+
+    return np.stack([np.lexsort((p, -v)) for p, v in zip(part, vals)])

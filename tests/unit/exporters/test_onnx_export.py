@@ -1,0 +1,278 @@
+"""Split ONNX export: files, validation, ORT == PyTorch tokens (greedy and beam), no PyTorch fallback,
+typed validation errors, corruption detection, int8, dynamo and bf16 paths."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from conftest import PRESETS, PROMPTS, REMOVED, build, determined_rows
+
+from compressor.errors import UserInputError, VerificationError
+
+
+def _gen(**kw):
+    from compressor.recipe.schema import GenerationSpec
+
+    return GenerationSpec(**{"max_new_tokens": 10, "batch_size": 4, **kw})
+
+
+def _torch_tokens(model, proc, images, prompts, gen):
+    """``model.generate`` exactly as TorchCaptioner calls it, and its inputs as numpy."""
+    import torch
+
+    from compressor.families import family_for_model
+    from compressor.generation import generate_kwargs
+    from compressor.models.batches import generation_inputs
+
+    inputs = generation_inputs(family_for_model(model), proc, images, prompts)
+    with torch.inference_mode():
+        seq = model.generate(**inputs, **generate_kwargs(gen))
+    return seq.numpy(), {k: v.numpy() for k, v in inputs.items()}
+
+
+def _new_tokens(model, seq, inputs):
+    from compressor.families import family_for_model
+
+    fam = family_for_model(model)
+    return seq[:, inputs["input_ids"].shape[1]:] if fam.decoder_only and "input_ids" in inputs else seq
+
+
+@pytest.mark.parametrize("name", [*PRESETS, REMOVED])
+def test_export_writes_validated_graphs(onnx_export, name):
+    from exporters.onnx_runtime import read_export_json, verify_onnx_dir
+
+    model, _, out = onnx_export(name)
+    meta = read_export_json(out)
+    val = json.loads((out / "validation.json").read_text())
+    assert val["passed"] is True
+    expected = {"blip": ["vision_encoder", "text_decoder"]}.get(meta["family"]) or (
+        ["image_encoder", "embed_tokens", "decoder"] if meta["kind"] == "causal" else ["image_encoder", "embed_tokens", "encoder", "decoder"]
+    )
+    assert list(meta["graphs"]) == expected
+    for g, info in meta["graphs"].items():
+        assert (out / info["onnx"]).is_file() and (out / info["optimized"]).is_file()
+        for variant in (g, f"{g}.optimized"):
+            rec = val["graphs"][variant]
+            assert rec["checked"] == "numbers" and len(rec["cases"]) >= 2
+            allowed = max([rec["tolerance"], *(a["allowed"] for a in rec.get("float64_allowance", {}).values())])
+            assert allowed >= rec["tolerance"] and all(math.isfinite(c["max_abs_diff"]) for c in rec["cases"].values())
+        if "decoder" in g:  # past 0 and past > 0, batch 3 with padding
+            cases = val["graphs"][g]["cases"]
+            assert len(cases) == 3 and all(c["inputs"]["past.0.key"][0] == 3 for c in cases.values())
+            assert [c["inputs"]["past.0.key"][2] for c in cases.values()][0] == 0
+            assert all(c["inputs"]["past.0.key"][2] > 0 for c in list(cases.values())[1:])
+    verify_onnx_dir(out)  # SHA256SUMS of every file
+    from compressor.families import family_for_model
+    from eval.characteristics import count_parameters
+
+    assert meta["characteristics"]["params_total"] == count_parameters(model, family_for_model(model).parts)["params_total"]
+    if name == REMOVED:
+        assert meta["num_layers"] == 4
+    if name == "tiny-blip":
+        assert meta["opset"] == 18
+
+
+@pytest.mark.parametrize("name", [*PRESETS, REMOVED])
+def test_greedy_tokens_equal_pytorch_generate(onnx_export, images, name):
+    from exporters.onnx_runtime import OnnxCaptioner
+
+    model, proc, out = onnx_export(name)
+    gen = _gen()
+    ref, inputs = _torch_tokens(model, proc, images, PROMPTS, gen)
+    new = _new_tokens(model, ref, inputs)
+    # teeth: several distinct tokens per caption (one row may stop early at EOS, which exercises
+    # the padding of finished rows), different captions across the batch
+    assert sum(len(set(row.tolist())) >= 3 for row in new) >= 3, new
+    assert len({tuple(r) for r in new.tolist()}) >= 3
+    from compressor.generation import TorchCaptioner, generate_kwargs
+
+    rows = determined_rows(model, proc, images, PROMPTS, generate_kwargs(gen))
+    assert rows.sum() >= 2, rows  # at least half the rows are numerically determined
+    cap = OnnxCaptioner(out, gen, variant="optimized")  # fp32 (tiny-blip2-opt's default is its int8 decoder)
+    got = cap.generate(inputs)
+    assert got.shape[0] == ref.shape[0]
+    np.testing.assert_array_equal(got[rows][:, : ref.shape[1]], ref[rows])
+    ours, theirs = cap.caption(images, PROMPTS), TorchCaptioner(model, proc, gen).caption(images, PROMPTS)
+    assert [c for c, r in zip(ours, rows) if r] == [c for c, r in zip(theirs, rows) if r]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_beam_search_equals_pytorch_beam_search(onnx_export, images, name):
+    from exporters.onnx_runtime import OnnxCaptioner
+
+    model, proc, out = onnx_export(name)
+    gen = _gen(num_beams=3, max_new_tokens=8)
+    ref, inputs = _torch_tokens(model, proc, images[:3], PROMPTS[:3], gen)
+    from compressor.generation import generate_kwargs
+
+    rows = determined_rows(model, proc, images[:3], PROMPTS[:3], generate_kwargs(gen))
+    assert rows.sum() >= 2, rows
+    got = OnnxCaptioner(out, gen, variant="plain").generate(inputs)
+    n = max(got.shape[1], ref.shape[1])
+    pad = lambda a: np.pad(a, ((0, 0), (0, n - a.shape[1])), constant_values=-1)  # noqa: E731
+    np.testing.assert_array_equal(pad(got)[rows], pad(ref)[rows])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=6),
+        dict(num_beams=2, length_penalty=0.6, no_repeat_ngram_size=3, max_new_tokens=8),
+    ],
+    ids=["greedy-processors", "beam-processors"],
+)
+def test_logits_processors_match_generate(onnx_export, images, settings):
+    """Repetition penalty, no-repeat n-grams, min new tokens and length penalty as transformers applies them."""
+    from compressor.generation import generate_kwargs
+    from exporters.onnx_runtime import OnnxCaptioner
+
+    model, proc, out = onnx_export("tiny-blip2-llama")
+    gen = _gen(**settings)
+    ref, inputs = _torch_tokens(model, proc, images, PROMPTS, gen)
+    plain, _ = _torch_tokens(model, proc, images, PROMPTS, _gen(num_beams=settings.get("num_beams", 1),
+                                                               max_new_tokens=settings.get("max_new_tokens", 10)))
+    assert not np.array_equal(ref, plain) if ref.shape == plain.shape else True  # the settings change the tokens
+    rows = determined_rows(model, proc, images, PROMPTS, generate_kwargs(gen))
+    assert rows.sum() >= 2, rows
+    got = OnnxCaptioner(out, gen).generate(inputs)
+    n = max(got.shape[1], ref.shape[1])
+    pad = lambda a: np.pad(a, ((0, 0), (0, n - a.shape[1])), constant_values=-1)  # noqa: E731
+    np.testing.assert_array_equal(pad(got)[rows], pad(ref)[rows])
+
+
+def test_ort_generation_never_calls_pytorch(onnx_export, images, monkeypatch):
+    import torch
+
+    from exporters.onnx_runtime import OnnxCaptioner
+
+    _, _, out = onnx_export("tiny-blip2-opt")
+    _, _, out_t5 = onnx_export("tiny-blip2-t5")
+
+    def boom(self, *a, **k):
+        raise AssertionError(f"PyTorch module {type(self).__name__} called during ONNX Runtime generation")
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", boom)
+    for folder in (out, out_t5):
+        for beams in (1, 2):
+            caps = OnnxCaptioner(folder, _gen(num_beams=beams)).caption(images, PROMPTS)
+            assert len(caps) == 4 and any(caps)
+    with pytest.raises(AssertionError):  # the patch is effective
+        torch.nn.Linear(2, 2)(torch.zeros(1, 2))
+
+
+def _perturb(src, dst, graph, scale):
+    """Copy an export, multiply the largest float initializer of ``graph`` by ``scale``."""
+    import onnx
+    from onnx import numpy_helper
+
+    shutil.copytree(src, dst)
+    path = dst / f"{graph}.onnx"
+    m = onnx.load(str(path))
+    inits = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    big = max(inits, key=lambda i: np.prod(i.dims))
+    arr = numpy_helper.to_array(big) * scale
+    big.CopyFrom(numpy_helper.from_array(arr.astype(np.float32), big.name))
+    onnx.save(m, str(path))
+    return big.name
+
+
+def test_perturbed_initializer_raises_typed_validation_error(onnx_export, tmp_path):
+    from exporters.onnx_export import OnnxValidationError, validate_export
+
+    model, _, out = onnx_export("tiny-blip2-opt")
+    validate_export(model, out)  # the intact export passes
+    name = _perturb(out, tmp_path / "bad", "decoder", 1.01)  # a 1% weight change
+    with pytest.raises(OnnxValidationError) as err:
+        validate_export(model, tmp_path / "bad")
+    e = err.value
+    assert e.graph == "decoder" and (e.output == "logits" or e.output.startswith("present."))
+    assert e.max_diff > 1e-3 and e.scaled_diff > e.tolerance
+    assert "decoder" in str(e) and e.output in str(e), name
+
+
+def test_corrupted_onnx_file_is_detected(onnx_export, tmp_path):
+    from exporters.onnx_runtime import OnnxCaptioner
+
+    _, _, out = onnx_export("tiny-blip")
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    data = bytearray((bad / "text_decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "text_decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match="text_decoder.onnx"):
+        OnnxCaptioner(bad)
+    (bad / "text_decoder.onnx").write_bytes(bytes(data[: len(data) // 3]))  # truncated, checksums skipped
+    with pytest.raises(VerificationError, match="text_decoder"):
+        OnnxCaptioner(bad, verify=False, variant="plain")
+
+
+def test_int8_decoder_is_quantised_and_scorable(onnx_export, images):
+    import onnx
+
+    from exporters.onnx_runtime import OnnxCaptioner
+
+    _, _, out = onnx_export("tiny-blip2-opt")
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["quantized"] == "int8" and meta["default_variant"] == "int8"
+    q = onnx.load(str(out / meta["graphs"]["decoder"]["int8"])).graph
+    ops = {n.op_type for n in q.node}
+    assert ops & {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    weights = {i.name for i in q.initializer}
+    assert not [n.name for n in q.node if n.op_type == "MatMul" and n.input[1] in weights]  # every weight MatMul is int8
+    val = json.loads((out / "validation.json").read_text())
+    assert set(val["int8"]["cases"]) == {"prefill", "decode_1", "decode_3"}
+    caps = OnnxCaptioner(out, _gen()).caption(images, PROMPTS)
+    assert OnnxCaptioner(out, _gen()).settings["variant"] == "int8"
+    assert len(caps) == 4 and all(isinstance(c, str) for c in caps)
+
+
+def test_dynamo_exporter(tmp_path, images):
+    """The dynamo exporter (default; the one that survives real sizes) on one family."""
+    from exporters.onnx_export import OnnxOptions, export_model_onnx
+    from exporters.onnx_runtime import OnnxCaptioner
+
+    model, proc = build("tiny-blip2-llama")
+    meta = export_model_onnx(model, proc, tmp_path / "dyn", OnnxOptions(exporter="dynamo", optimize=False))
+    assert meta["exporter"] == "dynamo" and meta["default_variant"] == "plain"
+    gen = _gen()
+    ref, inputs = _torch_tokens(model, proc, images, PROMPTS, gen)
+    np.testing.assert_array_equal(OnnxCaptioner(tmp_path / "dyn", gen).generate(inputs), ref)
+
+
+def test_bf16_export_checks_signature_and_fp32_twin(tmp_path):
+    import onnx
+
+    from exporters.onnx_export import OnnxOptions, export_model_onnx
+    from exporters.onnx_runtime import OnnxCaptioner
+
+    model, proc = build("tiny-blip")
+    export_model_onnx(model, proc, tmp_path / "bf16", OnnxOptions(exporter="legacy", dtype="bfloat16"))
+    val = json.loads((tmp_path / "bf16" / "validation.json").read_text())
+    assert {g["checked"] for g in val["graphs"].values()} == {"signature"}
+    assert val["numbers"]["checked"].startswith("numbers on an fp32 twin")
+    assert all(g["checked"] == "numbers" for g in val["numbers"]["graphs"].values())
+    m = onnx.load(str(tmp_path / "bf16" / "text_decoder.onnx"))
+    assert any(i.data_type == onnx.TensorProto.BFLOAT16 for i in m.graph.initializer)  # weights kept in bf16
+    with pytest.raises(UserInputError, match="bfloat16"):
+        OnnxCaptioner(tmp_path / "bf16")
+
+
+@pytest.mark.gpu
+def test_cuda_provider_gives_the_cpu_tokens(onnx_export, images):
+    """With onnxruntime-gpu ([gpu] extra) on a CUDA machine: same tokens as the CPU provider."""
+    import onnxruntime as ort
+
+    from exporters.onnx_runtime import OnnxCaptioner
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (install the [gpu] extra on a CUDA machine)")
+    _, _, out = onnx_export("tiny-blip2-llama")
+    gen = _gen()
+    cpu = OnnxCaptioner(out, gen, providers=["CPUExecutionProvider"]).caption(images, PROMPTS)
+    gpu = OnnxCaptioner(out, gen, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert gpu.settings["device"] == "cuda"
+    assert gpu.caption(images, PROMPTS) == cpu
