@@ -265,6 +265,11 @@ def gate(obj: Ctx, candidate, baseline, candidate_label, rules, junit, out):
         raise GateFailed("the gate failed: " + "; ".join(f"{v.key} {v.rule} ({v.reason})" for v in verdicts if not v.passed))
 
 
+from compressor.commands.plan import plan as _plan_command  # noqa: E402
+
+cli.add_command(_plan_command)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="compress")

@@ -60,7 +60,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from compressor.errors import ModelSpecError, VerificationError
 
@@ -139,55 +138,77 @@ def resolve_part(value: str, what: str) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def load_language_model(value: str):
-    """Load the causal LM and its tokenizer.
+def _lm_location(value: str) -> tuple[Path, dict]:
+    """(folder, from_pretrained kwargs) of a language-model spec: ``gguf_file`` for a GGUF file."""
+    path = resolve_part(value, "language_model")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelSpecError(f"assemble.language_model: {path} is a file but not a .gguf; give a folder or a GGUF file")
+        return path.parent, {"gguf_file": path.name}
+    return path, {}
+
+
+def _lm_error(path: Path, exc: BaseException) -> ModelSpecError:
+    return ModelSpecError(f"assemble.language_model: cannot load a causal LM from {path}: {str(exc).splitlines()[0][:300]}")
+
+
+def load_language_model_config(value: str):
+    """The causal LM's config and tokenizer, without weights (GGUF: metadata only).
 
     Args:
         value: a save_pretrained folder, a ``.gguf`` file, or a :data:`WHEEL_MODELS` name.
 
     Returns:
-        ``(model, tokenizer, source)``: a float32 ``*ForCausalLM`` with no quantizer attached,
-        its tokenizer, and a description of where it came from.
+        ``(config, tokenizer, source)``; the config has no ``quantization_config``.
+
+    Raises:
+        ModelSpecError: not loadable, or an encoder-decoder model.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder, kw = _lm_location(value)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), **kw)
+        tok = AutoTokenizer.from_pretrained(str(folder), **kw)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _lm_error(folder, exc) from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelSpecError(f"assemble.language_model: {folder} is an encoder-decoder model; give a causal (decoder-only) LM")
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return config, tok, str(folder / kw.get("gguf_file", ""))
+
+
+def load_language_model_weights(value: str):
+    """The causal LM in float32 with no quantizer attached (a GGUF file is dequantised).
 
     Raises:
         ModelSpecError: not loadable as a causal LM.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    path = resolve_part(value, "language_model")
+    folder, kw = _lm_location(value)
     try:
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise ModelSpecError(f"assemble.language_model: {path} is a file but not a .gguf; give a folder or a GGUF file")
-            kw = {"gguf_file": path.name}
-            tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
-            lm = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype="float32", **kw)
-        else:
-            tok = AutoTokenizer.from_pretrained(str(path))
-            lm = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32")
-    except ModelSpecError:
-        raise
+        lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype="float32", **kw)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelSpecError(f"assemble.language_model: cannot load a causal LM from {path}: {str(exc).splitlines()[0][:300]}") from None
-    if lm.config.is_encoder_decoder:
-        raise ModelSpecError(f"assemble.language_model: {path} is an encoder-decoder model; give a causal (decoder-only) LM")
+        raise _lm_error(folder, exc) from None
     # A dequantised GGUF model keeps its quantizer and quantization_config; saving them would
     # make from_pretrained expect GGUF tensors (real-material.md).
     lm.hf_quantizer = None
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return lm, tok, str(path)
+    return lm
 
 
-def load_bert(value: str):
-    """A ``BertModel`` from a folder or a wheel name.
+def load_bert_config(value: str):
+    """The BERT config of ``qformer_init`` (folder or wheel name), and its path.
 
     Raises:
-        ModelSpecError: the folder is not a BERT.
+        ModelSpecError: no config there, or not a BERT.
     """
-    from transformers import AutoConfig, BertModel
+    from transformers import AutoConfig
 
     path = resolve_part(value, "qformer_init")
     try:
@@ -196,20 +217,23 @@ def load_bert(value: str):
         raise ModelSpecError(f"assemble.qformer_init: no config.json in {path} ({str(exc).splitlines()[0][:200]})") from None
     if cfg.model_type != "bert":
         raise ModelSpecError(f"assemble.qformer_init: {path} is a '{cfg.model_type}' model; the Q-Former starts from a BERT")
-    return BertModel.from_pretrained(str(path), dtype="float32"), str(path)
+    return cfg, path
 
 
-def vision_config(value: str, image_size: int) -> tuple[dict, Any, str]:
-    """The vision config (dict) and, for a folder, its state dict.
+_VISION_CLASSES = {"blip_2_vision_model": "Blip2VisionModel", "blip_vision_model": "BlipVisionModel"}
+
+
+def vision_config(value: str, image_size: int) -> tuple[dict, str]:
+    """The vision config (a dict for ``Blip2Config``) of a preset or a folder, without weights.
 
     Returns:
-        ``(config_dict, state_dict_or_None, source)``.
+        ``(config_dict, source)``.
 
     Raises:
         ModelSpecError: unknown preset, or a folder that holds no BLIP / BLIP-2 vision model.
     """
     if value in VISION_PRESETS:
-        return {**VISION_PRESETS[value], "image_size": image_size}, None, f"preset:{value}"
+        return {**VISION_PRESETS[value], "image_size": image_size}, f"preset:{value}"
     p = Path(value).expanduser()
     if not p.is_dir():
         from compressor.errors import did_you_mean
@@ -218,27 +242,89 @@ def vision_config(value: str, image_size: int) -> tuple[dict, Any, str]:
             f"assemble.vision: '{value}' is neither a preset nor a folder.{did_you_mean(value, VISION_PRESETS)} "
             f"Presets: {', '.join(VISION_PRESETS)}"
         )
-    import transformers
-
     try:
         raw = json.loads((p / "config.json").read_text())
     except (OSError, ValueError):
         raw = {}
-    classes = {"blip_2_vision_model": "Blip2VisionModel", "blip_vision_model": "BlipVisionModel"}
-    if raw.get("model_type") not in classes:
+    if raw.get("model_type") not in _VISION_CLASSES:
         raise ModelSpecError(
             f"assemble.vision: {p} holds a '{raw.get('model_type')}' model; expected a Blip2VisionModel or BlipVisionModel "
             "folder (save_pretrained)"
         )
-    model = getattr(transformers, classes[raw["model_type"]]).from_pretrained(str(p), dtype="float32")
-    cfg = model.config
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
             "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout")
-    out = {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
-    out["qkv_bias"] = True if cfg.model_type == "blip_vision_model" else bool(getattr(cfg, "qkv_bias", True))
-    if out["image_size"] != image_size:
-        log.info("assemble: vision folder %s works on %d px images; using that, not %d", p, out["image_size"], image_size)
-    return out, model.state_dict(), str(p.resolve())
+    out = {k: raw[k] for k in keys if k in raw}
+    # BLIP's fused qkv has a bias; BLIP-2 with qkv_bias=True has the same parameter.
+    out["qkv_bias"] = True if raw["model_type"] == "blip_vision_model" else bool(raw.get("qkv_bias", True))
+    if out.get("image_size", image_size) != image_size:
+        log.info("assemble: vision folder %s works on %s px images; using that, not %d", p, out["image_size"], image_size)
+    return out, str(p.resolve())
+
+
+def load_vision_weights(value: str) -> dict:
+    """The state dict of a vision folder (names as in ``Blip2VisionModel``)."""
+    import transformers
+
+    p = Path(value).expanduser()
+    model_type = json.loads((p / "config.json").read_text())["model_type"]
+    model = getattr(transformers, _VISION_CLASSES[model_type]).from_pretrained(str(p), dtype="float32")
+    return model.state_dict()
+
+
+def assembled_config(parts):
+    """The BLIP-2 config and processor that :func:`assemble` builds, without loading any weights.
+
+    Used by :func:`assemble` itself, by ``compress plan`` and by pre-flight checks.
+
+    Args:
+        parts: the recipe's ``AssembleParts``.
+
+    Returns:
+        ``(Blip2Config, Blip2Processor, sources)``: the processor's tokenizer is the LM's with
+        ``<image>`` added; ``text_config.vocab_size`` covers it.
+
+    Raises:
+        ModelSpecError: a part cannot be found.
+    """
+    from transformers import Blip2Config
+
+    from compressor.models.processors import IMAGE_TOKEN, blip2_processor
+
+    text, tok, lm_source = load_language_model_config(parts.language_model)
+    vcfg, vsource = vision_config(parts.vision, parts.image_size)
+    processor = blip2_processor(tok, vcfg["image_size"], parts.num_query_tokens)  # adds <image> to tok
+    tok = processor.tokenizer
+    text.vocab_size = max(int(text.vocab_size), len(tok))
+    text_config = text.to_dict()
+    text_config.pop("quantization_config", None)
+    bert_source = None
+    if parts.qformer_init:
+        bc, bert_path = load_bert_config(parts.qformer_init)
+        bert_source = str(bert_path)
+        qshape = dict(
+            hidden_size=bc.hidden_size,
+            intermediate_size=bc.intermediate_size,
+            num_attention_heads=bc.num_attention_heads,
+            hidden_act=bc.hidden_act,
+            layer_norm_eps=bc.layer_norm_eps,
+        )
+        n_qformer = parts.qformer_num_hidden_layers or bc.num_hidden_layers
+    else:
+        qshape = dict(DEFAULT_QFORMER)
+        n_qformer = parts.qformer_num_hidden_layers or 4
+    config = Blip2Config(
+        vision_config=vcfg,
+        qformer_config=dict(
+            **qshape,
+            num_hidden_layers=n_qformer,
+            cross_attention_frequency=parts.cross_attention_frequency,
+            encoder_hidden_size=vcfg["hidden_size"],
+        ),
+        text_config=text_config,
+        num_query_tokens=parts.num_query_tokens,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    return config, processor, {"language_model": lm_source, "vision": vsource, "qformer_init": bert_source}
 
 
 def qformer_mapping(num_layers: int, bert_layers: int) -> dict[str, str]:
@@ -312,54 +398,20 @@ def assemble(parts, out_dir: Path, dtype: str = "float32") -> Path:
         VerificationError: the saved folder does not reload with every key present.
     """
     import torch
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
+    from transformers import BertModel, Blip2ForConditionalGeneration
 
     from compressor.models.init import reinit_
     from compressor.models.loading import torch_dtype
-    from compressor.models.processors import IMAGE_TOKEN, blip2_processor
 
     out_dir = Path(out_dir)
-    lm, tok, lm_source = load_language_model(parts.language_model)
-    bert, bert_source = (load_bert(parts.qformer_init) if parts.qformer_init else (None, None))
-    vcfg, vstate, vsource = vision_config(parts.vision, parts.image_size)
-
-    processor = blip2_processor(tok, vcfg["image_size"], parts.num_query_tokens)  # adds <image> to tok
+    config, processor, provenance = assembled_config(parts)
     tok = processor.tokenizer
+    lm = load_language_model_weights(parts.language_model)
     emb_std = float(lm.get_input_embeddings().weight.detach().float().std())
-    if len(tok) > lm.get_input_embeddings().weight.shape[0]:
-        lm.resize_token_embeddings(len(tok))
-    text_config = lm.config.to_dict()
-    text_config.pop("quantization_config", None)
-
-    if bert is not None:
-        bc = bert.config
-        qshape = dict(
-            hidden_size=bc.hidden_size,
-            intermediate_size=bc.intermediate_size,
-            num_attention_heads=bc.num_attention_heads,
-            hidden_act=bc.hidden_act,
-            layer_norm_eps=bc.layer_norm_eps,
-        )
-        n_qformer = parts.qformer_num_hidden_layers or bc.num_hidden_layers
-    else:
-        qshape = dict(DEFAULT_QFORMER)
-        n_qformer = parts.qformer_num_hidden_layers or 4
-    qformer_config = dict(
-        **qshape,
-        num_hidden_layers=n_qformer,
-        cross_attention_frequency=parts.cross_attention_frequency,
-        encoder_hidden_size=vcfg["hidden_size"],
-    )
-    config = Blip2Config(
-        vision_config=vcfg,
-        qformer_config=qformer_config,
-        text_config=text_config,
-        num_query_tokens=parts.num_query_tokens,
-        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-    )
+    if config.text_config.vocab_size > lm.get_input_embeddings().weight.shape[0]:
+        lm.resize_token_embeddings(config.text_config.vocab_size)
     torch.manual_seed(parts.seed)
     model = Blip2ForConditionalGeneration(config)
-    provenance: dict[str, Any] = {"language_model": lm_source, "vision": vsource, "qformer_init": bert_source}
 
     # Language model: every weight copied unchanged.
     missing, unexpected = model.language_model.load_state_dict(lm.state_dict(), strict=False)
@@ -369,8 +421,8 @@ def assemble(parts, out_dir: Path, dtype: str = "float32") -> Path:
     del lm
 
     # Vision: a folder's weights, or a variance-preserving random init.
-    if vstate is not None:
-        model.vision_model.load_state_dict(vstate, strict=True)
+    if parts.vision not in VISION_PRESETS:
+        model.vision_model.load_state_dict(load_vision_weights(parts.vision), strict=True)
         random_parts = []
     else:
         reinit_(model, seed=parts.seed, gain=VISION_GAIN, embed_std=1.0, only=("vision_model",))
@@ -378,9 +430,12 @@ def assemble(parts, out_dir: Path, dtype: str = "float32") -> Path:
 
     # Q-Former: random everywhere first (cross-attention, query tokens, extra layers), then BERT.
     reinit_(model, seed=parts.seed + 1, gain=1.0, embed_std=1.0, only=("qformer", "query_tokens"))
-    copied = copy_bert_into_qformer(model.qformer, bert) if bert is not None else []
-    random_parts += ["query_tokens", "qformer (" + ("cross-attention and layers beyond the BERT" if bert is not None else "all") + ")"]
-    del bert
+    copied = []
+    if provenance["qformer_init"] is not None:
+        bert = BertModel.from_pretrained(provenance["qformer_init"], dtype="float32")
+        copied = copy_bert_into_qformer(model.qformer, bert)
+        del bert
+    random_parts += ["query_tokens", "qformer (" + ("cross-attention and layers beyond the BERT" if copied else "all") + ")"]
 
     # Projection: outputs with the LM embeddings' standard deviation (Q-Former outputs are LayerNormed).
     gen = torch.Generator().manual_seed(parts.seed + 2)
