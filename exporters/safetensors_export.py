@@ -47,13 +47,22 @@ def verify_checksums(folder: Path) -> list[str]:
 
 
 def saved_tensors(folder: Path):
-    """``(name, tensor)`` for every tensor of the ``*.safetensors`` files in ``folder``, read one at a time."""
+    """``(name, tensor)`` for every tensor of the ``*.safetensors`` files in ``folder``, one at a time.
+
+    The file is opened per tensor: ``safe_open`` maps the whole file, and every page a comparison
+    reads stays resident until the mapping closes, so one open file per shard would end with the
+    shard (5 GB) in resident memory; per tensor, only the tensor being compared is.
+    """
     from safetensors import safe_open
 
     for f in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                yield k, fh.get_tensor(k)
+            keys = list(fh.keys())
+        for k in keys:
+            with safe_open(str(f), framework="pt") as fh:
+                t = fh.get_tensor(k)
+            yield k, t
+            del t
 
 
 def export_safetensors(

@@ -248,3 +248,25 @@ def test_real_wheels_smollm2_and_minilm(tmp_path):
     assert model.get_input_embeddings().weight.shape == (49153, 576)  # + the <image> row (head tied)
     assert 134.4e6 < rec["params"]["language_model"] < 134.6e6  # SmolLM2-135M (real-material.md: 134.5M)
     assert main(["--print-paths"]) == 0
+
+
+def test_plan_and_preflight_know_the_assembled_architecture_without_weights(assembled, parts, tmp_path):
+    """`compress plan` and pre-flight read the assembled config (no weights): counts equal the built model."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from compressor.pipeline.preflight import model_config
+    from compressor.planning import plan_recipe
+    from compressor.recipe.loader import load_recipe
+
+    recipe = tmp_path / "a.yaml"
+    spec = (f"{{language_model: {parts['lm']}, qformer_init: {parts['bert']}, vision: vit-tiny, num_query_tokens: 4, "
+            "qformer_num_hidden_layers: 3, image_size: 32}")
+    recipe.write_text(f"name: a\nmodel:\n  assemble: {spec}\nstages:\n  - type: remove_layers\n    language_model: {{drop_top: 1}}\n")
+    loaded = load_recipe(recipe)
+    plan = plan_recipe(loaded)
+    built = Blip2ForConditionalGeneration.from_pretrained(str(assembled))
+    assert plan["before"]["params_total"] == sum(p.numel() for p in built.parameters())
+    layer = sum(p.numel() for p in built.language_model.model.layers[-1].parameters())
+    assert plan["before"]["params_total"] - plan["after"]["params_total"] == layer
+    assert plan["before"]["gflops"] > plan["after"]["gflops"] > 0
+    assert model_config(loaded).text_config.num_hidden_layers == 4
