@@ -301,6 +301,9 @@ cli.add_command(inspect_command)
 from compressor.commands.export import export as _export  # noqa: E402
 
 cli.add_command(_export)
+from compressor.commands.plan import plan as _plan_command  # noqa: E402
+
+cli.add_command(_plan_command)
 
 
 def main() -> None:

@@ -98,7 +98,7 @@ def count_gflops_by_part(
         for p, _ in flags:
             p.requires_grad_(False)
     try:
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
             run()
     finally:
         for p, f in flags:
@@ -171,6 +171,26 @@ def onnx_parameter_count(onnx_dir: str | os.PathLike) -> int:
                 n *= int(d)
             total += n
     return total
+
+
+def _cpu_attention_flops() -> dict:
+    """FLOP formulas FlopCounterMode lacks: CPU SDPA (``_scaled_dot_product_flash_attention_for_cpu``).
+
+    torch 2.13 registers the CUDA SDPA kernels only, so on the CPU every attention matmul counted
+    0 FLOPs. The formula is torch's own ``sdpa_flop_count`` (QK^T and AV, 2 FLOPs per multiply-add),
+    what the math path (and the meta device) counts.
+    """
+    import torch
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return {}
+
+    def formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {op: formula}
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -47,13 +47,15 @@ def check_features(loaded: LoadedRecipe) -> None:
 
 
 def model_config(loaded: LoadedRecipe):
-    """The model's config without weights, or None when only building it reveals it (assemble)."""
+    """The model's config without weights, or None for Hub ids whose architecture is not shipped."""
     from compressor.models.loading import classify, load_config
 
     spec = loaded.recipe.model
     kind = classify(spec)
     if kind == "assemble":
-        return None
+        from compressor.models.assemble import assembled_config
+
+        return assembled_config(spec.assemble)[0]  # configs and tokenizer only, no weights
     if kind == "hub":
         from compressor.models.loading import KNOWN_HUB_CONFIGS
 

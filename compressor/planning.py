@@ -1,0 +1,405 @@
+"""``compress plan``: parameters per part and GFLOPs before and after a recipe, on the meta device.
+
+No weight is loaded or downloaded: the model is built from its config under
+``torch.device("meta")`` (tensors with shapes and no storage), every ``remove_layers`` stage is
+applied to it with the same surgery the pipeline uses (:mod:`compressor.surgery` works on meta),
+LoRA stages are applied with peft on meta to count their trainable parameters, and the counts
+are read off the result. The configs of ``Salesforce/blip2-opt-2.7b``, ``blip2-flan-t5-xl`` and
+``blip-image-captioning-base`` ship with the project (``compressor/families/configs``); any other
+Hub id needs ``--config FILE``.
+
+GFLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta model, for
+one image and ``gflops_new_tokens`` generated tokens, replaying the forward passes ``generate``
+makes (transformers 5.x): vision encoder, Q-Former and projection once; the language model at
+batch ``num_beams`` — decoder-only: a prefill over the image tokens and prompt that keeps the
+logits of the last position only (``logits_to_keep=1``), then one step per further token with a
+KV cache; T5: the encoder once at batch 1, then one decoder step per token; BLIP: one text-decoder
+step per token with a cache. ``generate`` itself cannot run on meta (its stopping checks read
+values), hence the replay. On the tiny presets the figure equals the one ``evaluate`` measures
+with FlopCounterMode around the real ``generate`` (a test checks it). Sampling and beam
+bookkeeping (top-k, reordering the cache) are not FLOPs of matrix products and count 0 in both.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compressor.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+#: A question used to size VQA prompts when planning.
+PLAN_QUESTION = "What is in the image?"
+
+
+@dataclass
+class PlanModel:
+    """A config resolved for planning.
+
+    Attributes:
+        config: the transformers config.
+        processor: the model's processor when one is at hand without weights (presets, folders,
+            assembled models), else None (prompt lengths are then estimated).
+        source: where the config came from.
+        notes: assumptions the plan made.
+    """
+
+    config: Any
+    processor: Any
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_model(spec, config_file: str | Path | None = None) -> PlanModel:
+    """Resolve a recipe ``model:`` to a config (and a processor when one is local), without weights.
+
+    Args:
+        spec: the recipe's model value.
+        config_file: ``--config``: a config.json (or a folder holding one) that replaces the spec's.
+
+    Raises:
+        UserInputError: a Hub id whose architecture is not shipped, without ``--config`` (exit 2).
+        ModelSpecError: a folder or file that does not exist.
+    """
+    from compressor.models.loading import KNOWN_HUB_CONFIGS, classify, load_config, load_processor
+    from compressor.models.presets import PRESETS, SHIPPED, build_preset
+
+    if config_file is not None:
+        return PlanModel(load_config(str(config_file)), None, f"--config {config_file}")
+    kind = classify(spec)
+    if kind == "hub":
+        if spec not in KNOWN_HUB_CONFIGS:
+            known = ", ".join(KNOWN_HUB_CONFIGS)
+            raise UserInputError(
+                f"model '{spec}': its architecture is not known offline (shipped configs: {known}). Pass its "
+                "config.json with `compress plan RECIPE --config FILE` (plan loads no weights and uses no network)."
+            )
+        return PlanModel(load_config(spec), None, f"shipped config of {spec}")
+    if kind == "preset":
+        if spec in SHIPPED:
+            return PlanModel(load_config(str(SHIPPED[spec])), load_processor(SHIPPED[spec]), f"preset {spec}")
+        model, proc = build_preset(spec)  # tiny: built in memory for its config and processor
+        return PlanModel(model.config, proc, f"preset {spec}")
+    if kind == "folder":
+        return PlanModel(load_config(spec), load_processor(spec), f"folder {spec}")
+    if kind == "config":
+        proc = None
+        if spec.processor:
+            src = spec.processor
+            proc = build_preset(src)[1] if src in PRESETS else load_processor(SHIPPED.get(src, src))
+        return PlanModel(load_config(spec.config), proc, f"config {spec.config}")
+    from compressor.models.assemble import assembled_config
+
+    config, proc, sources = assembled_config(spec.assemble)
+    return PlanModel(config, proc, f"assembled from {sources['language_model']}")
+
+
+def meta_model(config):
+    """The model of ``config`` on the meta device (no storage; building OPT-2.7B takes ~0.1 s)."""
+    import torch
+
+    from compressor.families import family_for_config
+
+    family = family_for_config(config)
+    with torch.device("meta"):
+        model = family.model_cls()(copy.deepcopy(config))
+    model.to(torch.float32)  # one dtype throughout (published configs say float16; FLOPs do not depend on it)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, family
+
+
+def prompt_lengths(family, config, processor, prompt: str) -> tuple[int, int, bool]:
+    """Token counts of the language-model input and the Q-Former instruction for one image.
+
+    Returns:
+        ``(lm_tokens, qformer_tokens, exact)``: lm_tokens includes the ``num_query_tokens``
+        image tokens of BLIP-2 / InstructBLIP; exact is False when estimated without a tokenizer
+        (one special token plus one token per word).
+    """
+    if processor is not None:
+        from PIL import Image
+
+        from compressor.models.batches import generation_inputs
+
+        side = int(config.vision_config.image_size)
+        enc = generation_inputs(family, processor, [Image.new("RGB", (side, side))], [prompt], "cpu")
+        q = int(enc["qformer_input_ids"].shape[1]) if "qformer_input_ids" in enc else 0
+        if family.name == "blip":  # generate starts from [DEC] + prompt (the trailing [SEP] dropped)
+            return (int(enc["input_ids"].shape[1]) - 1 if "input_ids" in enc else 1), 0, True
+        return int(enc["input_ids"].shape[1]), q, True
+    words = len(prompt.split())
+    if family.name == "blip":
+        return 1 + words, 0, False
+    n_query = int(getattr(config, "num_query_tokens", 0) or 0)
+    return n_query + 1 + words, (2 + words if family.has_qformer_text else 0), False
+
+
+def _flops(fn) -> tuple[int, Any]:
+    """FLOPs of ``fn()`` and its result."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        result = fn()
+    return counter.get_total_flops(), result
+
+
+def _cache_of(out):
+    """The KV cache of a model output (``.cache`` in transformers 5.x, ``.past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _decode_flops(step, first: int, n: int) -> int:
+    """FLOPs of ``n`` cached decoding steps, the first (already replayed) costing ``first`` FLOPs.
+
+    From the second step on, each step attends to one more cached position than the one before,
+    so its FLOPs grow by a constant (attention products are linear in the cache length; the rest
+    is fixed). The first step can cost more (T5 projects the encoder states for cross-attention
+    once, into the cache). So steps 2 and 3 are replayed and the rest summed in closed form:
+    ``first + m·f2 + (f3 − f2)·m(m−1)/2`` with ``m = n − 1``.
+    """
+    if n <= 0:
+        return 0
+    if n == 1:
+        return first
+    second, _ = _flops(step)
+    if n == 2:
+        return first + second
+    third, _ = _flops(step)
+    m = n - 1
+    return first + m * second + (third - second) * m * (m - 1) // 2
+
+
+def meta_gflops(model, family, lm_tokens: int, qformer_tokens: int, new_tokens: int, num_beams: int = 1) -> float:
+    """GFLOPs (10^9, multiply-add = 2) of captioning one image, counted on the meta model.
+
+    Args:
+        model: a BLIP-family model on the meta device.
+        family: its family.
+        lm_tokens: language-model input length (image tokens + special tokens + prompt).
+        qformer_tokens: InstructBLIP instruction length for the Q-Former (0 otherwise).
+        new_tokens: generated tokens (``min_new_tokens == max_new_tokens``).
+        num_beams: beam width: the language model runs at this batch size.
+
+    Returns:
+        GFLOPs for the whole image → caption path (see the module docstring).
+    """
+    import torch
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    meta = torch.device("meta")
+    cfg = model.config
+    side = int(cfg.vision_config.image_size)
+    B = num_beams
+    state: dict[str, Any] = {}
+    with torch.inference_mode():
+        total, image = _flops(lambda: model.vision_model(torch.zeros(1, 3, side, side, device=meta)).last_hidden_state)
+        if family.name == "blip":
+            dec = model.text_decoder
+            enc = image.expand(B, -1, -1)
+            state["cache"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+            def step(n: int = 1):
+                out = dec(input_ids=torch.zeros(B, n, dtype=torch.long, device=meta), encoder_hidden_states=enc,
+                          cache=state["cache"], use_cache=True, logits_to_keep=1)
+                state["cache"] = _cache_of(out)
+
+            first, _ = _flops(lambda: step(lm_tokens))  # [DEC] + prompt
+            return (total + _decode_flops(step, first, new_tokens)) / 1e9
+        query = model.query_tokens.expand(1, -1, -1)
+        if family.has_qformer_text:
+            ids = torch.zeros(1, qformer_tokens, dtype=torch.long, device=meta)
+            f, q_out = _flops(lambda: model.qformer(input_ids=ids, query_embeds=query, encoder_hidden_states=image).last_hidden_state)
+            q_out = q_out[:, : query.shape[1]]
+        else:
+            f, q_out = _flops(lambda: model.qformer(query_embeds=query, encoder_hidden_states=image).last_hidden_state)
+        total += f + _flops(lambda: model.language_projection(q_out))[0]
+        lm = model.language_model
+        hidden = lm.get_input_embeddings().weight.shape[1]
+        if family.decoder_only:
+            state["cache"] = DynamicCache(config=lm.config)
+
+            def prefill():
+                out = lm(inputs_embeds=torch.zeros(B, lm_tokens, hidden, device=meta), cache=state["cache"],
+                         use_cache=True, logits_to_keep=1)
+                state["cache"] = _cache_of(out)
+
+            def step():
+                out = lm(inputs_embeds=torch.zeros(B, 1, hidden, device=meta), cache=state["cache"],
+                         use_cache=True, logits_to_keep=1)
+                state["cache"] = _cache_of(out)
+
+            total += _flops(prefill)[0]
+            if new_tokens > 1:
+                first, _ = _flops(step)
+                total += _decode_flops(step, first, new_tokens - 1)
+        else:
+            f, enc_out = _flops(lambda: lm.get_encoder()(inputs_embeds=torch.zeros(1, lm_tokens, hidden, device=meta)).last_hidden_state)
+            total += f
+            enc_out = enc_out.expand(B, -1, -1)
+            state["cache"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+            def step():
+                out = lm(encoder_outputs=(enc_out,), decoder_input_ids=torch.zeros(B, 1, dtype=torch.long, device=meta),
+                         cache=state["cache"], use_cache=True)
+                state["cache"] = _cache_of(out)
+
+            first, _ = _flops(step)
+            total += _decode_flops(step, first, new_tokens)
+    return total / 1e9
+
+
+def _trainable(model, family, st) -> tuple[int | None, dict | None]:
+    """Trainable parameters of a training stage on the (meta) model, and the LoRA match report."""
+    from compressor.lora import apply_lora, freeze_all_but
+
+    if st.type == "lora_finetune" or (st.type == "heal" and st.trainable == "lora"):
+        peft_model, report = apply_lora(model, st.lora, st.parts)
+        peft_model.unload()  # removes the LoRA layers again: the model is unchanged
+        return report["params_trainable"], report
+    if st.type == "finetune" or st.type == "heal":
+        parts = None if (st.type == "finetune" and st.parts is None) or getattr(st, "trainable", None) == "full" else st.parts
+        n = freeze_all_but(model, family, parts)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return n, None
+    return None, None
+
+
+def _removals(model, family, st, notes: list[str], index: int) -> list[dict]:
+    from compressor.surgery import plan_removals, remove_layers
+
+    done = []
+    for part, removed in plan_removals(model.config, family, st).items():
+        if removed is None:
+            from compressor.pipeline.preflight import _count_of
+            from compressor.surgery import stack_size
+
+            n, k = stack_size(model.config, family, part), _count_of(st, part)
+            removed = list(range(n - k, n))
+            notes.append(
+                f"stage {index}: {part} removes {k} layers chosen on calibration data at run time; counted as the top "
+                f"{k} (exact when the stack's layers are the same size"
+                + (", which Q-Former layers with and without cross-attention are not)" if part == "qformer" else ")")
+            )
+        done.append(remove_layers(model, family, part, removed))
+    return done
+
+
+def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = True) -> dict:
+    """The plan of a loaded recipe: parameters per part and GFLOPs before and after, per stage.
+
+    Args:
+        loaded: a :class:`~compressor.recipe.loader.LoadedRecipe`.
+        config_file: ``--config FILE`` (needed for Hub ids whose architecture is not shipped).
+        gflops: also count GFLOPs (the slow part: ~10 s for OPT-2.7B on 2 CPU cores).
+
+    Returns:
+        ``{"recipe", "model", "before", "after", "stages", "notes", "gflops_settings"}``; before and
+        after hold ``params_total``, ``params_<part>`` and ``gflops``.
+
+    Raises:
+        UserInputError: unknown architecture without ``--config``, invalid layer choices,
+            LoRA parts this model does not have (all exit 2).
+    """
+    from compressor.models.batches import build_prompt
+    from eval.characteristics import count_parameters
+
+    recipe = loaded.recipe
+    pm = plan_model(recipe.model, config_file)
+    model, family = meta_model(pm.config)
+    notes = list(pm.notes)
+    gen = recipe.generation
+    new_tokens = next((st.characteristics.gflops_new_tokens for st in recipe.stages if st.type == "evaluate"), 20)
+    task = recipe.data.task if recipe.data is not None else "caption"
+    prompt = build_prompt(gen.prompt, PLAN_QUESTION if task == "vqa" else None)
+    lm_tokens, q_tokens, exact = prompt_lengths(family, pm.config, pm.processor, prompt)
+    if not exact:
+        notes.append(f"no tokenizer without weights: the prompt is taken as {lm_tokens} language-model tokens")
+    if task == "vqa":
+        notes.append(f"VQA prompt sized with the question {PLAN_QUESTION!r}")
+
+    def measure() -> dict:
+        out: dict[str, Any] = dict(count_parameters(model, family.parts))
+        if gflops:
+            out["gflops"] = meta_gflops(model, family, lm_tokens, q_tokens, new_tokens, gen.num_beams)
+        return out
+
+    before = measure()
+    stages = []
+    for i, st in enumerate(recipe.stages):
+        row: dict[str, Any] = {"index": i, "type": st.type, "label": st.label}
+        if st.type == "remove_layers":
+            row["removed"] = {r["part"]: r["removed"] for r in _removals(model, family, st, notes, i)}
+        elif st.type == "prune_width":
+            notes.append(f"stage {i}: prune_width is not planned (width pruning changes shapes the plan does not model)")
+        else:
+            n, report = _trainable(model, family, st)
+            if n is not None:
+                row["params_trainable"] = n
+            if report is not None:
+                row["lora_matches"] = report["entries"]
+        row["params_total"] = sum(p.numel() for p in model.parameters())
+        stages.append(row)
+    after = measure()
+    return {
+        "recipe": recipe.name,
+        "model": {"source": pm.source, "family": family.name, "language_model": family.lm_model_type},
+        "before": before,
+        "after": after,
+        "stages": stages,
+        "gflops_settings": {"images": 1, "new_tokens": new_tokens, "num_beams": gen.num_beams,
+                            "lm_input_tokens": lm_tokens, "qformer_text_tokens": q_tokens},
+        "notes": notes,
+    }
+
+
+def format_plan(plan: dict) -> str:
+    """A text table: parts before/after/change, GFLOPs, then the stages and notes."""
+
+    def fmt(n: float) -> str:
+        a = abs(n)
+        if a >= 1e9:
+            return f"{n / 1e9:.3f}B"
+        if a >= 1e6:
+            return f"{n / 1e6:.2f}M"
+        if a >= 1e3:
+            return f"{n / 1e3:.1f}k"
+        return f"{n:.0f}"
+
+    b, a = plan["before"], plan["after"]
+    keys = [k for k in b if k.startswith("params_") and k != "params_total"] + ["params_total"]
+    lines = [f"plan for {plan['recipe']} ({plan['model']['source']}; {plan['model']['family']} with "
+             f"{plan['model']['language_model']})", ""]
+    lines.append(f"{'':24}{'before':>16}{'after':>16}{'change':>16}{'':>9}")
+    for k in keys:
+        d = a[k] - b[k]
+        pct = f"{100 * d / b[k]:+.2f}%" if b[k] else ""
+        lines.append(f"{k:24}{b[k]:>16,}{a[k]:>16,}{d:>+16,}{pct:>9}")
+    lines.append(f"{'':24}{'(' + fmt(b['params_total']) + ')':>16}{'(' + fmt(a['params_total']) + ')':>16}"
+                 f"{'(' + fmt(a['params_total'] - b['params_total']) + ')':>16}")
+    g = plan["gflops_settings"]
+    if "gflops" in b:
+        d = a["gflops"] - b["gflops"]
+        lines.append(f"{'gflops':24}{b['gflops']:>16.3f}{a['gflops']:>16.3f}{d:>+16.3f}{100 * d / b['gflops']:>+8.2f}%")
+        lines.append(f"  GFLOPs of one caption: 1 image, {g['new_tokens']} new tokens, {g['num_beams']} beam(s), "
+                     f"{g['lm_input_tokens']} language-model input tokens")
+    lines.append("")
+    lines.append("stages:")
+    for s in plan["stages"]:
+        extra = ""
+        if "removed" in s:
+            extra = "  removed " + ", ".join(f"{p} {r}" for p, r in s["removed"].items())
+        if "params_trainable" in s:
+            extra += f"  trainable {fmt(s['params_trainable'])}"
+        label = f" [{s['label']}]" if s["label"] else ""
+        lines.append(f"  {s['index']:2d} {s['type']}{label}: {fmt(s['params_total'])} params{extra}")
+    for n in plan["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)

