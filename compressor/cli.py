@@ -250,7 +250,7 @@ def _load_eval_values(path: Path, label: str | None) -> dict:
 def gate(obj: Ctx, candidate, baseline, candidate_label, rules, junit, out, markdown):
     """Check metric regressions of a candidate against rules (loads no model). Exit 1 on regression, 2 on bad rules."""
     from compressor.errors import GateFailed, UserInputError
-    from compressor.pipeline.io import atomic_write_json, atomic_write_text
+    from compressor.fileio import atomic_write_json, atomic_write_text
     from eval.gates import RELATIVE, evaluate_gate, gate_json, gate_junit, gate_markdown, passed
 
     parsed: dict[str, dict[str, float]] = {}

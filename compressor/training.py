@@ -224,7 +224,7 @@ def train(
 
 def write_loss_curve(out_dir: Path, result: TrainResult) -> None:
     """``loss.json`` (steps, losses, evaluations) and ``loss.png`` (matplotlib, Agg backend)."""
-    from compressor.pipeline.io import atomic_write_text
+    from compressor.fileio import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {

@@ -21,12 +21,12 @@ import json
 import logging
 import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from compressor.errors import DataError
+from compressor.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -217,39 +217,6 @@ def match_ids(predictions: Mapping[Any, Any], references: Mapping[Any, Any]) -> 
     if not pred_ids:
         raise DataError("nothing to score: predictions and references are empty")
     return pred_ids
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``.
-
-    A reader (or a killed writer) never sees a half-written file: the temporary name starts
-    with a dot and ends with ``.tmp``, and is removed when writing fails. Missing parent folders
-    are created. ``eval`` cannot import ``compressor.pipeline.io``, hence this small copy.
-
-    Args:
-        path: the output file.
-        text: its whole content.
-
-    Returns:
-        The path written.
-    """
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # open(..., "x") rather than mkstemp: the file gets the usual umask permissions, not 0600.
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return out
 
 
 def _int_ids(ids: Sequence[str]) -> bool:

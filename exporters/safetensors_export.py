@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from compressor.errors import VerificationError
-from compressor.pipeline.io import atomic_write_text, hash_files, sha256_file
+from compressor.fileio import atomic_write_text, hash_files, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -281,7 +281,7 @@ def _answers_csv_to_ids(path: Path, data) -> dict[str, str]:
 
 def _finish(obj, out: Path, record: dict) -> None:
     from compressor.evaluation import finite
-    from compressor.pipeline.io import atomic_write_json
+    from compressor.fileio import atomic_write_json
     from eval.reports import comparison_text
 
     record = finite(record)

@@ -151,8 +151,8 @@ def inspect_command(obj, model_spec, importance, data, data_format, limit, batch
     family = family_for_model(model)
     scores_json = None
     if importance:
+        from compressor.fileio import atomic_write_json
         from compressor.importance import calibration_batches, plot_importance, select_layers, stack_scores
-        from compressor.pipeline.io import atomic_write_json
 
         bad = [p for p in parts if p not in family.stacks]
         if bad:

@@ -53,14 +53,14 @@ def _identity(folder: Path, run: Path | None) -> tuple[str, str]:
         data = yaml.safe_load(recipe_file.read_text()) or {}
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return str(data.get("name", folder.name)), hashlib.sha256(text.encode()).hexdigest()
-    from compressor.pipeline.io import hash_files, tree_hash
+    from compressor.fileio import hash_files, tree_hash
 
     return folder.name, tree_hash(hash_files(folder))
 
 
 def plain_upload_folder(src: Path, out: Path, *, repo_id: str, what: str, license, datasets) -> Path:
     """The upload folder of a model or adapter folder that is not part of a run (card without metrics)."""
-    from compressor.pipeline.io import atomic_write_text, link_tree, make_tmp_dir, publish_dir
+    from compressor.fileio import atomic_write_text, link_tree, make_tmp_dir, publish_dir
     from exporters.hub import upload_file_list
     from exporters.model_card import build_model_card
 
@@ -104,7 +104,7 @@ def push(obj, directory: Path, repo_id, dry_run, what, revision, private, licens
     id, 3 when the Hub cannot be reached; the upload folder is kept in every case.
     """
     from compressor.errors import GateFailed, UserInputError
-    from compressor.pipeline.io import atomic_write_json
+    from compressor.fileio import atomic_write_json
     from compressor.pipeline.publish import build_upload_folder, push_folder_summary
     from compressor.recipe.schema import PushSpec
     from exporters.hub import check_repo_id, push_folder, resolve_token

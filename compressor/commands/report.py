@@ -53,7 +53,7 @@ def load_reports(paths: list[Path]) -> list[tuple[str, dict]]:
 def report(obj, runs, out: Path, metric, against, labels):
     """Compare runs: a combined table (Markdown + CSV) and plots of metrics, parameters, latency, GFLOPs, Pareto."""
     from compressor.errors import UserInputError, did_you_mean
-    from compressor.pipeline.io import atomic_write_text
+    from compressor.fileio import atomic_write_text
     from eval.plots import experiment_plots
     from eval.reports import (
         experiment_columns,

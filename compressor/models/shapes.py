@@ -82,7 +82,7 @@ def shape_plan(model) -> dict[str, Any] | None:
 
 def write_shape_plan(model, folder: Path) -> dict | None:
     """Write (or remove a stale) ``shape_plan.json`` in a saved model folder; returns the plan."""
-    from compressor.pipeline.io import atomic_write_json
+    from compressor.fileio import atomic_write_json
 
     plan = shape_plan(model)
     path = Path(folder) / SHAPE_PLAN

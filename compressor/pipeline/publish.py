@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.errors import UserInputError
-from compressor.pipeline.io import atomic_write_text, link_tree, make_tmp_dir, publish_dir
+from compressor.fileio import atomic_write_text, link_tree, make_tmp_dir, publish_dir
 
 log = logging.getLogger(__name__)
 

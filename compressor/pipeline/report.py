@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from compressor.pipeline.io import atomic_write_json, atomic_write_text
+from compressor.fileio import atomic_write_json, atomic_write_text
 from eval.gates import evaluate_gate, gate_json, gate_junit, gate_markdown
 from eval.reports import comparison_markdown
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.errors import GateFailed, UserInputError
-from compressor.pipeline.io import (
+from compressor.fileio import (
     atomic_write_json,
     atomic_write_text,
     canonical_hash,
@@ -379,7 +379,7 @@ class Runner:
             cache = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             cache = {}
-        from compressor.pipeline.io import sha256_file
+        from compressor.fileio import sha256_file
 
         files = {}
         for p in sorted(Path(path).rglob("*")):

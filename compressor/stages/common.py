@@ -129,7 +129,7 @@ def save_model(model, processor, out: Path, extra_files: dict[str, str] | None =
 
 def link_base_model(input_dir: Path, out: Path) -> Path:
     """Make ``out`` the same model as ``input_dir`` by hard links (no copy), without its adapter."""
-    from compressor.pipeline.io import link_tree
+    from compressor.fileio import link_tree
 
     link_tree(input_dir, out, skip=(ADAPTER_SUBDIR,))
     return out

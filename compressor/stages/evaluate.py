@@ -19,7 +19,7 @@ from compressor.evaluation import (
     resolve_metrics,
     write_predictions,
 )
-from compressor.pipeline.io import atomic_write_json
+from compressor.fileio import atomic_write_json
 from compressor.stages.common import load_working_model
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from compressor.errors import UserInputError
+from compressor.fileio import atomic_write_json
 from compressor.lora import apply_lora
-from compressor.pipeline.io import atomic_write_json
 from compressor.stages.common import ADAPTER_SUBDIR, link_base_model, load_working_model, model_dir
 from compressor.stages.trainer_glue import adapter_saver, batch_maker, eval_hook, summary_of
 from compressor.training import train

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from compressor.errors import VerificationError
 from compressor.families import family_for_model
-from compressor.pipeline.io import atomic_write_json
+from compressor.fileio import atomic_write_json
 from compressor.stages.common import load_working_model, model_dir, save_model
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from compressor.families import family_for_model
-from compressor.pipeline.io import atomic_write_json
+from compressor.fileio import atomic_write_json
 from compressor.stages.common import load_working_model, model_dir, save_model
 from compressor.surgery import plan_removals, remove_layers
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from compressor.pipeline.io import atomic_write_text, hash_files, link_tree, make_tmp_dir, publish_dir
+from compressor.fileio import atomic_write_text, hash_files, link_tree, make_tmp_dir, publish_dir
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):

@@ -1,4 +1,4 @@
-"""File primitives of the run directory: atomic writes, content hashes, hard-linked folders.
+"""File primitives shared by the run directory, the exporters and eval: atomic writes, content hashes, hard-linked folders.
 
 A killed run must never leave a half-written file that looks complete: every file is written
 under a temporary name in the same folder and renamed (``os.replace`` is atomic on POSIX), and
