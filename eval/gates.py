@@ -22,6 +22,12 @@ LOWER_IS_BETTER = frozenset(
 )
 
 
+def lower_is_better(key: str) -> bool:
+    """True for keys where a smaller value is the better one (perplexity, latency, memory, size,
+    parameters and GFLOPs, per part included)."""
+    return key in LOWER_IS_BETTER or key.startswith(("params_", "gflops_"))
+
+
 def rule_problems(key: str, rule: str, threshold: float) -> list[str]:
     """What is wrong with one rule, before any value is read (empty when it is sound).
 
@@ -45,7 +51,7 @@ def rule_problems(key: str, rule: str, threshold: float) -> list[str]:
         out.append(f"{key}:max_drop: a drop is in points and at least 0, got {threshold:g}")
     elif rule in ("min_recovery", "max_ratio") and threshold <= 0:
         out.append(f"{key}:{rule}: a ratio must be above 0, got {threshold:g}")
-    if rule == "max_drop" and (key in LOWER_IS_BETTER or key.startswith(("params_", "gflops_"))):
+    if rule == "max_drop" and lower_is_better(key):
         out.append(f"{key}:max_drop: max_drop is for metrics where higher is better; for {key} use max_ratio (or max)")
     return out
 

@@ -22,9 +22,6 @@ CHAR_ORDER = (
 #: The four figures the published RSICD study reports (Parameters, Trainable Params, GFLOPs,
 #: Avg Inference Time): a row in every table, "—" when not measured.
 HEADLINE = ("params_total", "params_trainable", "gflops", "avg_inference_s")
-LOWER_IS_BETTER = {"perplexity", "latency_p50_s", "latency_p95_s", "avg_inference_s", "peak_rss_mb", "peak_cuda_mb",
-                   "size_mb", "gflops", "params_total", "params_vision", "params_qformer", "params_projection",
-                   "params_language_model"}
 
 
 def fmt_value(key: str, v: Any) -> str:
