@@ -265,9 +265,8 @@ def torch_characteristics(model, processor, dataset, generation, device: str, sp
         ``params_*``, ``gflops`` / ``gflops_<part>`` / ``gflops_new_tokens``, the latency keys
         of :func:`eval.characteristics.measure_latency`, ``size_mb``.
     """
-    from compressor.models.batches import generation_inputs
     from compressor.recipe.schema import CharacteristicsSpec
-    from eval.characteristics import count_gflops_by_part, count_parameters, measure_latency, size_on_disk_mb
+    from eval.characteristics import count_parameters, measure_latency, size_on_disk_mb
 
     spec = spec or CharacteristicsSpec()
     family = family_for_model(model)
@@ -276,13 +275,7 @@ def torch_characteristics(model, processor, dataset, generation, device: str, sp
     n_items = max([8, *(spec.latency.batch_sizes if spec.latency else [])])
     items = _latency_items(dataset, generation, n_items)
     if spec.gflops and items:
-        n = spec.gflops_new_tokens
-        kw = {"max_new_tokens": n, "min_new_tokens": n, "num_beams": generation.num_beams, "do_sample": False}
-        inputs = generation_inputs(family, processor, [items[0][0]], [items[0][1]], device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
-        out.update(count_gflops_by_part(lambda: model.generate(**inputs, **kw), base, family.parts))
-        out["gflops_new_tokens"] = n
-        out["gflops_batch_size"] = 1
+        out.update(count_gflops(model, processor, items[0], generation, device, spec.gflops_new_tokens))
     if spec.latency is not None and items:
         largest = max(spec.latency.batch_sizes)
         captioner = TorchCaptioner(model, processor, generation.model_copy(update={"batch_size": largest}), device)
@@ -300,6 +293,37 @@ def torch_characteristics(model, processor, dataset, generation, device: str, sp
     if model_dir is not None:
         out["size_mb"] = size_on_disk_mb(model_dir)
     return out
+
+
+def count_gflops(model, processor, item, generation, device: str, new_tokens: int) -> dict[str, Any]:
+    """GFLOPs of captioning one image, in total and per part, with torch's FlopCounterMode.
+
+    ``generate`` runs at batch 1 with exactly ``new_tokens`` new tokens (``min_new_tokens`` =
+    ``max_new_tokens``) and the recipe's ``num_beams``, so the figure depends on the architecture
+    and the decoding settings only, not on the weights (the convention of the published RSICD
+    study's GFLOPs column; stack-facts section 10 for the counter's trap).
+
+    Args:
+        model: a BLIP-family model (or a peft model around one).
+        processor: its processor.
+        item: ``(PIL image, prompt or None)``.
+        generation: decoding settings (``num_beams`` is used).
+        device: ``cpu`` or ``cuda``.
+        new_tokens: generated tokens counted.
+
+    Returns:
+        ``gflops``, ``gflops_<part>``, ``gflops_new_tokens``, ``gflops_batch_size`` (1).
+    """
+    from compressor.models.batches import generation_inputs
+    from eval.characteristics import count_gflops_by_part
+
+    family = family_for_model(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "num_beams": generation.num_beams, "do_sample": False}
+    inputs = generation_inputs(family, processor, [item[0]], [item[1]], device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    out = count_gflops_by_part(lambda: model.generate(**inputs, **kw), base, family.parts)
+    return {**out, "gflops_new_tokens": new_tokens, "gflops_batch_size": 1}
 
 
 def _captioner_tokenizer(captioner, onnx_dir: Path | None):
@@ -368,8 +392,34 @@ def onnx_characteristics(captioner, onnx_dir: Path, dataset, generation, spec=No
                 count_tokens=count,
             )
         )
-    out["size_mb"] = size_on_disk_mb(onnx_dir)
+    out["size_mb"] = size_on_disk_mb(variant_files(onnx_dir, getattr(captioner, "graph_files", None)))
     return out, notes
+
+
+def variant_files(onnx_dir: Path, graph_files: dict[str, str] | None) -> list[Path]:
+    """The files of an ONNX export that one variant needs: its graphs, their external data
+    (``<graph file>.data``) and every non-graph file (config, processor, ``export.json``…).
+
+    Args:
+        onnx_dir: the export folder.
+        graph_files: graph name → the file the captioner runs (``OnnxCaptioner.graph_files``);
+            None: every file of the folder.
+
+    Returns:
+        Paths whose total size is the deployed size of that variant (``size_mb``).
+    """
+    files = sorted(f for f in Path(onnx_dir).rglob("*") if f.is_file())
+    if not graph_files:
+        return files
+    used = set(graph_files.values())
+
+    def needed(f: Path) -> bool:
+        name = f.name
+        if not (name.endswith(".onnx") or ".onnx." in name):
+            return True
+        return any(name == u or name.startswith(u + ".") for u in used)
+
+    return [f for f in files if needed(f)]
 
 
 def evaluate_captioner(
@@ -392,6 +442,7 @@ def evaluate_captioner(
     teacher_predictions: dict[str, str] | None = None,
     params_trainable: int | None = None,
     progress: bool = False,
+    source_model=None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Caption a dataset, score it and measure the model: one ``eval.json`` record.
 
@@ -416,6 +467,11 @@ def evaluate_captioner(
         teacher_predictions: ``{key: caption}`` of a teacher, the references of ``teacher_cider``.
         params_trainable: parameters trained to make this model (None: unknown, noted).
         progress: show a progress bar while captioning.
+        source_model: for an ONNX export, a zero-argument callable returning ``(model,
+            processor)`` of the PyTorch model it was exported from (a run's export stage), called
+            only when needed: GFLOPs (an architecture figure) and
+            perplexity (teacher-forced logits, which the export's validation held within its
+            tolerance of PyTorch's) are computed on it, with a note; None: both left out.
 
     Returns:
         ``(record, predictions)``: the record (``task``, ``metrics``, ``characteristics``,
@@ -431,6 +487,13 @@ def evaluate_captioner(
     names = resolve_metrics(metrics, task)
     check_data_for_metrics(names, data)
     notes: list[str] = []
+    loaded: list = []
+
+    def source():
+        if not loaded:
+            loaded.append(source_model())
+        return loaded[0]
+
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         preds = predict(captioner, data.examples, task, prompt_fn(generation), generation.batch_size, progress)
@@ -441,10 +504,13 @@ def evaluate_captioner(
         if "teacher_cider" in names or teacher_predictions is not None:
             values["teacher_cider"] = teacher_cider(preds, teacher_predictions or {}, scorer)
         if "perplexity" in names:
-            if model is None:
-                notes.append("perplexity needs the PyTorch model; not computed for an ONNX export")
-            else:
+            if model is not None:
                 values["perplexity"] = perplexity(model, processor, data, generation, device)
+            elif source_model is not None:
+                values["perplexity"] = perplexity(*source(), data, generation, device)
+                notes.append("perplexity: teacher-forced on the PyTorch model the ONNX graphs were exported from")
+            else:
+                notes.append("perplexity needs the PyTorch model; not computed for an ONNX export")
         if "bertscore_f1" in names:
             from eval.embedding_metrics import bertscore_f1
 
@@ -465,6 +531,14 @@ def evaluate_captioner(
             chars = torch_characteristics(model, processor, data, generation, device, spec, model_dir=model_dir)
         else:
             chars, more = onnx_characteristics(captioner, onnx_dir, data, generation, spec, make_captioner)
+            from compressor.recipe.schema import CharacteristicsSpec
+
+            spec_ = spec or CharacteristicsSpec()
+            if source_model is not None and spec_.gflops and "gflops" not in chars and len(data):
+                item = _latency_items(data, generation, 1)[0]
+                chars.update(count_gflops(*source(), item, generation, device, spec_.gflops_new_tokens))
+                more = [n for n in more if not n.startswith("gflops:")]
+                more.append("gflops: counted on the PyTorch model the ONNX graphs were exported from")
             notes += more
     chars["params_trainable"] = params_trainable
     if params_trainable is None:

@@ -321,12 +321,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
-def size_on_disk_mb(path: str | os.PathLike) -> float:
-    """Bytes of the files under ``path`` in MB (10^6), hard-linked files counted once."""
+def size_on_disk_mb(path) -> float:
+    """Bytes of the files under ``path`` (a file, a folder, or a list of files) in MB (10^6),
+    hard-linked files counted once."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    p = Path(path)
-    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+    if isinstance(path, (list, tuple)):
+        files = [Path(f) for f in path]
+    else:
+        p = Path(path)
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
     for f in files:
         st = f.stat()
         if (st.st_dev, st.st_ino) not in seen:

@@ -153,6 +153,8 @@ class OnnxCaptioner:
         if self.variant not in ("plain", "optimized", "int8"):
             raise ModelSpecError(f"variant '{self.variant}': expected plain, optimized or int8")
         self.sessions: dict[str, Any] = {}
+        #: graph name → the file this captioner runs (the variant's choice)
+        self.graph_files: dict[str, str] = {}
         for name, g in self.meta["graphs"].items():
             file, optimized = g["onnx"], False
             if self.variant in ("optimized", "int8") and g.get("optimized"):
@@ -161,6 +163,7 @@ class OnnxCaptioner:
                 file, optimized = g["int8"], False
             if self.variant == "int8" and not any(x.get("int8") for x in self.meta["graphs"].values()):
                 raise ModelSpecError(f"{self.dir}: this export has no int8 decoder; export with --quantize int8")
+            self.graph_files[name] = file
             try:
                 # embed_tokens is one Gather: a single thread; no pool spins between the
                 # sessions that take turns every step (they would steal each other's cores)

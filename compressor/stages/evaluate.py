@@ -85,6 +85,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         teacher_predictions=_teacher_predictions(cfg, ctx),
         params_trainable=int(ctx.last_trainable or 0),
         progress=ctx.progress,
+        source_model=(lambda: load_working_model(input_dir, ctx)) if onnx_dir is not None else None,
     )
     record = {"label": cfg.label, **record}
     record["data"] = {"section": cfg.data, **record["data"]}
