@@ -102,7 +102,11 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
                     from compressor.models.loading import resolve_device
                     from compressor.stages.lora_finetune import check_quantization
 
-                    check_quantization(st, resolve_device(recipe.device))
+                    try:
+                        check_quantization(st, resolve_device(recipe.device))
+                    except CompressError as exc:
+                        path = ("stages", i, "quantization")
+                        problems.append(_where(str(loaded.source), loaded.lines, path) + f"stages.{i}.quantization: {exc}")
                 if st.type == "prune_width":
                     from compressor.pruning import check_width_on_config
 

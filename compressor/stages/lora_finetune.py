@@ -33,13 +33,13 @@ def check_quantization(cfg, device: str) -> None:
         return
     if device != "cuda":
         raise UserInputError(
-            f"quantization: a {cfg.quantization.bits}-bit base (QLoRA, bitsandbytes) needs a CUDA GPU and this run is "
+            f"QLoRA on {'an' if cfg.quantization.bits == 8 else 'a'} {cfg.quantization.bits}-bit base (bitsandbytes) needs a CUDA GPU and this run is "
             "on the CPU; remove `quantization:` (e.g. --set stages.N.quantization=null) to train LoRA on a full-precision base"
         )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise UserInputError("quantization: QLoRA needs bitsandbytes: pip install bitsandbytes") from None
+        raise UserInputError("QLoRA needs bitsandbytes, which is not installed: pip install bitsandbytes") from None
 
 
 def resolve_adapter(path: str | Path) -> Path:

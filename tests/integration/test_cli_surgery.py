@@ -92,7 +92,7 @@ def test_bad_choices_exit_2_before_reading_weights(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "3 problems in the recipe" in res.stderr and "Traceback" not in res.stderr
     assert "stages.0: LoRA target target_modules matched no module" in res.stderr
-    assert "stages.2: quantization: a 4-bit base (QLoRA, bitsandbytes) needs a CUDA GPU" in res.stderr
+    assert "stages.2.quantization: QLoRA on a 4-bit base (bitsandbytes) needs a CUDA GPU" in res.stderr
     assert "stages.4: qformer: removing layers [1]" in res.stderr and "Nearest valid choice: layers: [" in res.stderr
     assert not (tmp_path / "run").exists()
     # Teeth: a valid removal on the same folder does read the weights, and fails on them.

@@ -285,15 +285,6 @@ def test_rsicd_lora(material, shared_scorer, monkeypatch, tmp_path):
     assert "meteor" in report["evaluations"]["finetuned"]["metrics"]
 
 
-def _preflight_refuses_qlora() -> bool:
-    import inspect
-
-    from compressor.pipeline import preflight
-
-    return "check_quantization" in inspect.getsource(preflight)
-
-
-@pytest.mark.xfail(not _preflight_refuses_qlora(), reason="needs the pre-flight QLoRA check of the issue-3 branch", strict=True)
 def test_coco5k_needs_cuda_for_its_8bit_base(material, tmp_path):
     """Without CUDA the 8-bit base is refused at once: exit 2, the stage named, nothing written."""
     from tests.conftest import run_cli
