@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from compressor.families import family_for_model
-from compressor.models.batches import decode, generation_inputs
+from compressor.models.batches import caption_batch, decode, generation_inputs
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +64,14 @@ class TorchCaptioner:
     def caption(self, images: Sequence[Any], prompts: Sequence[str] | None = None) -> list[str]:
         """Caption ``images`` (see :class:`eval.captioner.Captioner`); batches of ``generation.batch_size``.
 
-        BLIP's ``generate`` overwrites the first input column with ``[DEC]`` and drops the last
-        column, which is only right when no prompt in the batch is padded; so BLIP prompts of
-        different token lengths are generated in separate sub-batches (same captions, in order).
+        BLIP batches with prompts of different token lengths run as sub-batches
+        (:func:`compressor.models.batches.caption_batch`).
         """
         prompts = list(prompts) if prompts is not None else [self.generation.prompt or ""] * len(images)
         out: list[str] = []
         bs = self.generation.batch_size
         for i in range(0, len(images), bs):
-            imgs, prm = list(images[i : i + bs]), prompts[i : i + bs]
-            if self.family.name == "blip" and any(prm):
-                tok = self.processor.tokenizer
-                groups: dict[int, list[int]] = {}
-                for j, p in enumerate(prm):
-                    groups.setdefault(len(tok(p).input_ids) if p else 0, []).append(j)
-                caps: list[str] = [""] * len(imgs)
-                for idx in groups.values():
-                    for j, c in zip(idx, self._generate([imgs[j] for j in idx], [prm[j] for j in idx])):
-                        caps[j] = c
-                out.extend(caps)
-            else:
-                out.extend(self._generate(imgs, prm))
+            out.extend(caption_batch(self.family, self.processor, images[i : i + bs], prompts[i : i + bs], self._generate))
         return out
 
     def _generate(self, imgs: list, prm: list[str]) -> list[str]:

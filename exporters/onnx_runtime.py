@@ -206,16 +206,17 @@ class OnnxCaptioner:
         Returns:
             ``batch`` captions, prompt and special tokens stripped.
         """
-        from compressor.models.batches import decode, generation_inputs
+        from compressor.models.batches import caption_batch, decode, generation_inputs
+
+        def run(imgs: list, prm: list[str]) -> list[str]:
+            inputs = {k: v.numpy() for k, v in generation_inputs(self.family, self.processor, imgs, prm, "cpu").items()}
+            return decode(self.family, self.processor, self.generate(inputs), inputs, prm)
 
         prompts = list(prompts) if prompts is not None else [self.generation.prompt or ""] * len(images)
         out: list[str] = []
         bs = self.generation.batch_size
         for i in range(0, len(images), bs):
-            imgs, prm = list(images[i : i + bs]), prompts[i : i + bs]
-            inputs = {k: v.numpy() for k, v in generation_inputs(self.family, self.processor, imgs, prm, "cpu").items()}
-            seq = self.generate(inputs)
-            out.extend(decode(self.family, self.processor, seq, inputs, prm))
+            out.extend(caption_batch(self.family, self.processor, images[i : i + bs], prompts[i : i + bs], run))
         return out
 
     # ---------------------------------------------------------------- generation

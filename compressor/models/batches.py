@@ -95,6 +95,40 @@ def decode(family, processor, sequences, inputs: dict, prompts: Sequence[str]) -
     return [t.strip() for t in tok.batch_decode(sequences, skip_special_tokens=True)]
 
 
+def caption_batch(family, processor, images: Sequence, prompts: Sequence[str], run) -> list[str]:
+    """Caption one batch with ``run(images, prompts) -> captions``, splitting BLIP batches by prompt length.
+
+    BLIP's text decoder (transformers' ``BlipForConditionalGeneration.generate``) overwrites the
+    first input column with ``[DEC]`` and drops the last column, which is only right when no
+    prompt in the batch is padded; so BLIP prompts of different token lengths run as separate
+    sub-batches (same captions, in the input order). Every other family runs the batch as is
+    (left padding). Both the PyTorch and the ONNX Runtime captioner use this, so their captions
+    are comparable row by row.
+
+    Args:
+        family: the model family.
+        processor: its processor (the tokenizer counts prompt tokens).
+        images: PIL images, length ``batch``.
+        prompts: one prompt per image (``""`` for none).
+        run: generates captions for a list of images and prompts.
+
+    Returns:
+        ``batch`` captions in the order of ``images``.
+    """
+    images, prompts = list(images), list(prompts)
+    if family.name != "blip" or not any(prompts):
+        return run(images, prompts)
+    tok = _tok(processor)
+    groups: dict[int, list[int]] = {}
+    for j, p in enumerate(prompts):
+        groups.setdefault(len(tok(p).input_ids) if p else 0, []).append(j)
+    caps: list[str] = [""] * len(images)
+    for idx in groups.values():
+        for j, c in zip(idx, run([images[j] for j in idx], [prompts[j] for j in idx])):
+            caps[j] = c
+    return caps
+
+
 def training_batch(family, processor, images: Sequence, targets: Sequence[str], prompts: Sequence[str]) -> dict:
     """A training batch with labels for the model's own loss.
 

@@ -118,7 +118,7 @@ def test_cli_unknown_hub_id_needs_config(tmp_path):
 
     cfg = tmp_path / "t5-config.json"
     build_preset("tiny-blip2-t5")[0].config.to_json_file(str(cfg))
-    r2 = _recipe(tmp_path, "someone/blip2-custom", "  - type: remove_layers\n    language_model: {encoder: {drop_top: 2}}\n", "t5.yaml")
+    r2 = _recipe(tmp_path, "someone/blip2-custom", "  - type: remove_layers\n    language_model: {encoder: {drop_top: 1}, decoder: {drop_top: 2}}\n", "t5.yaml")
     res = run_cli("--json", "plan", str(r2), "--config", str(cfg), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)

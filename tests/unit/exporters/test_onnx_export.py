@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import PRESETS, PROMPTS, REMOVED, build, determined_rows
+from onnx_helpers import PRESETS, PROMPTS, REMOVED, build, determined_rows
 
 from compressor.errors import UserInputError, VerificationError
 
