@@ -58,7 +58,6 @@ def build_demo(out: Path) -> Path:
         return out
     try:
         from compressor.models.assemble import assemble
-
         from compressor.recipe.schema import AssembleParts
 
         assemble(AssembleParts(**DEMO_PARTS), out)
@@ -187,13 +186,19 @@ def tune_demo(base: Path, out: Path, coco: Path | None, steps: int) -> Path:
     return out
 
 
-def load(name: str, work: Path, coco: Path | None = None, tune_steps: int = 0):
-    """``(model, processor, folder)`` for ``tiny`` (tiny-blip2-opt) or ``demo``."""
+def load(name: str, work: Path, coco: Path | None = None, tune_steps: int = 0, demo_model: Path | None = None):
+    """``(model, processor, folder)`` for ``tiny`` (tiny-blip2-opt) or ``demo``.
+
+    ``demo_model``: an existing folder of the demo model to use as is (e.g. the merged LoRA
+    baseline of a ``make demo-real`` run: ``runs/smollm2_coco/stages/01-merge_adapters-*/model``).
+    """
     from compressor.models.loading import load_model
     from compressor.models.presets import save_preset
 
     folder = work / name
-    if name == "tiny":
+    if name == "demo" and demo_model is not None:
+        folder = Path(demo_model)
+    elif name == "tiny":
         if not (folder / "config.json").is_file():
             save_preset("tiny-blip2-opt", folder)
     else:
@@ -280,8 +285,13 @@ def bench_model(name: str, args) -> dict:
     from exporters.onnx_runtime import OnnxCaptioner
 
     torch.set_num_threads(args.threads)
-    model, proc, folder = load(name, args.work, args.images, args.tune_steps)
-    onnx_dir = export(folder, args.work / f"{folder.name}-onnx-{args.exporter}", args.exporter)
+    model, proc, folder = load(name, args.work, args.images, args.tune_steps, args.demo_model)
+    tag = folder.name
+    if args.demo_model is not None and name == "demo":  # a given folder: one export per folder
+        import hashlib
+
+        tag = "demo-" + hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]
+    onnx_dir = export(folder, args.work / f"{tag}-onnx-{args.exporter}", args.exporter)
     meta = json.loads((onnx_dir / "export.json").read_text())
     size = int(meta["image_size"])
     images, refs = coco_images(args.images, max(args.cider_images, max(args.batch_sizes)), size)
@@ -376,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cider-images", type=int, default=64)
     ap.add_argument("--prompt", default=None)
     ap.add_argument("--tune-steps", type=int, default=60, help="stage-2 training steps of the demo model (0: as assembled)")
+    ap.add_argument("--demo-model", type=Path, default=None, help="use this demo-model folder as is (no assembling or tuning)")
     ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"])
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
