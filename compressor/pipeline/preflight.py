@@ -77,13 +77,16 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
 
     check_features(loaded)
     recipe = loaded.recipe
+    problems: list[str] = []
     if recipe.push is not None and not recipe.push.dry_run:
         from exporters.hub import resolve_token
 
-        resolve_token()  # no token: fail now (exit 2), not after the run; makes no network call
+        try:
+            resolve_token()  # no token: fail now (exit 2), not after the run; makes no network call
+        except CompressError as exc:  # reported with the recipe's other problems
+            problems.append(_where(str(loaded.source), loaded.lines, ("push",)) + f"push: {exc}")
     pf = Preflight()
     pf.config = model_config(loaded)
-    problems: list[str] = []
     if pf.config is not None:
         import copy
 

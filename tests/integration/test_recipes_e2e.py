@@ -295,6 +295,8 @@ def test_coco5k_needs_cuda_for_its_8bit_base(material, tmp_path):
                   "--set", f"data.source.annotations={m / 'captions.json'}", "--set", f"data.source.images={m / 'images'}")
     assert res.returncode == 2, res.stderr
     assert "stages.1.quantization" in res.stderr and "CUDA" in res.stderr
+    # reported together with the push's missing Hub access (the tests run with HF_HUB_OFFLINE=1)
+    assert "push: HF_HUB_OFFLINE is set" in res.stderr
     assert not out.exists()
 
 
