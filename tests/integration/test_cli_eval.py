@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -150,6 +151,17 @@ def test_model_eval_checks_inputs_before_loading(files, tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = run_inprocess("eval", "shapes-teacher", "--predictions", str(out), "--out", str(out))
     assert r.returncode == 2 and "not both" in r.stderr
+    # bad rows: the advice names the command-line option, not the recipe key
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(Path(files["caps"]).parent, bad)
+    ann = bad / Path(files["caps"]).name
+    coco = json.loads(ann.read_text())
+    coco["annotations"][0]["caption"] = "  "
+    ann.write_text(json.dumps(coco))
+    r = run_inprocess("eval", "shapes-teacher", "--data", str(ann), "--out", str(out))
+    assert r.returncode == 2 and "--skip-invalid" in r.stderr and "data.skip_invalid" not in r.stderr, r.stderr
     assert not out.exists()
 
 
