@@ -197,9 +197,12 @@ def _parse_rule(text: str) -> tuple[str, str, float]:
     try:
         key, rest = text.split(":", 1)
         kind, value = rest.split("=", 1)
-        num = float(value)
     except ValueError:
         raise UserInputError(f"--rule {text}: expected KEY:RULE=VALUE, e.g. cider:max_drop=2") from None
+    try:
+        num = float(value)
+    except ValueError:
+        raise UserInputError(f"--rule {text}: the value '{value}' is not a number (e.g. cider:max_drop=2)") from None
     if key not in GATE_KEYS:
         raise UserInputError(f"--rule {text}: unknown metric key '{key}'.{did_you_mean(key, GATE_KEYS)} Keys: {', '.join(GATE_KEYS)}")
     if kind not in RULE_KINDS:
@@ -235,7 +238,15 @@ def _load_eval_values(path: Path, label: str | None) -> dict:
         return flat_values(data["evaluations"][label])
     if "metrics" in data or "characteristics" in data:
         return flat_values(data)
-    return {k: v for k, v in data.items() if isinstance(v, (int, float))}
+    from compressor.recipe.schema import GATE_KEYS
+
+    flat = {k: v for k, v in data.items() if isinstance(v, (int, float))}
+    if not any(k in GATE_KEYS for k in flat):
+        raise UserInputError(
+            f"{path}: holds no metrics (keys: {', '.join(list(data)[:8])}); expected an eval.json written by "
+            "`compress eval`, a run's report.json, or a flat {\"metric\": value} object"
+        )
+    return flat
 
 
 @cli.command()

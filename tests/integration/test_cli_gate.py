@@ -70,7 +70,8 @@ def test_gate_missing_and_null_metric_fail_closed(evals, tmp_path):
     [
         ("cidr:max_drop=2", "unknown metric key 'cidr'. Did you mean 'cider'?"),
         ("cider:max_dorp=2", "Did you mean 'max_drop'?"),
-        ("cider:max_drop=two", "expected KEY:RULE=VALUE"),
+        ("cider:max_drop=two", "the value 'two' is not a number"),
+        ("cider-max_drop=2", "expected KEY:RULE=VALUE"),
         ("cider:max_drop=-1", "at least 0"),
         ("perplexity:max_drop=1", "use max_ratio"),
         ("cider:min=nan", "finite"),
@@ -114,3 +115,12 @@ def test_gate_unreadable_json_exits_2(tmp_path):
     p.write_text("{not json")
     r = gate_cli(str(p), "--rule", "cider:min=1")
     assert r.returncode == 2 and "cannot read it as JSON" in r.stderr
+
+
+def test_gate_on_a_file_that_is_not_an_evaluation_exits_2(evals, tmp_path):
+    """A wrong file passed in CI is bad input (2), never a regression (1)."""
+    base, _, _ = evals
+    p = tmp_path / "captions.json"
+    p.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": []}))
+    r = gate_cli(str(p), "--baseline", str(base), "--rule", "cider:min=1")
+    assert r.returncode == 2 and "holds no metrics" in r.stderr, r.stderr
