@@ -72,6 +72,9 @@ class Group(click.Group):
             raise
         except click.ClickException as exc:
             exc.exit_code = EXIT_BAD_INPUT
+            obj = ctx.obj
+            if obj is not None and obj.json:
+                _echo_json({"error": exc.format_message(), "type": type(exc).__name__, "exit_code": EXIT_BAD_INPUT})
             raise
         except click.exceptions.Abort:
             raise
@@ -82,7 +85,10 @@ class Group(click.Group):
             if isinstance(exc, SystemExit):
                 raise
             obj = ctx.obj or Ctx(False, False, False)
-            sys.exit(_fail(exc, obj.debug))
+            code = _fail(exc, obj.debug)
+            if obj.json:  # a CI parsing stdout gets the error too
+                _echo_json({"error": str(exc).strip(), "type": type(exc).__name__, "exit_code": code})
+            sys.exit(code)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -93,6 +93,13 @@ class VerificationError(CompressError):
     """A written artifact failed its check (reload, hash, numerical comparison) (exit 3)."""
 
 
+class CorruptInputError(VerificationError):
+    """A folder given as input fails its ``SHA256SUMS`` (corrupted, truncated or edited) (exit 2:
+    bad input, not a failure of this run)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest valid name, or an empty string.
 

@@ -74,11 +74,15 @@ def verify_onnx_dir(onnx_dir: Path | str) -> None:
     """Check every file of an ONNX folder against its ``SHA256SUMS``.
 
     Raises:
-        VerificationError: a file is missing or its bytes changed (names the files).
+        CorruptInputError: a file is missing or its bytes changed (names the files; exit 2).
     """
+    from compressor.errors import CorruptInputError
     from exporters.safetensors_export import verify_folder
 
-    verify_folder(Path(onnx_dir))
+    try:
+        verify_folder(Path(onnx_dir))
+    except VerificationError as exc:
+        raise CorruptInputError(str(exc)) from None
 
 
 class OnnxCaptioner:

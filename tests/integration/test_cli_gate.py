@@ -124,3 +124,11 @@ def test_gate_on_a_file_that_is_not_an_evaluation_exits_2(evals, tmp_path):
     p.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": []}))
     r = gate_cli(str(p), "--baseline", str(base), "--rule", "cider:min=1")
     assert r.returncode == 2 and "holds no metrics" in r.stderr, r.stderr
+
+
+def test_errors_are_json_on_stdout_with_json(evals):
+    base, good, _ = evals
+    r = run_inprocess("--json", "gate", str(good), "--baseline", str(base), "--rule", "cidr:max_drop=2")
+    assert r.returncode == 2
+    err = json.loads(r.stdout)
+    assert err["exit_code"] == 2 and "cidr" in err["error"]

@@ -203,8 +203,9 @@ def test_corrupted_onnx_file_is_detected(onnx_export, tmp_path):
     data = bytearray((bad / "text_decoder.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (bad / "text_decoder.onnx").write_bytes(bytes(data))
-    with pytest.raises(VerificationError, match="text_decoder.onnx"):
+    with pytest.raises(VerificationError, match="text_decoder.onnx") as err:
         OnnxCaptioner(bad)
+    assert err.value.exit_code == 2  # a corrupted input folder is bad input
     (bad / "text_decoder.onnx").write_bytes(bytes(data[: len(data) // 3]))  # truncated, checksums skipped
     with pytest.raises(VerificationError, match="text_decoder"):
         OnnxCaptioner(bad, verify=False, variant="plain")
