@@ -114,9 +114,27 @@ def link_tree(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
 
 
 def make_tmp_dir(parent: Path, name: str) -> Path:
-    """A fresh ``parent/.tmp-<name>-XXXX`` folder for building something atomically."""
+    """A fresh ``parent/.tmp-<name>-XXXX`` folder for building something atomically.
+
+    ``mkdtemp`` creates it 0700; it gets the mode a plain ``mkdir`` would give (0777 minus the
+    umask), so the folder it becomes once renamed is readable like every other output.
+    """
+    parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """0o666 minus the umask: the mode of a file created with a plain ``open(path, "w")``."""
+    return _default_mode()
 
 
 def publish_dir(tmp: Path, final: Path) -> Path:

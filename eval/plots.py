@@ -52,12 +52,15 @@ def _figure(w: float, h: float):
 
 def save_png(fig, path: Path) -> Path:
     """Write ``fig`` as PNG at ``path`` through a temporary file (never a half-written PNG)."""
+    from compressor.fileio import default_file_mode
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        os.chmod(tmp, default_file_mode())  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

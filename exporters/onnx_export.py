@@ -205,7 +205,9 @@ def export_model_onnx(
     family = family_for_model(model)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    from compressor.fileio import make_tmp_dir
+
+    tmp = make_tmp_dir(out_dir.parent, out_dir.name)
     t_start = time.perf_counter()
     try:
         plan = export_plan(model)

@@ -142,7 +142,6 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
 
 def _write_safetensors(model_dir: Path, out: Path, dtype: str | None, max_shard_size: str) -> dict:
     import shutil
-    import tempfile
 
     from compressor.models.loading import load_model
     from exporters.safetensors_export import export_safetensors
@@ -152,7 +151,9 @@ def _write_safetensors(model_dir: Path, out: Path, dtype: str | None, max_shard_
     if (model_dir / "recipe.resolved.yaml").is_file():
         extra["recipe.resolved.yaml"] = (model_dir / "recipe.resolved.yaml").read_text()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    from compressor.fileio import make_tmp_dir
+
+    tmp = make_tmp_dir(out.parent, out.name)
     try:
         info = export_safetensors(model, processor, tmp, max_shard_size=max_shard_size, extra_files=extra or None)
         from exporters.onnx_export import replace_dir

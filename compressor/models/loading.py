@@ -95,12 +95,13 @@ def classify(spec: Any) -> str:
 def _atomic_dir(final: Path, build) -> Path:
     """Build a folder under a temporary name and rename it into place (no half-written folder)."""
     import shutil
-    import tempfile
 
     if final.exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    from compressor.fileio import make_tmp_dir
+
+    tmp = make_tmp_dir(final.parent, final.name)
     try:
         build(tmp)
         os.replace(tmp, final)

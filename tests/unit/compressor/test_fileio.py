@@ -62,3 +62,27 @@ def test_hash_files_ignores_tmp_and_detects_changes(tmp_path):
     assert list(h1) == ["a"]
     (tmp_path / "a").write_text("2")
     assert hash_files(tmp_path) != h1
+
+
+def test_tmp_dirs_and_plots_get_the_usual_modes(tmp_path):
+    """mkdtemp/mkstemp make 0700/0600; outputs must be as readable as a plain mkdir/open makes them."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from compressor.fileio import make_tmp_dir
+    from eval.plots import save_png
+
+    mask = os.umask(0o022)
+    try:
+        d = make_tmp_dir(tmp_path, "x")
+        assert d.stat().st_mode & 0o777 == 0o755
+        fig = plt.figure()
+        p = save_png(fig, tmp_path / "a.png")
+        plt.close(fig)
+        assert p.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
