@@ -726,6 +726,17 @@ def _quantize_int8(folder: Path, name: str) -> tuple[str, str]:
     return dst.name, method
 
 
+class _NoTorchvision(logging.Filter):
+    """Drops torch.onnx's "torchvision is not installed. Skipping torchvision::nms" warnings (12
+    lines per export): BLIP-family graphs use no torchvision operator."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torchvision is not installed" not in record.getMessage()
+
+
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_NoTorchvision())
+
+
 class _quiet_loggers:
     """Raise the given loggers to WARNING for a block (the dynamo exporter logs every pass at INFO)."""
 
