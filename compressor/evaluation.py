@@ -540,6 +540,9 @@ def evaluate_captioner(
                 more = [n for n in more if not n.startswith("gflops:")]
                 more.append("gflops: counted on the PyTorch model the ONNX graphs were exported from")
             notes += more
+    busy = busy_machine_note()
+    if busy and spec_latency_on(spec):
+        notes.append(busy)
     chars["params_trainable"] = params_trainable
     if params_trainable is None:
         notes.append("params_trainable is unknown: no training record comes with this model")
@@ -564,6 +567,41 @@ def evaluate_captioner(
         "notes": notes,
     }
     return record, preds
+
+
+def spec_latency_on(spec) -> bool:
+    return spec is None or getattr(spec, "latency", None) is not None
+
+
+def busy_machine_note(load: float | None = None, cores: int | None = None) -> str | None:
+    """A note when other work competed for the CPU while latency was timed, else None.
+
+    Latency on a CPU shared with other busy processes can be many times the idle figure (two
+    OpenMP threads waiting on a descheduled sibling: 30-100x on a tiny model measured here), so a
+    latency gate on such a machine compares noise. Judged by the 1-minute load average (Linux
+    ``os.getloadavg``) against the cores this process may use: more than one busy process beyond
+    the cores counts as busy.
+
+    Args:
+        load: the 1-minute load average (None: read it).
+        cores: usable cores (None: ``os.sched_getaffinity``).
+
+    Returns:
+        The note text, or None (idle enough, or no load average on this platform).
+    """
+    import os
+
+    try:
+        load = os.getloadavg()[0] if load is None else load
+        cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    except (AttributeError, OSError):
+        return None
+    if load <= cores + 1.0:
+        return None
+    return (
+        f"latency: the machine was busy while timing (1-minute load {load:.1f} on {cores} cores); "
+        "latency figures may be inflated: compare or gate them only between runs on an idle machine"
+    )
 
 
 def teacher_cider(preds: dict[str, str], teacher: dict[str, str], scorer=None) -> float:

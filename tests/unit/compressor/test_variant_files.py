@@ -21,3 +21,11 @@ def test_variant_files_keep_the_used_graphs_their_data_and_the_support_files(tmp
     assert size_on_disk_mb(variant_files(tmp_path, used)) * 1e6 == 90 + 900 + 45 + 3 + 7 + 2
     # without a captioner's choice, the whole folder
     assert len(variant_files(tmp_path, None)) == len(sizes)
+
+
+def test_busy_machine_note():
+    from compressor.evaluation import busy_machine_note
+
+    assert busy_machine_note(load=1.5, cores=2) is None
+    note = busy_machine_note(load=4.2, cores=2)
+    assert note is not None and "4.2" in note and "2 cores" in note
