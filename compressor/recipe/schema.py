@@ -142,8 +142,8 @@ class AssembleModelSpec(Strict):
 def _model_spec_tag(value: Any) -> str:
     if isinstance(value, str):
         return "name"
-    if isinstance(value, dict) and "assemble" in value:
-        return "assemble"
+    if (isinstance(value, dict) and "assemble" in value) or isinstance(value, AssembleModelSpec):
+        return "assemble"  # a dict when validating, the model instance when serialising
     return "config"
 
 
