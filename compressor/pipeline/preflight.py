@@ -124,17 +124,26 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
         raise RecipeError(problems)
     _check_evaluations(loaded)
     if load_data and recipe.data is not None:
+        from compressor.data import load_section
+        from compressor.errors import DataError, UserInputError
         from compressor.stages import get_stage
 
+        failed: list[UserInputError] = []
         for st in recipe.stages:
             mod = get_stage(st.type)
             limit = getattr(st, "limit", None)
             for section in mod.data_sections(st):
                 key = (section, limit if section == getattr(st, "data", None) else None)
                 if key not in pf.datasets:
-                    from compressor.data import load_section
-
-                    pf.datasets[key] = load_section(recipe.data, section, limit=key[1])
+                    try:
+                        pf.datasets[key] = load_section(recipe.data, section, limit=key[1])
+                    except UserInputError as exc:  # every section's problems at once, then stop
+                        pf.datasets[key] = None
+                        failed.append(exc)
+        if len(failed) == 1:
+            raise failed[0]
+        if failed:
+            raise DataError(f"{len(failed)} data sections have problems:", [str(e) for e in failed])
         _check_evaluations(loaded, pf.datasets)
     return pf
 

@@ -55,6 +55,18 @@ def test_missing_image_lists_the_row_and_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_problems_of_every_data_section_are_reported_at_once(tmp_path):
+    """A missing train annotation file and a bad eval image: both in one error, nothing written."""
+    p = recipe(tmp_path, missing=True)
+    text = p.read_text().replace("train: {annotations: " + str(tmp_path / "captions.json"),
+                                 "train: {annotations: " + str(tmp_path / "nope.json"))
+    p.write_text(text)
+    res = run_cli("apply", str(p), "--out", str(tmp_path / "run"))
+    assert res.returncode == 2, res.stderr
+    assert "nope.json" in res.stderr and "2.png" in res.stderr, res.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_skip_invalid_skips_and_counts(tmp_path):
     res = run_cli("apply", str(recipe(tmp_path, missing=True, extra="  skip_invalid: true")), "--out", str(tmp_path / "run"))
     assert res.returncode == 0, res.stderr[-2000:]
