@@ -541,7 +541,7 @@ def evaluate_captioner(
                 more.append("gflops: counted on the PyTorch model the ONNX graphs were exported from")
             notes += more
     busy = busy_machine_note()
-    if busy and spec_latency_on(spec):
+    if busy and (spec is None or spec.latency is not None):
         notes.append(busy)
     chars["params_trainable"] = params_trainable
     if params_trainable is None:
@@ -567,10 +567,6 @@ def evaluate_captioner(
         "notes": notes,
     }
     return record, preds
-
-
-def spec_latency_on(spec) -> bool:
-    return spec is None or getattr(spec, "latency", None) is not None
 
 
 def busy_machine_note(load: float | None = None, cores: int | None = None) -> str | None:

@@ -19,11 +19,15 @@ from typing import Any
 CHUNK = 1 << 20
 
 
-def _default_mode() -> int:
-    """0o666 minus the process umask: what a plain ``open(path, "w")`` would create."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def default_file_mode() -> int:
+    """0o666 minus the process umask: the mode of a file created with a plain ``open(path, "w")``."""
+    return 0o666 & ~_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -40,7 +44,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, _default_mode())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -124,17 +128,6 @@ def make_tmp_dir(parent: Path, name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def default_file_mode() -> int:
-    """0o666 minus the umask: the mode of a file created with a plain ``open(path, "w")``."""
-    return _default_mode()
 
 
 def publish_dir(tmp: Path, final: Path) -> Path:

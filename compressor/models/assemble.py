@@ -445,11 +445,9 @@ def assemble(parts, out_dir: Path, dtype: str = "float32") -> Path:
         proj.bias.zero_()
     random_parts.append("language_projection")
 
-    gc = model.generation_config
-    gc.bos_token_id = tok.bos_token_id
-    gc.eos_token_id = tok.eos_token_id
-    gc.pad_token_id = tok.pad_token_id
-    gc.max_new_tokens = 20
+    from compressor.models.presets import set_generation_ids
+
+    set_generation_ids(model, tok)
     model.eval()
     model.to(torch_dtype(dtype))
 

@@ -82,14 +82,18 @@ def _finish(model, processor, seed: int, init: tuple[float, float, int] = (1.0, 
 
     gain, embed_std, offset = init
     reinit_(model, seed=seed + offset, gain=gain, embed_std=embed_std)
-    tok = processor.tokenizer
-    gc = model.generation_config
-    gc.bos_token_id = tok.bos_token_id
-    gc.eos_token_id = tok.eos_token_id
-    gc.pad_token_id = tok.pad_token_id
-    gc.max_new_tokens = 20
+    set_generation_ids(model, processor.tokenizer)
     model.eval()
     return model, processor
+
+
+def set_generation_ids(model, tokenizer, max_new_tokens: int = 20) -> None:
+    """Copy the tokenizer's BOS/EOS/PAD ids into ``model.generation_config``, with a caption-length default."""
+    gc = model.generation_config
+    gc.bos_token_id = tokenizer.bos_token_id
+    gc.eos_token_id = tokenizer.eos_token_id
+    gc.pad_token_id = tokenizer.pad_token_id
+    gc.max_new_tokens = max_new_tokens
 
 
 def _blip2_opt(seed: int, *, vh=32, vl=2, image=32, patch=8, qh=32, ql=4, th=32, tl=6, ffn=64, nq=8, init=(3.0, 0.1, 1)):
