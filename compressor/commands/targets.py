@@ -224,15 +224,9 @@ def load_data(data_path: str, data_format: str | None, task: str | None, images:
         UserInputError, DataError: the path, its format or its rows are bad (exit 2).
     """
     from compressor.data import infer_spec, load_section
-    from compressor.errors import DataError
 
     spec = infer_spec(data_path, data_format, task=task, images=images, limit=limit, skip_invalid=skip_invalid)
-    try:
-        data = load_section(spec, "test", limit=limit)
-    except DataError as exc:  # the loader speaks recipe keys; on the command line they are options
-        msg = str(exc).replace("set data.skip_invalid: true to skip them", "pass --skip-invalid to skip them")
-        msg = msg.replace("data.test", f"--data {data_path}")
-        raise DataError(msg) from None
+    data = load_section(spec, "test", limit=limit, label=f"--data {data_path}", skip_hint="pass --skip-invalid")
     if not len(data):
         raise UserInputError(f"--data {data_path}: no examples")
     return data

@@ -351,7 +351,9 @@ def _check_images(rows: list[Row]) -> tuple[list[Problem], set[str]]:
     return problems, set(bad)
 
 
-def _raise_or_skip(spec: DataSpec, c: _Collected, problems: list[Problem]) -> list[str]:
+def _raise_or_skip(
+    spec: DataSpec, c: _Collected, problems: list[Problem], label: str, skip_hint: str
+) -> list[str]:
     lines = [str(p) for p in problems]
     if not problems:
         return lines
@@ -362,13 +364,13 @@ def _raise_or_skip(spec: DataSpec, c: _Collected, problems: list[Problem]) -> li
         if formats.ESCAPE in kinds:
             hint = " File names must stay inside the image folder."
         raise DataError(
-            f"{len(problems)} bad row(s) in {c.resolved.label} (format {spec.format}): {summary}.{hint} "
-            "Fix the rows listed below, or set data.skip_invalid: true to skip them.",
+            f"{len(problems)} bad row(s) in {label} (format {spec.format}): {summary}.{hint} "
+            f"Fix the rows listed below, or {skip_hint} to skip them.",
             lines,
         )
     logger.warning(
-        "%s: skipped %d bad row(s) (%s), data.skip_invalid is true; first: %s",
-        c.resolved.label,
+        "%s: skipped %d bad row(s) (%s), skip_invalid is on; first: %s",
+        label,
         len(problems),
         summary,
         lines[0],
@@ -376,7 +378,14 @@ def _raise_or_skip(spec: DataSpec, c: _Collected, problems: list[Problem]) -> li
     return lines
 
 
-def load_section(spec: DataSpec, section: str, limit: int | None = None) -> Dataset:
+def load_section(
+    spec: DataSpec,
+    section: str,
+    limit: int | None = None,
+    *,
+    label: str | None = None,
+    skip_hint: str = "set data.skip_invalid: true",
+) -> Dataset:
     """Load one section of the data.
 
     Args:
@@ -386,6 +395,8 @@ def load_section(spec: DataSpec, section: str, limit: int | None = None) -> Data
         limit: keep at most this many examples (the first after sorting by image id); the
             smaller of this and the section's own ``limit`` applies. Captioning counts images,
             VQA counts questions.
+        label: how bad-row errors name the data (default: the recipe section, ``data.train``).
+        skip_hint: how bad-row errors say to skip them (the command line: ``pass --skip-invalid``).
 
     Returns:
         The dataset; its ``fingerprint`` equals :func:`section_fingerprint` for the same arguments.
@@ -399,7 +410,7 @@ def load_section(spec: DataSpec, section: str, limit: int | None = None) -> Data
     c = _collect(spec, section, limit)
     fingerprint = _fingerprint(c)
     image_problems, bad_paths = _check_images(c.rows)
-    skipped = _raise_or_skip(spec, c, [*c.parsed.problems, *image_problems])
+    skipped = _raise_or_skip(spec, c, [*c.parsed.problems, *image_problems], label or c.resolved.label, skip_hint)
     rows = [row for row in c.rows if row.example.image_path not in bad_paths]
     examples: list[Example] = [row.example for row in rows]
     logger.info(
