@@ -22,6 +22,7 @@ What a record holds (DESIGN.md, "Conventions"):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -487,12 +488,7 @@ def evaluate_captioner(
     names = resolve_metrics(metrics, task)
     check_data_for_metrics(names, data)
     notes: list[str] = []
-    loaded: list = []
-
-    def source():
-        if not loaded:
-            loaded.append(source_model())
-        return loaded[0]
+    source = functools.cache(source_model) if source_model is not None else None  # loaded once, when needed
 
     with PeakMemory() as mem:
         t0 = time.perf_counter()
