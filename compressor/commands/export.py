@@ -57,7 +57,7 @@ def _targets(model_dir: Path, out: Path | None, onnx: bool, safetensors: bool) -
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="The ONNX folder with --onnx alone, the safetensors folder with --safetensors alone, their parent with both "
               "(default: onnx/ and safetensors/ beside MODEL_DIR).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Weights dtype (default: as saved).")
-@click.option("--opset", type=click.IntRange(min=14), help="ONNX opset (default: the exporter's).")
+@click.option("--opset", type=click.IntRange(min=14), help="ONNX opset (default: 23 with dynamo, the legacy exporter's own with legacy).")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a dynamically quantised int8 decoder.")
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True,
               help="torch.onnx exporter (dynamo keeps bf16 weights and survives real sizes).")

@@ -231,17 +231,72 @@ def test_int8_decoder_is_quantised_and_scorable(onnx_export, images):
     assert len(caps) == 4 and all(isinstance(c, str) for c in caps)
 
 
-def test_dynamo_exporter(tmp_path, images):
-    """The dynamo exporter (default; the one that survives real sizes) on one family."""
-    from exporters.onnx_export import OnnxOptions, export_model_onnx
+@pytest.mark.parametrize("name", ["tiny-blip2-llama", "tiny-blip2-t5"])
+def test_dynamo_exporter(tmp_path, images, name):
+    """The dynamo exporter (default; the one that survives real sizes) at its default opset 23.
+
+    Llama: attention, RMS norms and rotary embeddings become the fused opset-23 operators. T5:
+    exports at all (its sdpa attention cannot be decomposed by torch.export; eager is used).
+    Greedy tokens equal PyTorch ``generate`` on the numerically determined rows.
+    """
+    import collections
+
+    import onnx
+
+    from compressor.generation import generate_kwargs
+    from exporters.onnx_export import DYNAMO_OPSET, OnnxOptions, export_model_onnx
     from exporters.onnx_runtime import OnnxCaptioner
 
-    model, proc = build("tiny-blip2-llama")
+    model, proc = build(name)
+    impl = model.language_model.config._attn_implementation
     meta = export_model_onnx(model, proc, tmp_path / "dyn", OnnxOptions(exporter="dynamo", optimize=False))
-    assert meta["exporter"] == "dynamo" and meta["default_variant"] == "plain"
+    assert meta["exporter"] == "dynamo" and meta["default_variant"] == "plain" and meta["opset"] == DYNAMO_OPSET == 23
+    assert model.language_model.config._attn_implementation == impl  # restored after export
+    assert "forward" not in vars(model.language_model.get_decoder().norm if name.endswith("llama") else model.language_model)
+    dec = onnx.load(str(tmp_path / "dyn" / "decoder.onnx"), load_external_data=False)
+    ops = collections.Counter(n.op_type for n in dec.graph.node)
+    L = model.config.text_config.num_hidden_layers if name.endswith("llama") else model.config.text_config.num_decoder_layers
+    assert ops["RMSNormalization"] == (2 * L + 1 if name.endswith("llama") else 3 * L + 1), ops
+    if name.endswith("llama"):
+        assert ops["Attention"] == L and ops["RotaryEmbedding"] == 2 * L and ops["Pow"] == 0, ops
     gen = _gen()
     ref, inputs = _torch_tokens(model, proc, images, PROMPTS, gen)
-    np.testing.assert_array_equal(OnnxCaptioner(tmp_path / "dyn", gen).generate(inputs), ref)
+    rows = determined_rows(model, proc, images, PROMPTS, generate_kwargs(gen))
+    assert rows.sum() >= 2, rows
+    got = OnnxCaptioner(tmp_path / "dyn", gen).generate(inputs)
+    np.testing.assert_array_equal(got[rows][:, : ref.shape[1]], ref[rows])
+
+
+def test_rms_norm_swap_keeps_other_norms():
+    """Only norms whose forward equals ``F.rms_norm`` are exported as RMSNormalization."""
+    import torch
+    from torch import nn
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from exporters.onnx_export import _rms_norm_as_op
+
+    class OnePlusWeight(nn.Module):  # Gemma's formula: scale by (1 + weight)
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
+
+    llama, gemma = LlamaRMSNorm(8), OnePlusWeight()
+    with torch.no_grad():
+        llama.weight.copy_(torch.randn(8))
+    box = nn.ModuleList([llama, gemma])
+    x = torch.randn(2, 3, 8)
+    before = [m(x) for m in box]
+    with _rms_norm_as_op(box) as swap:
+        assert swap.swapped == [llama]
+        torch.testing.assert_close(llama(x), before[0])
+        torch.testing.assert_close(gemma(x), before[1])
+    assert "forward" not in vars(llama)
+    with _rms_norm_as_op(box, enabled=False) as swap:
+        assert swap.swapped == []
 
 
 def test_bf16_export_checks_signature_and_fp32_twin(tmp_path):
