@@ -99,11 +99,10 @@ class OnnxCaptioner:
             None for the export's default (int8 if it was quantised, else optimised).
         threads: intra-op threads per session (None: ONNX Runtime's default, one per core).
         verify: check ``SHA256SUMS`` before loading (a corrupted file raises).
-        spinning: let ONNX Runtime's idle intra-op threads spin-wait between calls (its
-            default, and the faster choice on dedicated cores: SmolLM2-135M in the demo BLIP-2,
-            batch 1, 2 threads, quiet 2-core machine: 0.76 s against 0.88 s per 20-token caption
-            fp32, 0.46 against 0.56 s int8). Turn it off on a machine shared with other busy
-            processes, where a spinning pool takes cores they need.
+        spinning: intra-op threads spin-wait between the nodes of a call and stop when it
+            returns (see :func:`exporters.onnx_export.make_session`): the faster choice, and a
+            pool never holds the cores between calls. False: no spinning at all, for a machine
+            shared with other busy processes.
 
     Raises:
         ModelSpecError: not an ONNX export folder, or a variant it does not hold (exit 2).

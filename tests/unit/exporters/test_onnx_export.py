@@ -259,6 +259,10 @@ def test_dynamo_exporter(tmp_path, images, name):
     assert ops["RMSNormalization"] == (2 * L + 1 if name.endswith("llama") else 3 * L + 1), ops
     if name.endswith("llama"):
         assert ops["Attention"] == L and ops["RotaryEmbedding"] == 2 * L and ops["Pow"] == 0, ops
+        # grouped KV heads reach Attention unexpanded (repeat_kv would add 2 Expand per layer)
+        assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
+        assert ops["Expand"] < L, ops
+        assert "TRANSFORMERS_SDPA_FORCE_GQA" not in __import__("os").environ
     gen = _gen()
     ref, inputs = _torch_tokens(model, proc, images, PROMPTS, gen)
     rows = determined_rows(model, proc, images, PROMPTS, generate_kwargs(gen))
