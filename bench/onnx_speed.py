@@ -208,12 +208,13 @@ def load(name: str, work: Path, coco: Path | None = None, tune_steps: int = 0, d
     return model, proc, folder
 
 
-def export(model_dir: Path, out: Path, exporter: str) -> Path:
+def export(model_dir: Path, out: Path, exporter: str, opset: int | None = None) -> Path:
+    """The fp32 + int8 ONNX export of ``model_dir`` (cached in ``out``)."""
     from exporters.onnx_export import OnnxOptions, export_onnx
 
     if not (out / "export.json").is_file():
         t0 = time.perf_counter()
-        export_onnx(model_dir, out, OnnxOptions(exporter=exporter, quantize="int8"))
+        export_onnx(model_dir, out, OnnxOptions(exporter=exporter, quantize="int8", opset=opset))
         log.info("exported %s in %.1f s", out, time.perf_counter() - t0)
     return out
 
@@ -270,6 +271,83 @@ def alternate(captioners: dict, batch: list, prompts: list, rounds: int) -> dict
     return times
 
 
+def breakdown(tc, captioners: dict, image, prompt: str, rounds: int) -> dict[str, dict[str, float]]:
+    """Where one batch-1 caption's time goes on each side, in ms (medians over ``rounds``).
+
+    PyTorch: forward hooks time ``generate``'s own calls: the image part (``vision_model`` entry to
+    ``language_projection`` exit) and each ``language_model`` forward (the first is the prefill
+    of query tokens + prompt, the rest are one-token decode steps with the KV cache). ONNX
+    Runtime: each session call (``image_encoder``; ``decoder``: first prefill, then steps, each
+    with its ``embed_tokens`` call). ``other`` is the rest of the caption (pre-processing, the
+    generation loop, detokenising). Shows which part bounds the whole-caption ratio (Amdahl).
+    """
+    import statistics as st
+
+    model = tc.model
+    marks: dict[str, list[float]] = {"image": [], "lm": []}
+    t_img: list[float] = []
+    t_lm: list[float] = []
+    hooks = [
+        model.vision_model.register_forward_pre_hook(lambda *a: t_img.append(time.perf_counter())),
+        model.language_projection.register_forward_hook(lambda *a: marks["image"].append(time.perf_counter() - t_img[-1])),
+        model.language_model.register_forward_pre_hook(lambda *a: t_lm.append(time.perf_counter())),
+        model.language_model.register_forward_hook(lambda *a: marks["lm"].append(time.perf_counter() - t_lm[-1])),
+    ]
+    out: dict[str, dict[str, float]] = {}
+    try:
+        rows = []
+        for _ in range(rounds):
+            marks["image"].clear(), marks["lm"].clear()
+            t0 = time.perf_counter()
+            tc.caption([image], [prompt])
+            total = time.perf_counter() - t0
+            rows.append((total, marks["image"][0], marks["lm"][0], st.median(marks["lm"][1:]), sum(marks["lm"][1:]),
+                         len(marks["lm"]) - 1))
+        out["torch"] = _summarise(rows)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, oc in captioners.items():
+        calls: dict[str, list[float]] = {}
+        orig = oc._run
+
+        def timed(graph, feed, orig=orig, calls=calls):
+            t = time.perf_counter()
+            res = orig(graph, feed)
+            calls.setdefault(graph, []).append(time.perf_counter() - t)
+            return res
+
+        oc._run = timed
+        try:
+            rows = []
+            for _ in range(rounds):
+                calls.clear()
+                t0 = time.perf_counter()
+                oc.caption([image], [prompt])
+                total = time.perf_counter() - t0
+                dec, emb = calls["decoder"], calls["embed_tokens"]
+                steps = [d + e for d, e in zip(dec[1:], emb[1:])]
+                rows.append((total, calls["image_encoder"][0], dec[0] + emb[0], st.median(steps), sum(steps), len(steps)))
+            out[name] = _summarise(rows)
+        finally:
+            del oc._run
+    return out
+
+
+def _summarise(rows: list[tuple]) -> dict[str, float]:
+    import statistics as st
+
+    total, image, prefill, step, steps, n = (st.median(c) for c in zip(*rows))
+    return {
+        "caption_ms": round(total * 1e3, 1),
+        "image_ms": round(image * 1e3, 1),
+        "prefill_ms": round(prefill * 1e3, 1),
+        "step_ms": round(step * 1e3, 2),
+        "steps": int(n),
+        "other_ms": round((total - image - prefill - steps) * 1e3, 1),
+    }
+
+
 def cider(preds: dict[str, str], refs: dict[str, list[str]]) -> float:
     from eval.captioning import CaptionScorer
 
@@ -291,7 +369,10 @@ def bench_model(name: str, args) -> dict:
         import hashlib
 
         tag = "demo-" + hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]
-    onnx_dir = export(folder, args.work / f"{tag}-onnx-{args.exporter}", args.exporter)
+    from exporters.onnx_export import DYNAMO_OPSET
+
+    opset = args.opset or (DYNAMO_OPSET if args.exporter == "dynamo" else None)
+    onnx_dir = export(folder, args.work / f"{tag}-onnx-{args.exporter}-opset{opset or 'default'}", args.exporter, opset)
     meta = json.loads((onnx_dir / "export.json").read_text())
     size = int(meta["image_size"])
     images, refs = coco_images(args.images, max(args.cider_images, max(args.batch_sizes)), size)
@@ -301,6 +382,7 @@ def bench_model(name: str, args) -> dict:
         "threads": args.threads,
         "new_tokens": args.new_tokens,
         "exporter": args.exporter,
+        "opset": meta.get("opset"),
         "export_seconds": meta["seconds"]["total"],
         "graph_mb": {g: round(v["bytes"] / 1e6, 1) for g, v in meta["graphs"].items()},
         "int8_decoder_mb": round(meta["graphs"]["decoder"]["int8_bytes"] / 1e6, 1),
@@ -310,10 +392,10 @@ def bench_model(name: str, args) -> dict:
         # min_new_tokens = max_new_tokens: every caption has the same length on every side
         gen = GenerationSpec(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, batch_size=bs, prompt=args.prompt)
         tc = TorchCaptioner(model, proc, gen)
-        # spinning off: the sides alternate in one process, and ONNX Runtime's spin-waiting threads
-        # would keep taking the cores while PyTorch's next timed call runs (measured: PyTorch
-        # 0.96 -> 1.47 s per caption with ORT's time unchanged), inflating the ratio
-        kw = {"threads": args.threads, "providers": ["CPUExecutionProvider"], "spinning": False}
+        # the captioner's default spinning: within a call only (session.force_spinning_stop), so
+        # ONNX Runtime's threads do not hold the cores while PyTorch's next timed call runs (with
+        # spinning throughout, PyTorch went from 0.96 to 1.47 s per caption: an inflated ratio)
+        kw = {"threads": args.threads, "providers": ["CPUExecutionProvider"]}
         oc = OnnxCaptioner(onnx_dir, gen, variant="optimized", **kw)
         q8 = OnnxCaptioner(onnx_dir, gen, variant="int8", **kw)
         batch = images[:bs]
@@ -334,6 +416,8 @@ def bench_model(name: str, args) -> dict:
             "identical_tokens": True,
             "distinct_captions": len(set(ref)),
         }
+        if bs == 1:
+            result["breakdown_batch1"] = breakdown(tc, {"ort": oc, "ort_int8": q8}, batch[0], prompts[0], args.rounds)
         log.info("%s batch %d: %s", name, bs, result["batch"][bs])
     # int8 caption quality against the fp32 export's captions
     gen = GenerationSpec(max_new_tokens=args.new_tokens, batch_size=8, prompt=args.prompt)
@@ -392,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-steps", type=int, default=60, help="stage-2 training steps of the demo model (0: as assembled)")
     ap.add_argument("--demo-model", type=Path, default=None, help="use this demo-model folder as is (no assembling or tuning)")
     ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"])
+    ap.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's default in exporters.onnx_export)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -414,6 +499,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['model']}: int8 CIDEr recovery vs the fp32 export's captions = {q['cider_recovery']} "
               f"({q['identical_captions']}/{q['images']} captions identical); graphs MB {r['graph_mb']}, "
               f"int8 decoder {r['int8_decoder_mb']} MB; export {r['export_seconds']:.0f} s ({r['exporter']})")
+    for r in results:
+        b = r.get("breakdown_batch1")
+        if not b:
+            continue
+        print(f"\n{r['model']}, batch 1, where a caption's time goes (ms; median of {args.rounds}; x = PyTorch / ORT):")
+        print(f"  {'part':22s} {'PyTorch':>9s} {'ORT fp32':>9s} {'x':>6s} {'ORT int8':>9s} {'x':>6s}")
+        for key, label in (("image_ms", "image encoder"), ("prefill_ms", "prefill"), ("step_ms", "decode step (each)"),
+                           ("other_ms", "other"), ("caption_ms", "whole caption")):
+            t, o, q = b["torch"][key], b["ort"][key], b["ort_int8"][key]
+            ratio = lambda a, c: f"{a / c:6.2f}" if c > 0 else "     -"  # noqa: E731
+            print(f"  {label:22s} {t:9.1f} {o:9.1f} {ratio(t, o)} {q:9.1f} {ratio(t, q)}")
+        fixed = b["ort_int8"]["image_ms"] + b["ort_int8"]["prefill_ms"]
+        print(f"  ({b['torch']['steps']} decode steps. The int8 caption's image encoder + prefill alone take {fixed:.0f} ms: "
+              f"{b['torch']['caption_ms'] / fixed:.2f}x is the whole-caption ceiling even if decode steps cost nothing.)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
