@@ -19,11 +19,13 @@ graphs in one process doubled the peak instead (the model stays referenced after
   (:func:`~exporters.onnx_export.merge_graph_results`, :func:`~exporters.onnx_export.publish_export`),
   so export.json and validation.json hold what the in-process export writes (timings aside).
 
-What isolation cannot save: weights stored in another dtype than the one loaded (a checkpoint
-with a float16 part loaded as bf16, or ``dtype:`` set to another dtype) are converted by
-``from_pretrained``, i.e. copied whole, in every child (measured on the pruned BLIP-2 OPT-2.7B
-with a float16 language model beside a bf16 ViT: 10-12 GB per child, against 2.8 GB for the
-image encoder's child once the checkpoint was uniformly bf16).
+Measured (``bench/real_size_export.py``, the pruned BLIP-2 OPT-2.7B, 7.05 GB of bf16 weights):
+children peak at 2.79 / 1.68 / 5.32 GB for the image encoder (2.12 GB), embed_tokens (0.26 GB)
+and decoder (4.67 GB), the parent at 0.40 GB: at most 0.81x the weights. What isolation cannot
+save: weights stored in another dtype than the one loaded (a checkpoint with a float16 part loaded
+as bf16, or ``dtype:`` set to another dtype) are converted by ``from_pretrained``, i.e. copied
+whole, in every child: with a float16 language model beside a bf16 ViT, every child peaked at
+10-12 GB.
 
 A child's failure is raised in the parent as the error the in-process export raises
 (:class:`~exporters.onnx_export.OnnxValidationError` with its fields, ``VerificationError``,
