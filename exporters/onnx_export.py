@@ -131,8 +131,10 @@ class OnnxOptions:
         )
 
     def check(self) -> None:
-        """Raises:
-        UserInputError: an exporter, quantisation or isolation setting out of its choices (exit 2).
+        """Refuse settings outside their choices (before anything is loaded or written).
+
+        Raises:
+            UserInputError: an exporter, quantisation or isolation setting out of its choices (exit 2).
         """
         if self.exporter not in ("dynamo", "legacy"):
             raise UserInputError(f"exporter '{self.exporter}': expected dynamo or legacy")
@@ -221,8 +223,10 @@ def should_isolate(model_dir: Path, opts: OnnxOptions) -> bool:
 
 
 def require_processor(processor, model_dir: Path) -> None:
-    """Raises:
-    ModelSpecError: the model folder has no processor (the ONNX folder needs one to caption alone).
+    """The ONNX folder needs the model's processor to caption alone.
+
+    Raises:
+        ModelSpecError: ``processor`` is None (the model folder has none).
     """
     if processor is None:
         raise ModelSpecError(f"{model_dir}: no processor (tokenizer + image processor) saved; the ONNX folder needs one")

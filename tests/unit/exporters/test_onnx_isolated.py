@@ -155,7 +155,11 @@ def test_child_errors_surface_typed_and_leave_no_folder(blip_dir, tmp_path, monk
 
 
 def test_auto_isolates_large_checkpoints_only(blip_dir, monkeypatch):
+    from compressor.recipe.schema import ExportStage
     from exporters import onnx_export as ox
+
+    stage = ExportStage(type="export", formats=["onnx"], onnx={"isolate_graphs": "always"})
+    assert ox.OnnxOptions.from_stage(stage).isolate_graphs == "always"  # the recipe's setting reaches the exporter
 
     _, folder, _ = blip_dir
     assert not ox.should_isolate(folder, ox.OnnxOptions())  # a tiny checkpoint: in-process
