@@ -20,6 +20,12 @@ The output folder::
 
 The folder is built under a temporary name beside ``out_dir`` and renamed into place, so a killed
 export never leaves a folder that looks complete.
+
+Each graph is exported, checked and validated by :func:`export_checked_graph`: in this process
+for small models, or (``isolate_graphs``, by default for checkpoints above 1 GB) one graph per
+fresh subprocess that memory-maps the model folder, so the peak follows the largest graph rather
+than the whole model (:mod:`exporters.onnx_isolated`). Both paths merge the per-graph results
+with :func:`merge_graph_results` and write the same folder.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class OnnxValidationError(VerificationError):
         scaled_diff: ``max_diff / max(1, max |PyTorch|)``, what the tolerance bounds.
         tolerance: the allowed maximum.
         case: the sample case (``prefill``, ``decode_1`` …).
+        variant: ``""`` for the plain graph, ``optimized`` for its ORT_ENABLE_ALL copy.
     """
 
     def __init__(
@@ -74,6 +81,7 @@ class OnnxValidationError(VerificationError):
         scaled_diff: float | None = None,
     ):
         self.graph, self.output, self.max_diff, self.tolerance, self.case = graph, output, max_diff, tolerance, case
+        self.variant = variant
         self.scaled_diff = max_diff if scaled_diff is None else scaled_diff
         where = f"{graph}{f' ({variant})' if variant else ''}"
         super().__init__(
@@ -97,6 +105,11 @@ class OnnxOptions:
         external_data: ``auto`` (above 2 GB), ``always`` or ``never``.
         twin_check: for dtypes ONNX Runtime's CPU provider cannot run, check numbers on an fp32
             twin of the model (needs memory for an fp32 copy); else the signature only.
+        isolate_graphs: export each graph in a fresh subprocess that memory-maps the model folder
+            (:mod:`exporters.onnx_isolated`), so pages read for one graph are gone before the
+            next: ``auto`` (checkpoint weights above :data:`ISOLATE_ABOVE_BYTES`), ``always`` or
+            ``never``. Applies to :func:`export_onnx` (a folder to reload from); an in-memory
+            model is always exported in-process.
     """
 
     dtype: str | None = None
@@ -107,6 +120,7 @@ class OnnxOptions:
     tolerance: float | None = None
     external_data: str = "auto"
     twin_check: bool = True
+    isolate_graphs: str = "auto"
 
     @classmethod
     def from_stage(cls, cfg) -> OnnxOptions:
@@ -121,7 +135,25 @@ class OnnxOptions:
             tolerance=spec.tolerance,
             external_data=spec.external_data,
             twin_check=getattr(spec, "twin_check", True),
+            isolate_graphs=getattr(spec, "isolate_graphs", "auto"),
         )
+
+    def check(self) -> None:
+        """Refuse settings outside their choices (before anything is loaded or written).
+
+        Raises:
+            UserInputError: an exporter, quantisation or isolation setting out of its choices (exit 2).
+        """
+        if self.exporter not in ("dynamo", "legacy"):
+            raise UserInputError(f"exporter '{self.exporter}': expected dynamo or legacy")
+        if self.quantize not in (None, "int8"):
+            raise UserInputError(f"quantize '{self.quantize}': expected int8 or nothing")
+        if self.isolate_graphs not in ("auto", "always", "never"):
+            raise UserInputError(f"isolate_graphs '{self.isolate_graphs}': expected auto, always or never")
+
+
+#: ``isolate_graphs: auto`` exports in subprocesses when the checkpoint's weight files exceed this (bytes).
+ISOLATE_ABOVE_BYTES = 10**9
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,9 +162,17 @@ class OnnxOptions:
 
 
 def export_onnx(
-    model_dir: Path, out_dir: Path, export_stage_cfg, device: str = "cpu", extra_files: dict[str, str] | None = None
+    model_dir: Path,
+    out_dir: Path,
+    export_stage_cfg,
+    device: str = "cpu",
+    extra_files: dict[str, str] | None = None,
+    stats: dict | None = None,
 ) -> dict:
     """Export a model folder to a verified split ONNX folder (the ``export`` stage and CLI).
+
+    Large models (``isolate_graphs``) are exported one graph per fresh subprocess
+    (:func:`exporters.onnx_isolated.export_isolated`); the folder written is the same.
 
     Args:
         model_dir: a BLIP-family ``save_pretrained`` folder with its processor.
@@ -143,6 +183,9 @@ def export_onnx(
             ``[gpu]`` extra is installed). Export itself traces on CPU.
         extra_files: name → text written into the folder (default: the model folder's
             ``recipe.resolved.yaml`` when it has one).
+        stats: if given, filled with how the export ran: ``isolated`` (bool) and, when isolated,
+            ``children``: per subprocess (graph name or ``twin_check``) its ``seconds`` and
+            ``peak_rss_bytes`` (its own ``ru_maxrss``).
 
     Returns:
         The summary written to ``export.json`` (graphs, files, sizes, seconds, validation verdict).
@@ -151,6 +194,7 @@ def export_onnx(
         ModelSpecError: ``model_dir`` is not a BLIP-family model folder (exit 2).
         OnnxValidationError: ONNX Runtime disagrees with PyTorch beyond tolerance (exit 3).
         VerificationError: ``onnx.checker`` rejects a graph.
+        GraphSubprocessError: an isolated graph's subprocess died or failed unexpectedly (exit 3).
     """
     from compressor.models.loading import is_model_dir, load_model
 
@@ -158,14 +202,42 @@ def export_onnx(
     if not is_model_dir(model_dir):
         raise ModelSpecError(f"{model_dir}: not a model folder (expected config.json and *.safetensors)")
     opts = export_stage_cfg if isinstance(export_stage_cfg, OnnxOptions) else OnnxOptions.from_stage(export_stage_cfg)
-    model, processor = load_model(model_dir, dtype=opts.dtype, device="cpu")
-    if processor is None:
-        raise ModelSpecError(f"{model_dir}: no processor (tokenizer + image processor) saved; the ONNX folder needs one")
+    opts.check()
     extra = dict(extra_files or {})
     recipe = model_dir / "recipe.resolved.yaml"
     if recipe.is_file() and "recipe.resolved.yaml" not in extra:
         extra["recipe.resolved.yaml"] = recipe.read_text()
+    isolated = should_isolate(model_dir, opts)
+    if stats is not None:
+        stats["isolated"] = isolated
+    if isolated:
+        from exporters.onnx_isolated import export_isolated
+
+        return export_isolated(model_dir, out_dir, opts, device=device, extra_files=extra, stats=stats)
+    model, processor = load_model(model_dir, dtype=opts.dtype, device="cpu")
+    require_processor(processor, model_dir)
     return export_model_onnx(model, processor, out_dir, opts, device=device, source=str(model_dir), extra_files=extra)
+
+
+def should_isolate(model_dir: Path, opts: OnnxOptions) -> bool:
+    """Whether :func:`export_onnx` exports one graph per subprocess: ``isolate_graphs``, and for
+    ``auto`` the bytes of the folder's weight files against :data:`ISOLATE_ABOVE_BYTES`."""
+    from compressor.models.loading import WEIGHT_SUFFIXES
+
+    if opts.isolate_graphs != "auto":
+        return opts.isolate_graphs == "always"
+    weights = sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    return weights > ISOLATE_ABOVE_BYTES
+
+
+def require_processor(processor, model_dir: Path) -> None:
+    """The ONNX folder needs the model's processor to caption alone.
+
+    Raises:
+        ModelSpecError: ``processor`` is None (the model folder has none).
+    """
+    if processor is None:
+        raise ModelSpecError(f"{model_dir}: no processor (tokenizer + image processor) saved; the ONNX folder needs one")
 
 
 def export_model_onnx(
@@ -178,6 +250,9 @@ def export_model_onnx(
     extra_files: dict[str, str] | None = None,
 ) -> dict:
     """Export an in-memory model (see :func:`export_onnx`; used by tests and benchmarks).
+
+    Every graph is exported, checked and validated by :func:`export_checked_graph` in this
+    process (``opts.isolate_graphs`` needs a folder to reload from: :func:`export_onnx`).
 
     Args:
         model: a BLIP-family model in eval mode on CPU (cast to ``opts.dtype`` when set).
@@ -193,91 +268,178 @@ def export_model_onnx(
 
     Raises:
         OnnxValidationError, VerificationError: see :func:`export_onnx`.
+        UserInputError: ``isolate_graphs: always`` (an in-memory model cannot be reloaded by a
+            subprocess), or an option out of its choices.
     """
-    import torch
-
     from compressor.families import family_for_model
-    from compressor.families.onnx_graphs import export_plan
-    from compressor.models.loading import torch_dtype
-    from exporters.safetensors_export import write_checksums
-
-    opts = opts or OnnxOptions()
-    if opts.exporter not in ("dynamo", "legacy"):
-        raise UserInputError(f"exporter '{opts.exporter}': expected dynamo or legacy")
-    if opts.quantize not in (None, "int8"):
-        raise UserInputError(f"quantize '{opts.quantize}': expected int8 or nothing")
-    if opts.dtype is not None:
-        model = model.to(torch_dtype(opts.dtype))
-    model.eval()
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    family = family_for_model(model)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     from compressor.fileio import make_tmp_dir
 
+    opts = opts or OnnxOptions()
+    opts.check()
+    if opts.isolate_graphs == "always":
+        raise UserInputError("isolate_graphs: always needs a model folder to reload from; use export_onnx(model_dir, …)")
+    model, dtype = prepare_model(model, opts)
+    family = family_for_model(model)
+    out_dir = Path(out_dir)
     tmp = make_tmp_dir(out_dir.parent, out_dir.name)
     t_start = time.perf_counter()
     try:
-        plan = export_plan(model)
-        runnable = _ort_can_run(dtype, device)
-        with torch.inference_mode(False), torch.no_grad():
-            cases = sample_cases(plan, model, dry=not runnable)
-        files: dict[str, dict[str, Any]] = {}
-        timings: dict[str, float] = {}
-        for g in plan.graphs:
-            t0 = time.perf_counter()
-            files[g.spec.name] = _export_graph(g, cases[g.spec.name][-1][1], tmp, opts, dtype)
-            timings[g.spec.name] = round(time.perf_counter() - t0, 3)
+        plan, runnable, cases = plan_and_cases(model, dtype, device)
         fp64 = _Float64Reference(model)
-        validation = _validate_all(plan, cases, tmp, files, opts, dtype, device, runnable, fp64=fp64)
-        if dtype != "float32" and not runnable:
-            validation["numbers"] = _twin_check(model, opts, device) if opts.twin_check else {
-                "checked": "signature only (twin_check: false)"
-            }
-        if opts.optimize:
-            for name, f in files.items():
-                t0 = time.perf_counter()
-                f["optimized"] = _optimize(tmp, f["onnx"], device) if runnable or dtype == "float32" else None
-                timings[f"{name}.optimize"] = round(time.perf_counter() - t0, 3)
-            if runnable:
-                validation["graphs"].update(
-                    _validate_all(plan, cases, tmp, files, opts, dtype, device, True, "optimized", fp64)["graphs"]
-                )
-        quant = None
-        if opts.quantize == "int8":
-            dec = "text_decoder" if plan.kind == "blip" else "decoder"
-            t0 = time.perf_counter()
-            files[dec]["int8"], files[dec]["int8_method"] = _quantize_int8(tmp, files[dec]["onnx"])
-            timings[f"{dec}.quantize"] = round(time.perf_counter() - t0, 3)
-            quant = _int8_report(plan, cases, tmp, files, dec, device) if runnable else {"checked": "not run"}
-            validation["int8"] = quant
-        validation["passed"] = True
-        for f in files.values():
-            for k in ("optimized", "int8"):
-                if f.get(k):
-                    f[f"{k}_bytes"] = _onnx_bytes(tmp / f[k])
-        processor.save_pretrained(tmp)
+        results = {
+            g.spec.name: export_checked_graph(plan, g.spec.name, cases, tmp, opts, dtype, device, runnable, fp64)
+            for g in plan.graphs
+        }
+        numbers = numbers_record(dtype, runnable, opts, lambda: _twin_check(model, opts, device))
+        files, timings, validation = merge_graph_results(plan, results, dtype, device, numbers)
         model.config.save_pretrained(tmp)  # config.json: family lookup and `compress inspect` without weights
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
         meta = _export_meta(model, processor, family, plan, files, dtype, opts, source)
-        meta["seconds"] = {**timings, "total": round(time.perf_counter() - t_start, 3)}
-        _write_json(tmp / VALIDATION_JSON, validation)
-        _write_json(tmp / EXPORT_JSON, meta)
-        write_checksums(tmp)
-        replace_dir(tmp, out_dir)
+        publish_export(tmp, out_dir, processor, meta, validation, timings, t_start, extra_files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return meta
+
+
+def prepare_model(model, opts: OnnxOptions):
+    """Cast to ``opts.dtype`` (when set) and switch to eval mode.
+
+    Returns:
+        ``(model, dtype)``: the model and its dtype's name (``float32``, ``bfloat16`` …, from its
+        first parameter), what export.json and validation.json record.
+    """
+    from compressor.models.loading import torch_dtype
+
+    if opts.dtype is not None:
+        model = model.to(torch_dtype(opts.dtype))
+    model.eval()
+    return model, str(next(model.parameters()).dtype).replace("torch.", "")
+
+
+def plan_and_cases(model, dtype: str, device: str):
+    """The export plan, whether ONNX Runtime can run ``dtype`` on ``device``, and the sample cases.
+
+    Returns:
+        ``(plan, runnable, cases)``; see :func:`sample_cases` (dry when not runnable).
+    """
+    import torch
+
+    from compressor.families.onnx_graphs import export_plan
+
+    plan = export_plan(model)
+    runnable = _ort_can_run(dtype, device)
+    with torch.inference_mode(False), torch.no_grad():
+        cases = sample_cases(plan, model, dry=not runnable)
+    return plan, runnable, cases
+
+
+def export_checked_graph(plan, name: str, cases, folder: Path, opts: OnnxOptions, dtype: str, device: str, runnable: bool, fp64) -> dict:
+    """Export, check and validate ONE graph into ``folder``: the unit both the in-process loop and
+    an isolated subprocess run.
+
+    ``<name>.onnx`` is written and checked (``onnx.checker``, signature), validated against
+    PyTorch when ONNX Runtime can run it, then (``opts.optimize``) its ORT_ENABLE_ALL copy is
+    written and validated, and, for the decoder with ``quantize: int8``, the int8 copy written
+    and reported.
+
+    Returns:
+        JSON-able ``{"file": export.json's graph entry (without the signature), "seconds":
+        {"export", "optimize"?, "quantize"?} (s), "validation": {key: record} (``<name>`` and
+        ``<name>.optimized``), "int8": the int8 report or None}``.
+
+    Raises:
+        OnnxValidationError, VerificationError, UserInputError: see :func:`_export_graph` and
+            :func:`_validate_all`.
+    """
+    from compressor.families.onnx_graphs import ExportPlan
+
+    g = plan.graph(name)
+    one = ExportPlan(plan.kind, [g], plan.meta)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    f = _export_graph(g, cases[name][-1][1], folder, opts, dtype)
+    seconds["export"] = round(time.perf_counter() - t0, 3)
+    files = {name: f}
+    validation = _validate_all(one, cases, folder, files, opts, dtype, device, runnable, fp64=fp64)["graphs"]
+    if opts.optimize:
+        t0 = time.perf_counter()
+        f["optimized"] = _optimize(folder, f["onnx"], device) if runnable or dtype == "float32" else None
+        seconds["optimize"] = round(time.perf_counter() - t0, 3)
+        if runnable:
+            validation.update(_validate_all(one, cases, folder, files, opts, dtype, device, True, "optimized", fp64)["graphs"])
+    int8 = None
+    if opts.quantize == "int8" and name == int8_graph(plan.kind):
+        t0 = time.perf_counter()
+        f["int8"], f["int8_method"] = _quantize_int8(folder, f["onnx"])
+        seconds["quantize"] = round(time.perf_counter() - t0, 3)
+        int8 = _int8_report(one, cases, folder, files, name, device) if runnable else {"checked": "not run"}
+    for k in ("optimized", "int8"):
+        if f.get(k):
+            f[f"{k}_bytes"] = _onnx_bytes(folder / f[k])
+    return {"file": f, "seconds": seconds, "validation": validation, "int8": int8}
+
+
+def int8_graph(kind: str) -> str:
+    """The graph ``quantize: int8`` applies to (the autoregressive decoder)."""
+    return "text_decoder" if kind == "blip" else "decoder"
+
+
+def numbers_record(dtype: str, runnable: bool, opts: OnnxOptions, twin) -> dict | None:
+    """validation.json's ``numbers`` entry: None when the graphs' own numbers were checked; else
+    ``twin()`` (the fp32 twin check, :func:`_twin_check`) or, with ``twin_check: false``, a note."""
+    if dtype == "float32" or runnable:
+        return None
+    return twin() if opts.twin_check else {"checked": "signature only (twin_check: false)"}
+
+
+def merge_graph_results(plan, results: dict[str, dict], dtype: str, device: str, numbers: dict | None):
+    """Merge per-graph :func:`export_checked_graph` results, in plan order, into the folder's records.
+
+    Returns:
+        ``(files, timings, validation)``: export.json's graph entries (before signatures), its
+        ``seconds`` (exports, then optimisations, then quantisation) and validation.json's
+        content (plain graphs, then optimised ones; ``numbers``, ``int8``; ``passed``).
+    """
+    names = [g.spec.name for g in plan.graphs]
+    files = {n: results[n]["file"] for n in names}
+    timings: dict[str, float] = {}
+    for step, suffix in (("export", ""), ("optimize", ".optimize"), ("quantize", ".quantize")):
+        timings.update({f"{n}{suffix}": results[n]["seconds"][step] for n in names if step in results[n]["seconds"]})
+    validation: dict[str, Any] = {"graphs": {}, "dtype": dtype, "device": device}
+    for variant in (False, True):
+        validation["graphs"].update(
+            {k: v for n in names for k, v in results[n]["validation"].items() if k.endswith(".optimized") == variant}
+        )
+    if numbers is not None:
+        validation["numbers"] = numbers
+    int8 = [results[n]["int8"] for n in names if results[n]["int8"] is not None]
+    if int8:
+        validation["int8"] = int8[0]
+    validation["passed"] = True
+    return files, timings, validation
+
+
+def publish_export(tmp: Path, out_dir: Path, processor, meta: dict, validation: dict, timings: dict, t_start: float, extra_files) -> None:
+    """Write the processor, extra files, validation.json, export.json (with ``seconds``) and
+    SHA256SUMS into ``tmp`` (which holds the graphs and config.json), then rename it to ``out_dir``."""
+    from exporters.safetensors_export import write_checksums
+
+    processor.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    meta["seconds"] = {**timings, "total": round(time.perf_counter() - t_start, 3)}
+    _write_json(tmp / VALIDATION_JSON, validation)
+    _write_json(tmp / EXPORT_JSON, meta)
+    write_checksums(tmp)
+    replace_dir(tmp, out_dir)
     log.info(
         "onnx export: %s graphs to %s in %.1f s (%s, %s)",
-        len(plan.graphs),
+        len(meta["graphs"]),
         out_dir,
         meta["seconds"]["total"],
-        dtype,
-        opts.exporter,
+        meta["dtype"],
+        meta["exporter"],
     )
-    return meta
 
 
 def validate_export(model, onnx_dir: Path, device: str = "cpu", variant: str = "plain") -> dict:

@@ -63,13 +63,15 @@ def _targets(model_dir: Path, out: Path | None, onnx: bool, safetensors: bool) -
               help="torch.onnx exporter (dynamo keeps bf16 weights and survives real sizes).")
 @click.option("--no-optimize", is_flag=True, help="Skip the ORT_ENABLE_ALL-optimised copies.")
 @click.option("--no-twin-check", is_flag=True, help="bf16: check the signature only (no fp32 twin in memory).")
+@click.option("--isolate-graphs", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Export each graph in a fresh subprocess (auto: checkpoint weights above 1 GB); bounds peak memory.")
 @click.option("--tolerance", type=float, help="Max |ONNX Runtime - PyTorch| per graph (default 1e-4 for fp32).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="safetensors shard size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where validation runs ONNX Runtime (cuda needs the [gpu] extra).")
 @click.pass_obj
 def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, exporter, no_optimize, no_twin_check,
-           tolerance, max_shard_size, device):
+           isolate_graphs, tolerance, max_shard_size, device):
     """Export MODEL_DIR (default: the newest runs/*/final) to ONNX and/or safetensors.
 
     \b
@@ -116,6 +118,7 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
             quantize=quantize,
             tolerance=tolerance,
             twin_check=not no_twin_check,
+            isolate_graphs=isolate_graphs,
         )
         meta = export_onnx(model_dir, targets["onnx"], opts, device=dev)
         summary["onnx"] = {

@@ -289,6 +289,34 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
     return model, processor
 
 
+def load_skeleton(path: Path | str):
+    """The model a folder holds, on the meta device: its shapes without its weights.
+
+    Built from ``config.json`` (and ``shape_plan.json`` when the model is width-pruned), with the
+    folder's ``generation_config.json``: parameter counts, export plans and graph signatures come
+    out as :func:`load_model`'s would, in about a second at real size, and no weight file is read.
+
+    Returns:
+        The model in eval mode, every parameter on ``meta`` (float32: the saved dtype is not read).
+
+    Raises:
+        ModelSpecError: the folder is not a BLIP-family model folder.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    from compressor.models.shapes import SHAPE_PLAN, apply_shape_plan, meta_skeleton
+
+    path = Path(path)
+    if not is_model_dir(path):
+        raise ModelSpecError(f"{path}: not a model folder (expected config.json and *.safetensors)")
+    model = meta_skeleton(AutoConfig.from_pretrained(str(path)))
+    if (path / SHAPE_PLAN).is_file():
+        apply_shape_plan(model, json.loads((path / SHAPE_PLAN).read_text()))
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model.eval()
+
+
 def load_processor(path: Path | str):
     """The processor saved in a model folder, or None when the folder has none."""
     from transformers import AutoProcessor

@@ -39,7 +39,7 @@ def _describe(mod) -> dict[str, Any]:
     return {"type": "Linear", "in_features": mod.in_features, "out_features": mod.out_features, "bias": mod.bias is not None}
 
 
-def _skeleton(config):
+def meta_skeleton(config):
     """The model a config builds, on the meta device (no memory, no init)."""
     import copy
     import warnings
@@ -65,7 +65,7 @@ def shape_plan(model) -> dict[str, Any] | None:
     """
     from torch import nn
 
-    ref = dict(_skeleton(model.config).named_modules())
+    ref = dict(meta_skeleton(model.config).named_modules())
     modules: dict[str, dict] = {}
     attributes: dict[str, dict] = {}
     for name, mod in model.named_modules():

@@ -519,6 +519,11 @@ class OnnxSpec(Strict):
     twin_check: bool = Field(
         True, description="bf16 exports (not runnable by ORT on CPU): check numbers on an fp32 twin (needs an fp32 copy in memory)."
     )
+    isolate_graphs: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Export each graph in a fresh subprocess that memory-maps the model, so peak memory follows the "
+        "largest graph, not the model (auto: checkpoint weights above 1 GB).",
+    )
 
 
 class ExportStage(StageBase):

@@ -63,3 +63,22 @@ def determined_rows(model, proc, images, prompts, gen_kwargs: dict, factor: floa
         margin = min(float(torch.topk(a[r].double().nan_to_num(-1e30, 1e30, -1e30), 2).values.diff().abs()) for a in o32.scores)
         ok[r] = margin > factor * err
     return ok
+
+
+def perturb_initializer(path, scale: float) -> str:
+    """Multiply the largest float32 initializer of the ONNX file ``path`` by ``scale`` in place.
+
+    Returns:
+        The initializer's name.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    big = max(inits, key=lambda i: np.prod(i.dims))
+    arr = numpy_helper.to_array(big) * scale
+    big.CopyFrom(numpy_helper.from_array(arr.astype(np.float32), big.name))
+    onnx.save(m, str(path))
+    return big.name

@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from onnx_helpers import PRESETS, PROMPTS, REMOVED, build, determined_rows
+from onnx_helpers import PRESETS, PROMPTS, REMOVED, build, determined_rows, perturb_initializer
 
 from compressor.errors import UserInputError, VerificationError
 
@@ -166,18 +166,8 @@ def test_ort_generation_never_calls_pytorch(onnx_export, images, monkeypatch):
 
 def _perturb(src, dst, graph, scale):
     """Copy an export, multiply the largest float initializer of ``graph`` by ``scale``."""
-    import onnx
-    from onnx import numpy_helper
-
     shutil.copytree(src, dst)
-    path = dst / f"{graph}.onnx"
-    m = onnx.load(str(path))
-    inits = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
-    big = max(inits, key=lambda i: np.prod(i.dims))
-    arr = numpy_helper.to_array(big) * scale
-    big.CopyFrom(numpy_helper.from_array(arr.astype(np.float32), big.name))
-    onnx.save(m, str(path))
-    return big.name
+    return perturb_initializer(dst / f"{graph}.onnx", scale)
 
 
 def test_perturbed_initializer_raises_typed_validation_error(onnx_export, tmp_path):
