@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compressor.errors import ModelSpecError, UserInputError, VerificationError
+from compressor.errors import CompressError, ModelSpecError, UserInputError, VerificationError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,42 @@ class OnnxValidationError(VerificationError):
             f"ONNX validation failed: graph '{where}', output '{output}', case '{case}': max |ORT - PyTorch| = "
             f"{max_diff:.3g} (scaled by max(1, |PyTorch|): {self.scaled_diff:.3g}) > tolerance {tolerance:.3g}"
         )
+
+
+class ExportWriteError(CompressError):
+    """Writing a graph into the export folder failed (disk full, quota, permissions; exit 3).
+
+    The message names the file and folder, the operating system's reason and the free space
+    left on that disk; the half-written temporary folder is removed and an earlier export at
+    the output path is left as it was.
+    """
+
+
+class _writing:
+    """Turns an ``OSError`` while ``name`` is written into ``folder`` into an :class:`ExportWriteError`.
+
+    numpy and onnx_ir report a full disk as "problem writing element N to file"; the message
+    says what was written where, why (``strerror``) and how much space that disk has left.
+    """
+
+    def __init__(self, folder: Path, name: str):
+        self.folder, self.name = Path(folder), name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None or not issubclass(exc_type, OSError):
+            return False
+        try:
+            free = f"{shutil.disk_usage(self.folder).free / 1e9:.2f} GB free there"
+        except OSError:
+            free = "free space unknown"
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ExportWriteError(
+            f"writing {self.name} into {self.folder} failed: {reason} ({free}); free some space or export to "
+            "another disk (--out), the export needs about twice the weights' size while it runs"
+        ) from exc
 
 
 @dataclass
@@ -645,7 +681,7 @@ def _export_graph(graph, args: list, folder: Path, opts: OnnxOptions, dtype: str
     if opts.exporter == "legacy":
         import warnings
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _writing(folder, path.name):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 graph.module,
@@ -660,7 +696,8 @@ def _export_graph(graph, args: list, folder: Path, opts: OnnxOptions, dtype: str
         if opts.external_data == "always" or (opts.external_data == "auto" and size > TWO_GB):
             m = onnx.load(str(path))
             _remove_external(path)
-            onnx.save_model(m, str(path), save_as_external_data=True, location=f"{spec.name}.onnx.data")
+            with _writing(folder, f"{path.name} (external data)"):
+                onnx.save_model(m, str(path), save_as_external_data=True, location=f"{spec.name}.onnx.data")
     else:
         with (
             _quiet_loggers("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo"),
@@ -683,7 +720,8 @@ def _export_graph(graph, args: list, folder: Path, opts: OnnxOptions, dtype: str
         if opts.external_data == "never" and weights > TWO_GB:
             raise UserInputError(f"graph {spec.name} holds {weights / 1e9:.2f} GB of weights: external_data: never cannot hold it")
         external = opts.external_data == "always" or (opts.external_data == "auto" and weights > TWO_GB)
-        prog.save(str(path), external_data=external)
+        with _writing(folder, path.name + (" (external data)" if external else "")):
+            prog.save(str(path), external_data=external)
         del prog
     try:
         # full_check adds strict type and shape inference (catches mixed-dtype nodes); it loads

@@ -326,3 +326,27 @@ def test_cuda_provider_gives_the_cpu_tokens(onnx_export, images):
     gpu = OnnxCaptioner(out, gen, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert gpu.settings["device"] == "cuda"
     assert gpu.caption(images, PROMPTS) == cpu
+
+
+def test_disk_full_while_writing_is_a_clear_error(tmp_path, monkeypatch):
+    """A write that fails (here: ENOSPC from the exporter) names file, folder, reason and free space;
+    the earlier export at the output path is left as it was and no temporary folder remains."""
+    import errno
+
+    import torch
+
+    from exporters.onnx_export import ExportWriteError, OnnxOptions, export_model_onnx
+
+    model, proc = build("tiny-blip")
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "export.json").write_text('{"earlier": true}')
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx, "export", full_disk)
+    with pytest.raises(ExportWriteError, match=r"writing vision_encoder\.onnx into .*No space left on device \(\d+\.\d\d GB free"):
+        export_model_onnx(model, proc, out, OnnxOptions(exporter="legacy"))
+    assert (out / "export.json").read_text() == '{"earlier": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]

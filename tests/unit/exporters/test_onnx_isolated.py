@@ -178,3 +178,13 @@ def test_in_memory_export_refuses_always_and_bad_choices(blip_dir, tmp_path):
     with pytest.raises(UserInputError, match="isolate_graphs 'sometimes'"):
         export_onnx(folder, tmp_path / "x", OnnxOptions(isolate_graphs="sometimes"))
     assert not list(tmp_path.iterdir())
+
+
+def test_child_write_error_is_raised_as_export_write_error():
+    """A child's full disk reaches the parent as the same ExportWriteError, message intact."""
+    from exporters.onnx_export import ExportWriteError
+    from exporters.onnx_isolated import _rebuild_error
+
+    msg = "writing decoder.onnx (external data) into /x failed: No space left on device (0.10 GB free there); …"
+    err = _rebuild_error("decoder", 1, {"type": "exporters.onnx_export:ExportWriteError", "message": msg})
+    assert isinstance(err, ExportWriteError) and str(err) == msg
