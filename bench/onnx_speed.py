@@ -297,7 +297,8 @@ def breakdown(tc, captioners: dict, image, prompt: str, rounds: int) -> dict[str
     try:
         rows = []
         for _ in range(rounds):
-            marks["image"].clear(), marks["lm"].clear()
+            for v in marks.values():
+                v.clear()
             t0 = time.perf_counter()
             tc.caption([image], [prompt])
             total = time.perf_counter() - t0

@@ -22,7 +22,6 @@ bookkeeping (top-k, reordering the cache) are not FLOPs of matrix products and c
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,10 +102,10 @@ def meta_model(config):
     import torch
 
     from compressor.families import family_for_config
+    from compressor.models.shapes import meta_skeleton
 
     family = family_for_config(config)
-    with torch.device("meta"):
-        model = family.model_cls()(copy.deepcopy(config))
+    model = meta_skeleton(config)
     model.to(torch.float32)  # one dtype throughout (published configs say float16; FLOPs do not depend on it)
     model.eval()
     for p in model.parameters():

@@ -30,6 +30,8 @@ with :func:`merge_graph_results` and write the same folder.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -51,7 +53,8 @@ TWO_GB = 2 * 1024**3
 #: The dynamo exporter's default opset: 23 is the first with the fused ``Attention``,
 #: ``RMSNormalization`` and ``RotaryEmbedding`` operators, which ``torch.onnx`` emits for
 #: ``scaled_dot_product_attention``, ``rms_norm`` and the rotary embedding. On SmolLM2-135M
-#: inside the demo BLIP-2 they cut the decoder from 2,432 to 1,340 nodes (``bench/onnx_speed.py``).
+#: inside the demo BLIP-2 they cut the decoder from 2,432 to 978 nodes (with grouped KV heads
+#: passed unexpanded, :func:`_sdpa_native_gqa`).
 #: ONNX Runtime runs them from 1.23 on CPU, from 1.25 on CUDA; ``opset: 20`` exports the
 #: decomposed graph for older runtimes.
 DYNAMO_OPSET = 23
@@ -99,29 +102,23 @@ class ExportWriteError(CompressError):
     """
 
 
-class _writing:
+@contextlib.contextmanager
+def _writing(folder: Path, name: str):
     """Turns an ``OSError`` while ``name`` is written into ``folder`` into an :class:`ExportWriteError`.
 
     numpy and onnx_ir report a full disk as "problem writing element N to file"; the message
     says what was written where, why (``strerror``) and how much space that disk has left.
     """
-
-    def __init__(self, folder: Path, name: str):
-        self.folder, self.name = Path(folder), name
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None or not issubclass(exc_type, OSError):
-            return False
+    try:
+        yield
+    except OSError as exc:
         try:
-            free = f"{shutil.disk_usage(self.folder).free / 1e9:.2f} GB free there"
+            free = f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free there"
         except OSError:
             free = "free space unknown"
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise ExportWriteError(
-            f"writing {self.name} into {self.folder} failed: {reason} ({free}); free some space or export to "
+            f"writing {name} into {folder} failed: {reason} ({free}); free some space or export to "
             "another disk (--out), the export needs about twice the weights' size while it runs"
         ) from exc
 
@@ -678,6 +675,7 @@ def _export_graph(graph, args: list, folder: Path, opts: OnnxOptions, dtype: str
     opset = opts.opset if opts.opset is not None else (DYNAMO_OPSET if opts.exporter == "dynamo" else None)
     if opset is not None:
         kwargs["opset_version"] = opset
+    fused_ops = (opset or 0) >= 23  # Attention, RMSNormalization, RotaryEmbedding
     if opts.exporter == "legacy":
         import warnings
 
@@ -701,8 +699,8 @@ def _export_graph(graph, args: list, folder: Path, opts: OnnxOptions, dtype: str
     else:
         with (
             _quiet_loggers("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo"),
-            _rms_norm_as_op(graph.module, enabled=(opset or 0) >= 23),
-            _sdpa_native_gqa(enabled=(opset or 0) >= 23),
+            _rms_norm_as_op(graph.module, enabled=fused_ops),
+            _sdpa_native_gqa(enabled=fused_ops),
             _t5_eager_attention(graph.module),
         ):
             prog = torch.onnx.export(
@@ -740,54 +738,49 @@ def _export_graph(graph, args: list, folder: Path, opts: OnnxOptions, dtype: str
     }
 
 
-class _rms_norm_as_op:
+@contextlib.contextmanager
+def _rms_norm_as_op(module, enabled: bool = True):
     """Within the block, RMS norms run as ``torch.nn.functional.rms_norm`` (→ ONNX ``RMSNormalization``).
 
     transformers writes RMSNorm out (``x * rsqrt(mean(x²) + eps) * weight``: LlamaRMSNorm, the
     Mistral/Qwen copies, T5LayerNorm), which exports as five nodes per norm. A module is swapped
-    only when it has a 1-D ``weight`` and ``variance_epsilon`` and its own forward agrees with
-    ``F.rms_norm`` on a probe input (max |Δ| ≤ 1e-5, float32), so a norm with another formula
-    (Gemma's ``1 + weight``) keeps its own. The forwards are restored on exit; validation still
-    compares the exported graph with the unmodified module.
+    only when it has a 1-D float32 ``weight`` and a ``variance_epsilon`` and its own forward agrees
+    with ``F.rms_norm`` on a probe input (max |Δ| ≤ 1e-5), so a norm with another formula
+    (Gemma's ``1 + weight``) keeps its own; half-precision norms keep theirs too (their fp32
+    upcast order differs). Yields the swapped modules; their forwards are restored on exit, and
+    validation still compares the exported graph with the unmodified module.
     """
+    import torch
+    import torch.nn.functional as F
 
-    def __init__(self, module, enabled: bool = True):
-        self.module, self.enabled, self.swapped = module, enabled, []
-
-    def __enter__(self):
-        import torch
-        import torch.nn.functional as F
-
-        if not self.enabled:
-            return self
-        for m in self.module.modules():
-            w = getattr(m, "weight", None)
-            eps = getattr(m, "variance_epsilon", None)
-            if not isinstance(w, torch.Tensor) or w.dim() != 1 or not isinstance(eps, float) or "forward" in vars(m):
-                continue
-            probe = torch.randn(2, 3, w.shape[0], generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                ref = m(probe) if w.dtype == torch.float32 else None
-                if ref is None:
-                    continue  # half-precision norms keep their own forward (fp32 upcast order differs)
-                got = F.rms_norm(probe, (w.shape[0],), w, eps)
-            if ref.shape != got.shape or float((ref - got).abs().max()) > 1e-5:
-                continue
-
-            def forward(x, w=w, eps=eps):
-                return F.rms_norm(x, (x.shape[-1],), w, eps)
-
-            m.forward = forward
-            self.swapped.append(m)
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.swapped:
+    swapped = []
+    for m in module.modules() if enabled else ():
+        w, eps = getattr(m, "weight", None), getattr(m, "variance_epsilon", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.dtype != torch.float32 or not isinstance(eps, float):
+            continue
+        if "forward" in vars(m):
+            continue
+        probe = torch.randn(2, 3, w.shape[0], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref, got = m(probe), F.rms_norm(probe, (w.shape[0],), w, eps)
+        if ref.shape == got.shape and float((ref - got).abs().max()) <= 1e-5:
+            m.forward = functools.partial(_rms_norm, weight=w, eps=eps)
+            swapped.append(m)
+    try:
+        yield swapped
+    finally:
+        for m in swapped:
             del m.forward
-        self.swapped = []
 
 
-class _sdpa_native_gqa:
+def _rms_norm(x, weight, eps: float):
+    import torch.nn.functional as F
+
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+@contextlib.contextmanager
+def _sdpa_native_gqa(enabled: bool = True):
     """Within the block, grouped-query attention reaches sdpa with its ``kv_heads`` unexpanded.
 
     transformers repeats each key/value head ``heads / kv_heads`` times before sdpa when a mask
@@ -798,27 +791,23 @@ class _sdpa_native_gqa:
     23.4 against 27.3 ms fp32, 9.4 against 11.6 ms int8. Models without grouped heads are
     unaffected. The variable is restored on exit.
     """
-
-    VAR = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.previous = enabled, None
-
-    def __enter__(self):
-        if self.enabled:
-            self.previous = os.environ.get(self.VAR)
-            os.environ[self.VAR] = "1"
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            if self.previous is None:
-                os.environ.pop(self.VAR, None)
-            else:
-                os.environ[self.VAR] = self.previous
+    if not enabled:
+        yield
+        return
+    var = "TRANSFORMERS_SDPA_FORCE_GQA"
+    previous = os.environ.get(var)
+    os.environ[var] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[var]
+        else:
+            os.environ[var] = previous
 
 
-class _t5_eager_attention:
+@contextlib.contextmanager
+def _t5_eager_attention(module):
     """Within the block, T5 attention runs transformers' eager path instead of sdpa.
 
     With sdpa, T5Attention's ``reshape`` of the transposed attention output cannot be decomposed
@@ -827,25 +816,18 @@ class _t5_eager_attention:
     path gives the same numbers and exports. Every T5 config object under ``module`` (the encoder
     and decoder stacks hold their own copies) is switched and restored on exit.
     """
-
-    def __init__(self, module):
-        seen: dict[int, Any] = {}
-        for m in module.modules():
-            cfg = getattr(m, "config", None)
-            if getattr(cfg, "model_type", None) == "t5" and getattr(cfg, "_attn_implementation", None) != "eager":
-                seen[id(cfg)] = cfg
-        self.configs = list(seen.values())
-        self.previous: list[Any] = []
-
-    def __enter__(self):
-        self.previous = [c._attn_implementation for c in self.configs]
-        for c in self.configs:
-            c._attn_implementation = "eager"
-        return self
-
-    def __exit__(self, *exc):
-        for c, prev in zip(self.configs, self.previous):
-            c._attn_implementation = prev
+    configs = {}
+    for m in module.modules():
+        cfg = getattr(m, "config", None)
+        if getattr(cfg, "model_type", None) == "t5":
+            configs[id(cfg)] = (cfg, cfg._attn_implementation)
+    for cfg, _ in configs.values():
+        cfg._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        for cfg, previous in configs.values():
+            cfg._attn_implementation = previous
 
 
 def _dynamic_shapes(spec, n_args: int):

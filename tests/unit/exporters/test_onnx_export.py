@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -252,7 +253,7 @@ def test_dynamo_exporter(tmp_path, images, name):
         # grouped KV heads reach Attention unexpanded (repeat_kv would add 2 Expand per layer)
         assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
         assert ops["Expand"] < L, ops
-        assert "TRANSFORMERS_SDPA_FORCE_GQA" not in __import__("os").environ
+        assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
     gen = _gen()
     ref, inputs = _torch_tokens(model, proc, images, PROMPTS, gen)
     rows = determined_rows(model, proc, images, PROMPTS, generate_kwargs(gen))
@@ -284,13 +285,13 @@ def test_rms_norm_swap_keeps_other_norms():
     box = nn.ModuleList([llama, gemma])
     x = torch.randn(2, 3, 8)
     before = [m(x) for m in box]
-    with _rms_norm_as_op(box) as swap:
-        assert swap.swapped == [llama]
+    with _rms_norm_as_op(box) as swapped:
+        assert swapped == [llama]
         torch.testing.assert_close(llama(x), before[0])
         torch.testing.assert_close(gemma(x), before[1])
     assert "forward" not in vars(llama)
-    with _rms_norm_as_op(box, enabled=False) as swap:
-        assert swap.swapped == []
+    with _rms_norm_as_op(box, enabled=False) as swapped:
+        assert swapped == []
 
 
 def test_bf16_export_checks_signature_and_fp32_twin(tmp_path):
