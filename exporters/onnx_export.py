@@ -721,6 +721,12 @@ def _export_graph(graph, args: list, folder: Path, opts: OnnxOptions, dtype: str
         with _writing(folder, path.name + (" (external data)" if external else "")):
             prog.save(str(path), external_data=external)
         del prog
+        if fused_ops:
+            from exporters.onnx_passes import fold_attention_layout_file
+
+            with _writing(folder, path.name):
+                folded = fold_attention_layout_file(path)
+            log.debug("%s: %d attentions folded to 3-D", spec.name, folded)
     try:
         # full_check adds strict type and shape inference (catches mixed-dtype nodes); it loads
         # the whole model, so graphs above 2 GB get the structural check only

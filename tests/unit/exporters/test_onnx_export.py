@@ -222,13 +222,15 @@ def test_int8_decoder_is_quantised_and_scorable(onnx_export, images):
     assert len(caps) == 4 and all(isinstance(c, str) for c in caps)
 
 
-@pytest.mark.parametrize("name", ["tiny-blip2-llama", "tiny-blip2-t5"])
+@pytest.mark.parametrize("name", ["tiny-blip2-opt", "tiny-blip2-llama", "tiny-blip2-t5"])
 def test_dynamo_exporter(tmp_path, images, name):
     """The dynamo exporter (default; the one that survives real sizes) at its default opset 23.
 
-    Llama: attention, RMS norms and rotary embeddings become the fused opset-23 operators. T5:
-    exports at all (its sdpa attention cannot be decomposed by torch.export; eager is used).
-    Greedy tokens equal PyTorch ``generate`` on the numerically determined rows.
+    Llama: attention, RMS norms and rotary embeddings become the fused opset-23 operators. OPT
+    and Llama: every decoder attention is the 3-D form with the KV cache as its own past
+    inputs (:func:`exporters.onnx_passes.fold_attention_layout`: no head-splitting Transpose
+    left). T5: exports at all (its sdpa attention cannot be decomposed by torch.export; eager is
+    used). Greedy tokens equal PyTorch ``generate`` on the numerically determined rows.
     """
     import collections
 
@@ -246,8 +248,21 @@ def test_dynamo_exporter(tmp_path, images, name):
     assert "forward" not in vars(model.language_model.get_decoder().norm if name.endswith("llama") else model.language_model)
     dec = onnx.load(str(tmp_path / "dyn" / "decoder.onnx"), load_external_data=False)
     ops = collections.Counter(n.op_type for n in dec.graph.node)
-    L = model.config.text_config.num_hidden_layers if name.endswith("llama") else model.config.text_config.num_decoder_layers
-    assert ops["RMSNormalization"] == (2 * L + 1 if name.endswith("llama") else 3 * L + 1), ops
+    L = model.config.text_config.num_decoder_layers if name.endswith("t5") else model.config.text_config.num_hidden_layers
+    if not name.endswith("opt"):
+        assert ops["RMSNormalization"] == (2 * L + 1 if name.endswith("llama") else 3 * L + 1), ops
+    if not name.endswith("t5"):
+        # the folded form: q/k/v enter Attention as (batch, seq, heads x head_dim), the past as
+        # Attention's own inputs, present.* as its outputs; no Transpose, no KV-cache Concat
+        att = [n for n in dec.graph.node if n.op_type == "Attention"]
+        assert len(att) == L and ops["Transpose"] == 0, ops
+        for i, n in enumerate(sorted(att, key=lambda n: int(n.output[1].split(".")[1]))):
+            heads = {a.name for a in n.attribute}
+            assert {"q_num_heads", "kv_num_heads"} <= heads, n
+            assert list(n.input[4:]) == [f"past.{i}.key", f"past.{i}.value"], n.input
+            assert list(n.output[1:]) == [f"present.{i}.key", f"present.{i}.value"], n.output
+        enc = onnx.load(str(tmp_path / "dyn" / "image_encoder.onnx"), load_external_data=False)
+        assert any(a.name == "q_num_heads" for n in enc.graph.node if n.op_type == "Attention" for a in n.attribute)
     if name.endswith("llama"):
         assert ops["Attention"] == L and ops["RotaryEmbedding"] == 2 * L and ops["Pow"] == 0, ops
         # grouped KV heads reach Attention unexpanded (repeat_kv would add 2 Expand per layer)
