@@ -54,7 +54,7 @@ TWO_GB = 2 * 1024**3
 #: ``RMSNormalization`` and ``RotaryEmbedding`` operators, which ``torch.onnx`` emits for
 #: ``scaled_dot_product_attention``, ``rms_norm`` and the rotary embedding. On SmolLM2-135M
 #: inside the demo BLIP-2 they cut the decoder from 2,432 to 978 nodes (with grouped KV heads
-#: passed unexpanded, :func:`_sdpa_native_gqa`), and to 676 once the head-splitting around
+#: passed unexpanded, :func:`_sdpa_native_gqa`), and to 707 once the head-splitting around
 #: each ``Attention`` is folded into its 3-D form (:mod:`exporters.onnx_passes`).
 #: ONNX Runtime runs them from 1.23 on CPU, from 1.25 on CUDA; ``opset: 20`` exports the
 #: decomposed graph for older runtimes.

@@ -61,12 +61,12 @@ def fold_attention_layout(model) -> int:
         v = Concat(past_v, Transpose(Reshape(xv)), axis=-2)              → present.i.value
         y = Reshape(Transpose(Attention(q, k, v, mask)))
 
-    becomes ``y, present_k, present_v = Attention([Rope](xq), [Rope](xk), xv, mask, past_k,
-    past_v)`` with ``q_num_heads`` / ``kv_num_heads`` set and each Rope given its 3-D input;
+    becomes ``y3, present_k, present_v = Attention([Rope](xq), [Rope](xk), xv, mask, past_k,
+    past_v)``, ``y = Reshape(y3)``, with ``q_num_heads`` / ``kv_num_heads`` set and each Rope given its 3-D input;
     without a KV cache (vision encoder, Q-Former) k and v are split directly and the past
     inputs are left out. Head counts come from the Rope's ``num_heads`` or the reshape's
-    constant shape. An attention not matching exactly (a tensor used twice, heads unknown, a
-    transposed output used elsewhere) is left as it is. Graph outputs keep their names and
+    constant shape. An attention not matching exactly (a tensor used twice, heads unknown, an
+    input not of rank 3, a transposed output used elsewhere) is left as it is. Graph outputs keep their names and
     shapes. Nodes no longer needed for any output are dropped.
 
     Args:
@@ -84,6 +84,11 @@ def fold_attention_layout(model) -> int:
         for i in n.input:
             cons[i].append(n)
     outs = {o.name for o in g.output}
+    ranks = {
+        vi.name: len(vi.type.tensor_type.shape.dim)
+        for vi in [*g.input, *g.value_info]
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
+    }
 
     def only_to(name: str, node) -> bool:
         return name not in outs and len(cons[name]) == 1 and cons[name][0] is node
@@ -96,14 +101,18 @@ def fold_attention_layout(model) -> int:
         r = prod.get(t.input[0])
         if r is None or r.op_type != "Reshape" or not only_to(t.input[0], t):
             return None
+        if ranks.get(r.input[0], 3) != 3:  # x must be (batch, seq, hidden) to enter Attention as is
+            return None
         shape = _const_ints(g, r.input[1])
         if shape is None:
             c = prod.get(r.input[1])
             if c is None or c.op_type != "Concat" or len(c.input) != 4:
                 return None
             heads = _const_ints(g, c.input[2])
+        elif len(shape) == 4:
+            heads = shape[2:3]
         else:
-            heads = shape[2:3] if len(shape) == 4 else None
+            return None
         # transformers reshapes to (*input_shape, -1, head_dim): heads unknown here (None)
         n_heads = heads[0] if heads and len(heads) == 1 and heads[0] > 0 else None
         return r.input[0], n_heads, [t, r]
@@ -163,12 +172,15 @@ def fold_attention_layout(model) -> int:
         inputs = [qin, kin, v[0], mask, *past]
         while not inputs[-1]:
             inputs.pop()
-        att = helper.make_node("Attention", inputs, [orr.output[0], *present], name=a.name)
+        # Y is (batch, seq, heads × head_dim) now: the merging Reshape after it stays (a Reshape
+        # keeps element order, so it still yields what it did from the transposed 4-D output)
+        att = helper.make_node("Attention", inputs, [ot.output[0], *present], name=a.name)
+        retyped.add(ot.output[0])
         att.attribute.extend(x for x in a.attribute if x.name not in ("q_num_heads", "kv_num_heads"))
         att.attribute.extend([helper.make_attribute("q_num_heads", q[1]), helper.make_attribute("kv_num_heads", k[1])])
         new.append(att)
         replace[id(a)] = new
-        gone = [*concats, ot, orr, *q[3], *k[3], *v[2]] + [r for r in (q[2], k[2]) if r is not None]
+        gone = [*concats, ot, *q[3], *k[3], *v[2]] + [r for r in (q[2], k[2]) if r is not None]
         remove.update(id(n) for n in gone)
     if not replace:
         return 0
