@@ -14,7 +14,6 @@ def _layer(extra_output: bool = False, rank2: bool = False):
     ``extra_output``: the transposed attention output is also a graph output (must not fold).
     ``rank2``: the projections are declared (batch·seq, hidden) (must not fold).
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
