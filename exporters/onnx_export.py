@@ -56,7 +56,8 @@ TWO_GB = 2 * 1024**3
 #: inside the demo BLIP-2 they cut the decoder from 2,432 to 978 nodes (with grouped KV heads
 #: passed unexpanded, :func:`_sdpa_native_gqa`), and to 707 once the head-splitting around
 #: each ``Attention`` is folded into its 3-D form (:mod:`exporters.onnx_passes`).
-#: ONNX Runtime runs them from 1.23 on CPU, from 1.25 on CUDA; ``opset: 20`` exports the
+#: ONNX Runtime runs them from 1.23 on CPU, from 1.26 on CUDA (1.25 refuses grouped KV heads with
+#: a KV cache: "GQA ... not supported by the unfused runner"); ``opset: 20`` exports the
 #: decomposed graph for older runtimes.
 DYNAMO_OPSET = 23
 

@@ -200,6 +200,9 @@ def fold_attention_layout(model) -> int:
     keep.reverse()
     del g.node[:]
     g.node.extend(keep)
+    used = {i for n in keep for i in n.input} | outs
+    for init in [t for t in g.initializer if t.name not in used]:  # the removed reshapes' shapes
+        g.initializer.remove(init)
     produced = {o for n in keep for o in n.output}
     stale = [vi for vi in g.value_info if vi.name in retyped or vi.name not in produced]
     for vi in stale:

@@ -510,7 +510,7 @@ class HealStage(StageBase):
 class OnnxSpec(Strict):
     """ONNX export settings (split graphs: image_encoder, embed_tokens, decoder with past)."""
 
-    opset: int | None = Field(None, ge=14, description="ONNX opset (default: 23 with the dynamo exporter, whose fused Attention and RMSNormalization need onnxruntime >= 1.23 on CPU, >= 1.25 on CUDA; the legacy exporter's own otherwise).")
+    opset: int | None = Field(None, ge=14, description="ONNX opset (default: 23 with the dynamo exporter, whose fused Attention and RMSNormalization need onnxruntime >= 1.23 on CPU, >= 1.26 on CUDA (grouped KV heads with a KV cache); the legacy exporter's own otherwise).")
     exporter: Literal["dynamo", "legacy"] = Field("dynamo", description="torch.onnx exporter.")
     optimize: bool = Field(True, description="Also save an ORT_ENABLE_ALL-optimised copy.")
     quantize: Literal["int8"] | None = Field(None, description="Dynamic int8 quantisation of the decoder.")

@@ -75,6 +75,7 @@ def test_fold_gives_the_same_outputs(batch, seq, past):
     onnx.checker.check_model(after, full_check=True)
     ops = [n.op_type for n in after.graph.node]
     assert "Transpose" not in ops and "Concat" not in ops and ops.count("Reshape") == 1, ops
+    assert {t.name for t in after.graph.initializer} == {"wq", "wk", "wv", "shape_out"}
     (att,) = [n for n in after.graph.node if n.op_type == "Attention"]
     assert list(att.input) == ["q3", "k3", "v3", "", "past.key", "past.value"]
     assert {a.name: a.i for a in att.attribute if a.name.endswith("num_heads")} == {"q_num_heads": H, "kv_num_heads": KVH}
