@@ -75,9 +75,12 @@ def fold_attention_layout(model) -> int:
     Returns:
         The number of attentions folded.
     """
+    import onnx
     from onnx import helper
 
     g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return 0  # If/Loop/Scan bodies may read outer values the dead-code sweep cannot see
     prod = {o: n for n in g.node for o in n.output}
     cons: dict[str, list] = collections.defaultdict(list)
     for n in g.node:

@@ -84,11 +84,19 @@ def test_fold_gives_the_same_outputs(batch, seq, past):
         np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("case", ["extra_output", "rank2"])
+@pytest.mark.parametrize("case", ["extra_output", "rank2", "subgraph"])
 def test_fold_leaves_what_it_cannot_prove(case):
+    from onnx import TensorProto, helper
+
     from exporters.onnx_passes import fold_attention_layout
 
-    m = _layer(**{case: True})
+    m = _layer(**({case: True} if case != "subgraph" else {}))
+    if case == "subgraph":  # an If whose branch reads an outer value: the pass keeps out
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["q3"], ["z"])], "b", [], [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)]
+        )
+        m.graph.initializer.append(helper.make_tensor("cond", TensorProto.BOOL, [], [True]))
+        m.graph.node.append(helper.make_node("If", ["cond"], ["zz"], then_branch=body, else_branch=body))
     n = len(m.graph.node)
     assert fold_attention_layout(m) == 0
     assert len(m.graph.node) == n
