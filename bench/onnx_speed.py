@@ -9,6 +9,9 @@ into a BLIP-2 with a random ViT-Small and a MiniLM-shaped Q-Former), at batch 1 
   threads; and the same with the int8 dynamically quantised decoder;
 * every side warmed up, then timed in alternation (the order rotates each round), so machine
   noise hits all sides alike; the ratio is median(PyTorch) / median(ORT);
+* at batch 1, where each part of a caption's time goes, and the memory-bandwidth floor of an
+  fp32 decode step (the decoder's bytes over the measured read bandwidth), which bounds the fp32
+  whole-caption ratio on this machine;
 * fp32 ORT tokens are asserted identical to PyTorch's; the int8 captions are scored with CIDEr
   against the fp32 export's captions on ``--cider-images`` COCO images: recovery =
   CIDEr(int8 | fp32 refs) / CIDEr(fp32 | fp32 refs).
@@ -419,6 +422,7 @@ def bench_model(name: str, args) -> dict:
         }
         if bs == 1:
             result["breakdown_batch1"] = breakdown(tc, {"ort": oc, "ort_int8": q8}, batch[0], prompts[0], args.rounds)
+            result["bandwidth_floor"] = bandwidth_floor(result["breakdown_batch1"], meta, args.threads)
         log.info("%s batch %d: %s", name, bs, result["batch"][bs])
     # int8 caption quality against the fp32 export's captions
     gen = GenerationSpec(max_new_tokens=args.new_tokens, batch_size=8, prompt=args.prompt)
@@ -449,6 +453,49 @@ def bench_model(name: str, args) -> dict:
         result["int8_quality"]["teacher_forced"] = teacher_forced_margins(fp, q8, images[:n], args.new_tokens)
     result["examples"] = {"fp32": list(c_fp.values())[:3], "int8": list(c_q8.values())[:3]}
     return result
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth in GB/s: ``torch.sum`` over a ``gib`` GiB float32 tensor with
+    ``threads`` threads (best of ``repeats``; the tensor is far larger than any cache)."""
+    import torch
+
+    n = int(gib * 2**30) // 4
+    x = torch.ones(n, dtype=torch.float32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x.sum()
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(old)
+    return 4 * n / best / 1e9
+
+
+def bandwidth_floor(b: dict, meta: dict, threads: int) -> dict:
+    """The best whole-caption ratio an fp32 decoder could reach at batch 1 on this machine.
+
+    A batch-1 decode step reads every decoder weight once, so it cannot take less than
+    ``decoder bytes / read bandwidth``. With the ONNX Runtime caption's other parts (image
+    encoder, prefill, the rest) as measured, the ratio to PyTorch is at most
+    ``torch caption / (image + prefill + other + steps × floor)`` (Amdahl; bandwidth measured by
+    :func:`read_bandwidth` with the benchmark's thread count).
+    """
+    gbps = read_bandwidth(threads)
+    o = b["ort"]
+    floor_ms = meta["graphs"]["decoder"]["bytes"] / (gbps * 1e9) * 1e3
+    best_ms = o["image_ms"] + o["prefill_ms"] + o["other_ms"] + o["steps"] * floor_ms
+    return {
+        "read_gb_per_s": round(gbps, 1),
+        "decoder_mb": round(meta["graphs"]["decoder"]["bytes"] / 1e6, 1),
+        "step_floor_ms": round(floor_ms, 1),
+        "ort_step_ms": o["step_ms"],
+        "max_caption_ratio_fp32": round(b["torch"]["caption_ms"] / best_ms, 2),
+    }
 
 
 def teacher_forced_margins(fp, q8, images, steps: int) -> dict:
@@ -565,6 +612,11 @@ def main(argv: list[str] | None = None) -> int:
         fixed = b["ort_int8"]["image_ms"] + b["ort_int8"]["prefill_ms"]
         print(f"  ({b['torch']['steps']} decode steps. The int8 caption's image encoder + prefill alone take {fixed:.0f} ms: "
               f"{b['torch']['caption_ms'] / fixed:.2f}x is the whole-caption ceiling even if decode steps cost nothing.)")
+        f = r.get("bandwidth_floor")
+        if f:
+            print(f"  fp32 floor: the decoder's {f['decoder_mb']:.0f} MB read once per step at {f['read_gb_per_s']} GB/s "
+                  f"(measured, {args.threads} threads) is {f['step_floor_ms']} ms a step (ORT: {f['ort_step_ms']:.1f} ms); "
+                  f"with the other parts as measured an fp32 caption can be at most {f['max_caption_ratio_fp32']}x PyTorch's.")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
