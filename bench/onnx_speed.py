@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ({b['torch']['steps']} decode steps. The int8 caption's image encoder + prefill alone take {fixed:.0f} ms: "
               f"{b['torch']['caption_ms'] / fixed:.2f}x is the whole-caption ceiling even if decode steps cost nothing.)")
         f = r.get("bandwidth_floor")
-        if f:
+        if f and f["decoder_mb"] >= 256:  # a smaller decoder stays in the caches: no DRAM floor
             print(f"  fp32 floor: the decoder's {f['decoder_mb']:.0f} MB read once per step at {f['read_gb_per_s']} GB/s "
                   f"(measured, {args.threads} threads) is {f['step_floor_ms']} ms a step (ORT: {f['ort_step_ms']:.1f} ms); "
                   f"with the other parts as measured an fp32 caption can be at most {f['max_caption_ratio_fp32']}x PyTorch's.")
