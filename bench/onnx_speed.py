@@ -476,8 +476,13 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     return 4 * n / best / 1e9
 
 
-def bandwidth_floor(b: dict, meta: dict, threads: int) -> dict:
-    """The best whole-caption ratio an fp32 decoder could reach at batch 1 on this machine.
+#: Below this many decoder bytes the weights stay in the CPU caches: no DRAM floor applies.
+CACHE_RESIDENT_BYTES = 256 * 10**6
+
+
+def bandwidth_floor(b: dict, meta: dict, threads: int) -> dict | None:
+    """The best whole-caption ratio an fp32 decoder could reach at batch 1 on this machine
+    (None for a decoder under :data:`CACHE_RESIDENT_BYTES`).
 
     A batch-1 decode step reads every decoder weight once, so it cannot take less than
     ``decoder bytes / read bandwidth``. With the ONNX Runtime caption's other parts (image
@@ -485,13 +490,16 @@ def bandwidth_floor(b: dict, meta: dict, threads: int) -> dict:
     ``torch caption / (image + prefill + other + steps × floor)`` (Amdahl; bandwidth measured by
     :func:`read_bandwidth` with the benchmark's thread count).
     """
+    size = meta["graphs"]["decoder"]["bytes"]
+    if size < CACHE_RESIDENT_BYTES:
+        return None
     gbps = read_bandwidth(threads)
     o = b["ort"]
-    floor_ms = meta["graphs"]["decoder"]["bytes"] / (gbps * 1e9) * 1e3
+    floor_ms = size / (gbps * 1e9) * 1e3
     best_ms = o["image_ms"] + o["prefill_ms"] + o["other_ms"] + o["steps"] * floor_ms
     return {
         "read_gb_per_s": round(gbps, 1),
-        "decoder_mb": round(meta["graphs"]["decoder"]["bytes"] / 1e6, 1),
+        "decoder_mb": round(size / 1e6, 1),
         "step_floor_ms": round(floor_ms, 1),
         "ort_step_ms": o["step_ms"],
         "max_caption_ratio_fp32": round(b["torch"]["caption_ms"] / best_ms, 2),
@@ -613,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ({b['torch']['steps']} decode steps. The int8 caption's image encoder + prefill alone take {fixed:.0f} ms: "
               f"{b['torch']['caption_ms'] / fixed:.2f}x is the whole-caption ceiling even if decode steps cost nothing.)")
         f = r.get("bandwidth_floor")
-        if f and f["decoder_mb"] >= 256:  # a smaller decoder stays in the caches: no DRAM floor
+        if f:
             print(f"  fp32 floor: the decoder's {f['decoder_mb']:.0f} MB read once per step at {f['read_gb_per_s']} GB/s "
                   f"(measured, {args.threads} threads) is {f['step_floor_ms']} ms a step (ORT: {f['ort_step_ms']:.1f} ms); "
                   f"with the other parts as measured an fp32 caption can be at most {f['max_caption_ratio_fp32']}x PyTorch's.")

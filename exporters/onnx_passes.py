@@ -146,8 +146,6 @@ def fold_attention_layout(model) -> int:
             k, v = rope_of(kc.input[1], kc), split_heads(vc.input[1], vc)
             past, present, concats = [kc.input[0], vc.input[0]], [kc.output[0], vc.output[0]], [kc, vc]
         else:  # no cache (vision, Q-Former, cross-attention on fixed features)
-            if a.input[1] == a.input[2]:
-                continue
             k, v = rope_of(a.input[1], a), split_heads(a.input[2], a)
             past, present, concats = [], [], []
         q = rope_of(a.input[0], a)
