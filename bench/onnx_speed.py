@@ -213,7 +213,7 @@ def load(name: str, work: Path, coco: Path | None = None, tune_steps: int = 0, d
 
 def export(model_dir: Path, out: Path, exporter: str, opset: int | None = None) -> Path:
     """The fp32 + int8 ONNX export of ``model_dir`` (cached in ``out``)."""
-    from exporters.onnx_export import OnnxOptions, export_onnx
+    from exporters.onnx import OnnxOptions, export_onnx
 
     if not (out / "export.json").is_file():
         t0 = time.perf_counter()
@@ -313,7 +313,7 @@ def breakdown(tc, captioners: dict, image, prompt: str, rounds: int) -> dict[str
             h.remove()
     for name, oc in captioners.items():
         calls: dict[str, list[float]] = {}
-        orig = oc._run
+        orig = oc.run
 
         def timed(graph, feed, orig=orig, calls=calls):
             t = time.perf_counter()
@@ -321,7 +321,7 @@ def breakdown(tc, captioners: dict, image, prompt: str, rounds: int) -> dict[str
             calls.setdefault(graph, []).append(time.perf_counter() - t)
             return res
 
-        oc._run = timed
+        oc.run = timed
         try:
             rows = []
             for _ in range(rounds):
@@ -334,7 +334,7 @@ def breakdown(tc, captioners: dict, image, prompt: str, rounds: int) -> dict[str
                 rows.append((total, calls["image_encoder"][0], dec[0] + emb[0], st.median(steps), sum(steps), len(steps)))
             out[name] = _summarise(rows)
         finally:
-            del oc._run
+            del oc.run
     return out
 
 
@@ -364,7 +364,7 @@ def bench_model(name: str, args) -> dict:
 
     from compressor.generation import TorchCaptioner
     from compressor.recipe.schema import GenerationSpec
-    from exporters.onnx_runtime import OnnxCaptioner
+    from exporters.onnx import OnnxCaptioner
 
     torch.set_num_threads(args.threads)
     model, proc, folder = load(name, args.work, args.images, args.tune_steps, args.demo_model)
@@ -373,7 +373,7 @@ def bench_model(name: str, args) -> dict:
         import hashlib
 
         tag = "demo-" + hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]
-    from exporters.onnx_export import DYNAMO_OPSET
+    from exporters.onnx import DYNAMO_OPSET
 
     opset = args.opset or (DYNAMO_OPSET if args.exporter == "dynamo" else None)
     onnx_dir = export(folder, args.work / f"{tag}-onnx-{args.exporter}-opset{opset or 'default'}", args.exporter, opset)
@@ -527,8 +527,8 @@ def teacher_forced_margins(fp, q8, images, steps: int) -> dict:
     for i in range(0, len(images), 8):
         batch = images[i : i + 8]
         inputs = {k: v.numpy() for k, v in generation_inputs(fp.family, fp.processor, batch, [""] * len(batch), "cpu").items()}
-        lf, sf, _ = fp._prefill(inputs)
-        lq, sq, _ = q8._prefill(inputs)
+        lf, sf, _ = fp.prefill(inputs)
+        lq, sq, _ = q8.prefill(inputs)
         for _ in range(steps):
             top2 = np.argsort(-lf, axis=-1)[:, :2]
             gf = np.take_along_axis(lf, top2, -1)
@@ -537,8 +537,8 @@ def teacher_forced_margins(fp, q8, images, steps: int) -> dict:
             errs.extend(np.abs((gq[:, 0] - gq[:, 1]) - (gf[:, 0] - gf[:, 1])))
             tok = top2[:, 0]
             agree.extend(lq.argmax(-1) == tok)
-            lf, sf = fp._step(tok, sf)
-            lq, sq = q8._step(tok, sq)
+            lf, sf = fp.step(tok, sf)
+            lq, sq = q8.step(tok, sq)
     gaps, errs = np.array(gaps), np.array(errs)
     med = float(np.median(errs))
     return {
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-steps", type=int, default=60, help="stage-2 training steps of the demo model (0: as assembled)")
     ap.add_argument("--demo-model", type=Path, default=None, help="use this demo-model folder as is (no assembling or tuning)")
     ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"])
-    ap.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's default in exporters.onnx_export)")
+    ap.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's default in exporters.onnx)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

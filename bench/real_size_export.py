@@ -85,7 +85,7 @@ def build(model_dir: Path) -> dict:
 
 def export_child(model_dir: Path, out: Path, report: Path, isolate: str) -> None:
     """Step 2, run in a fresh process: export, and report wall time and peak RSS (see the module docstring)."""
-    from exporters.onnx_export import OnnxOptions, export_onnx
+    from exporters.onnx import OnnxOptions, export_onnx
 
     t0 = time.perf_counter()
     stats: dict = {}

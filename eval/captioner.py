@@ -1,7 +1,7 @@
 """The one protocol evaluation scores through: images (+ prompts) in, captions out.
 
 A PyTorch implementation lives in ``compressor.generation.TorchCaptioner`` and an ONNX Runtime
-one in ``exporters.onnx_runtime``; evaluation never cares which it scores (DESIGN.md).
+one in ``exporters.onnx``; evaluation never cares which it scores (DESIGN.md).
 """
 
 from __future__ import annotations

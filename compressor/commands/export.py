@@ -108,7 +108,7 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
     if safetensors:
         summary["safetensors"] = _write_safetensors(model_dir, targets["safetensors"], dtype, max_shard_size)
     if onnx:
-        from exporters.onnx_export import OnnxOptions, export_onnx
+        from exporters.onnx import OnnxOptions, export_onnx
 
         opts = OnnxOptions(
             dtype=dtype,
@@ -159,7 +159,7 @@ def _write_safetensors(model_dir: Path, out: Path, dtype: str | None, max_shard_
     tmp = make_tmp_dir(out.parent, out.name)
     try:
         info = export_safetensors(model, processor, tmp, max_shard_size=max_shard_size, extra_files=extra or None)
-        from exporters.onnx_export import replace_dir
+        from exporters.onnx import replace_dir
 
         replace_dir(tmp, out)
     except BaseException:

@@ -3,7 +3,7 @@ decoding settings, the data given by ``--data PATH``, and their click options.
 
 A target is one of:
 
-* an ONNX export folder (it holds ``export.json``): captioned by ``exporters.onnx_runtime.OnnxCaptioner``;
+* an ONNX export folder (it holds ``export.json``): captioned by ``exporters.onnx.OnnxCaptioner``;
 * a ``save_pretrained`` model folder (``config.json`` + ``*.safetensors``), with its processor,
   and its LoRA adapter in ``adapter/`` when present: captioned by ``TorchCaptioner``;
 * a shipped preset name (``shapes-teacher``).
@@ -177,7 +177,7 @@ def load_target(
 
     Raises:
         UserInputError: see :func:`resolve_target_path`; ``cuda`` without a GPU; an ONNX export
-            while ``exporters.onnx_runtime`` is not installed.
+            while ``exporters.onnx`` cannot be imported.
     """
     from compressor.models.loading import resolve_device
 
@@ -186,7 +186,7 @@ def load_target(
     dev = resolve_device(device)
     if kind == "onnx":
         try:
-            from exporters.onnx_runtime import OnnxCaptioner
+            from exporters.onnx import OnnxCaptioner
         except ImportError as exc:
             raise UserInputError(f"{folder} is an ONNX export, but its runtime cannot be imported ({exc})") from None
         captioner = OnnxCaptioner(folder, generation)

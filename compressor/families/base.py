@@ -200,3 +200,9 @@ class Family:
     def token_ids(self, model, processor) -> dict[str, Any]:
         """The ids generation uses (bos, eos list, pad, decoder start): what ``generate`` reads."""
         return self.impl.token_ids(self, model, processor)
+
+    def onnx_graph_parts(self, model):
+        """What this family's ONNX topology (``onnx_topology``) needs of a loaded model: the image
+        path's wrapper and inputs, the language model or its wrappers, facts for ``export.json``
+        (the ``Parts`` of :mod:`exporters.onnx.topologies`)."""
+        return self.impl.onnx_graph_parts(self, model)

@@ -200,3 +200,112 @@ def token_ids(family: Family, model, processor) -> dict[str, Any]:
         "eos_token_id": [int(text.sep_token_id)],
         "pad_token_id": int(text.pad_token_id),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX: the vision encoder and the cross-attending text decoder (exporters.onnx.topologies.blip)
+# --------------------------------------------------------------------------------------------
+
+_ONNX_CLASSES: dict[str, Any] = {}
+
+
+def _onnx_wrappers() -> dict[str, Any]:
+    """The wrapper classes, built on first use (this module imports without torch)."""
+    if _ONNX_CLASSES:
+        return _ONNX_CLASSES
+    import torch
+    from torch import nn
+
+    from exporters.onnx.graphs import cross_cache, cross_kv, generation_position_ids
+
+    class BlipVisionEncoder(nn.Module):
+        """BLIP: ``pixel_values (batch, 3, H, W)`` float32 → ``image_embeds (batch, patches + 1,
+        vision_hidden)`` and every text-decoder layer's cross-attention K/V
+        ``cross.{i}.key/value (batch, heads, patches + 1, head_dim)``."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.vision_model = model.vision_model
+            self.dtype_ = next(model.vision_model.parameters()).dtype
+            layers = model.text_decoder.bert.encoder.layer
+            self.attn = nn.ModuleList([layer.crossattention.self for layer in layers])
+            self.head_dim = self.attn[0].attention_head_size
+
+        def forward(self, pixel_values):
+            h = self.vision_model(pixel_values=pixel_values.to(self.dtype_))[0]
+            return (h, *cross_kv(self.attn, h, "key", "value", self.head_dim))
+
+    class BlipTextDecoder(nn.Module):
+        """BLIP text decoder with past and precomputed cross-attention K/V.
+
+        ``input_ids (batch, seq)``, ``attention_mask (batch, past + seq)``,
+        ``past.{i}.key/value (batch, heads, past, head_dim)``, ``cross.{i}.key/value`` →
+        ``logits (batch, vocab)`` (last position), ``present.{i}.key/value``.
+        """
+
+        def __init__(self, text_decoder, layers: int, vision_hidden: int):
+            super().__init__()
+            self.dec = text_decoder
+            self.layers = layers
+            self.vision_hidden = vision_hidden
+
+        def forward(self, input_ids, attention_mask, *past):
+            L = self.layers
+            cache = cross_cache(past, L)
+            k0 = past[2 * L]
+            dummy = torch.zeros((k0.shape[0], k0.shape[2], self.vision_hidden), dtype=k0.dtype, device=k0.device)
+            pos = generation_position_ids(attention_mask, input_ids.shape[1])
+            out = self.dec(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=pos,
+                encoder_hidden_states=dummy,
+                cache=cache,
+                use_cache=True,
+                is_decoder=True,
+            )
+            presents = [t for layer in out.cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
+            return (out.logits[:, -1, :].float(), *presents)
+
+    _ONNX_CLASSES.update(BlipVisionEncoder=BlipVisionEncoder, BlipTextDecoder=BlipTextDecoder)
+    return _ONNX_CLASSES
+
+
+def _onnx_image_sample(size: int, batch: int, gen) -> list:
+    """Sample ``pixel_values (batch, 3, size, size)``."""
+    import torch
+
+    return [torch.randn((batch, 3, size, size), generator=gen)]
+
+
+def onnx_graph_parts(family: Family, model):
+    """The ONNX parts of a BLIP model for the ``blip`` topology: the ViT with every text-decoder
+    layer's cross-attention K/V, and the BERT text decoder with past and cross K/V."""
+    from exporters.onnx.graphs import ImageGraph, TensorSpec
+    from exporters.onnx.topologies.blip import Parts
+
+    W = _onnx_wrappers()
+    cfg = model.config
+    text, vc = cfg.text_config, cfg.vision_config
+    layers = model.text_decoder.bert.encoder.layer
+    L = len(layers)
+    size = int(vc.image_size)
+    vh = int(vc.hidden_size)
+    patches = (size // int(vc.patch_size)) ** 2 + 1
+    image = ImageGraph(
+        module=W["BlipVisionEncoder"](model),
+        inputs=(TensorSpec("pixel_values", ("batch", 3, size, size), "float32"),),
+        sample=lambda batch, gen: _onnx_image_sample(size, batch, gen),
+        num_tokens=patches,
+    )
+    return Parts(
+        image=image,
+        decoder=W["BlipTextDecoder"](model.text_decoder, L, vh),
+        num_layers=L,
+        num_heads=int(text.num_attention_heads),
+        head_dim=int(layers[0].attention.self.attention_head_size),
+        image_hidden=vh,
+        hidden_size=int(text.hidden_size),
+        vocab_size=int(model.text_decoder.cls.predictions.decoder.weight.shape[0]),
+        meta={"image_size": size, "num_patches": patches},
+    )

@@ -348,3 +348,125 @@ def token_ids(family: Family, model, processor) -> dict[str, Any]:
         start = pick("decoder_start_token_id")
         out["decoder_start_token_id"] = int(start if start is not None else model.config.text_config.decoder_start_token_id)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX: the image path and the language model for the decoder-only (OPT, Llama …) or the
+# encoder-decoder (T5) topology of exporters.onnx.topologies
+# --------------------------------------------------------------------------------------------
+
+
+_ONNX_CLASSES: dict[str, Any] = {}
+
+
+def _onnx_wrappers():
+    """The image-path wrapper class, built on first use (this module imports without torch)."""
+    if "ImageEncoder" in _ONNX_CLASSES:
+        return _ONNX_CLASSES["ImageEncoder"]
+    import torch
+    from torch import nn
+
+    class ImageEncoder(nn.Module):
+        """BLIP-2 / InstructBLIP: pixels (+ instruction) → language-model inputs.
+
+        ``(batch, 3, H, W)`` float32 [+ ``qformer_input_ids`` / ``qformer_attention_mask``
+        ``(batch, q)``] → ``image_embeds (batch, num_query_tokens, lm_hidden)``: the vision
+        encoder, the Q-Former over the learned queries (and the instruction), the projection,
+        as ``get_image_features`` / ``generate`` of transformers 5.x compute them. Only those
+        parts are registered: the dynamo exporter keeps every registered parameter.
+        """
+
+        def __init__(self, model, with_text: bool):
+            super().__init__()
+            self.vision_model = model.vision_model
+            self.qformer = model.qformer
+            self.query_tokens = model.query_tokens
+            self.language_projection = model.language_projection
+            self.with_text = with_text
+            self.dtype_ = next(model.vision_model.parameters()).dtype
+            self.out_dtype = model.language_projection.weight.dtype
+
+        def forward(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None):
+            image_embeds = self.vision_model(pixel_values=pixel_values.to(self.dtype_), return_dict=True).last_hidden_state
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+            query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            if self.with_text:  # InstructBLIP: the Q-Former also reads the instruction
+                query_mask = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=image_embeds.device)
+                out = self.qformer(
+                    input_ids=qformer_input_ids,
+                    attention_mask=torch.cat([query_mask, qformer_attention_mask], dim=1),
+                    query_embeds=query_tokens,
+                    encoder_hidden_states=image_embeds,
+                    encoder_attention_mask=image_mask,
+                    return_dict=True,
+                )
+                query_output = out[0][:, : query_tokens.shape[1], :]
+            else:
+                out = self.qformer(
+                    query_embeds=query_tokens,
+                    encoder_hidden_states=image_embeds,
+                    encoder_attention_mask=image_mask,
+                    return_dict=True,
+                )
+                query_output = out[0]
+            if query_output.dtype != image_embeds.dtype:  # the Q-Former may be kept in fp32
+                query_output = query_output.to(image_embeds.dtype)
+            return self.language_projection(query_output).to(self.out_dtype)
+
+    _ONNX_CLASSES["ImageEncoder"] = ImageEncoder
+    return ImageEncoder
+
+
+def _onnx_image_sample(size: int, qformer_vocab: int | None, batch: int, gen) -> list:
+    """Sample image-path inputs: ``pixel_values (batch, 3, size, size)`` and, for InstructBLIP, a
+    5-token instruction (ids in ``[4, qformer_vocab)``; rows 1 and 2 padded at the end)."""
+    import torch
+
+    pix = torch.randn((batch, 3, size, size), generator=gen)
+    if qformer_vocab is None:
+        return [pix]
+    qmask = torch.ones((batch, 5), dtype=torch.long)
+    qmask[1, 3:] = 0
+    qmask[2, 4:] = 0
+    return [pix, torch.randint(4, max(5, qformer_vocab), (batch, 5), generator=gen), qmask]
+
+
+def onnx_graph_parts(family: Family, model):
+    """The ONNX parts of a BLIP-2 / InstructBLIP model (``family.onnx_topology``'s ``Parts``).
+
+    The image path is vision encoder + Q-Former + projection (InstructBLIP: the Q-Former also
+    reads ``qformer_input_ids`` / ``qformer_attention_mask (batch, qformer_seq)``), giving
+    ``num_query_tokens`` embeddings per image that replace the ``<image>`` tokens; the language
+    model is fed to the decoder-only topology as is, and a T5 through its language-model kind's
+    encoder/decoder wrappers (:func:`compressor.families.language_models.onnx_text_graphs`).
+    """
+    from exporters.onnx.graphs import ImageGraph, TensorSpec
+
+    cfg = model.config
+    size = int(cfg.vision_config.image_size)
+    nq = int(cfg.num_query_tokens)
+    instruction = bool(family.extra.get("qformer_text"))
+    inputs = [TensorSpec("pixel_values", ("batch", 3, size, size), "float32")]
+    if instruction:
+        inputs += [
+            TensorSpec("qformer_input_ids", ("batch", "qformer_seq"), "int64"),
+            TensorSpec("qformer_attention_mask", ("batch", "qformer_seq"), "int64"),
+        ]
+    qformer_vocab = int(cfg.qformer_config.vocab_size) if instruction else None
+    image = ImageGraph(
+        module=_onnx_wrappers()(model, instruction),
+        inputs=tuple(inputs),
+        sample=lambda batch, gen: _onnx_image_sample(size, qformer_vocab, batch, gen),
+        num_tokens=nq,
+    )
+    image_token = cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None else cfg.image_token_index
+    meta = {"num_query_tokens": nq, "image_token_id": int(image_token), "image_size": size}
+    lm = model.language_model
+    if family.decoder_only:
+        from exporters.onnx.topologies.decoder_only import Parts
+
+        return Parts(image=image, language_model=lm, text_config=cfg.text_config, meta=meta)
+    from compressor.families.language_models import onnx_text_graphs
+    from exporters.onnx.topologies.encoder_decoder import Parts as EncoderDecoderParts
+
+    return EncoderDecoderParts(image=image, language_model=lm, text=onnx_text_graphs(family.lm, lm, cfg.text_config), meta=meta)

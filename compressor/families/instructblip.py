@@ -50,3 +50,10 @@ def training_batch(family: Family, processor, images: Sequence, targets: Sequenc
     enc["qformer_input_ids"] = q["input_ids"]
     enc["qformer_attention_mask"] = q["attention_mask"]
     return enc
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX: BLIP-2's parts; the image path also reads the instruction (``extra["qformer_text"]``)
+# --------------------------------------------------------------------------------------------
+
+onnx_graph_parts = blip2.onnx_graph_parts

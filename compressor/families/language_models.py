@@ -202,3 +202,127 @@ def language_model_kind(model_type: str, root: str = "language_model") -> Langua
 
 
 SUPPORTED_LANGUAGE_MODELS = ("opt", *LLAMA_LIKE, "t5")
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX: the encoder and decoder wrappers of encoder-decoder language models (T5), placed by
+# exporters.onnx.topologies.encoder_decoder; decoder-only models need none (the topology wraps
+# any transformers causal LM)
+# --------------------------------------------------------------------------------------------
+
+_ONNX_CLASSES: dict = {}
+
+
+def _t5_onnx_wrappers() -> dict:
+    """T5's wrapper classes, built on first use (this module imports without torch)."""
+    if _ONNX_CLASSES:
+        return _ONNX_CLASSES
+    import torch
+    from torch import nn
+
+    from exporters.onnx.graphs import cross_cache, cross_kv
+
+    class T5Encoder(nn.Module):
+        """T5 encoder over the spliced inputs, plus every decoder layer's cross-attention K/V.
+
+        ``inputs_embeds (batch, seq, d_model)``, ``attention_mask (batch, seq)`` →
+        ``encoder_hidden_states (batch, seq, d_model)``, ``cross.{i}.key/value (batch, heads, seq,
+        d_kv)`` (``EncDecAttention.k/v`` of each decoder block, as T5Attention computes them).
+        """
+
+        #: T5Attention's sdpa path cannot be decomposed by torch.export under dynamic batch and
+        #: sequence ("Cannot view a tensor with shape [s59, s29, 4, 8] and strides (32*s29, 8,
+        #: 8*s29, 1)", torch 2.13, transformers 5.24); eager gives the same numbers and exports
+        export_attention = "eager"
+
+        def __init__(self, lm):
+            super().__init__()
+            self.encoder = lm.encoder
+            self.attn = nn.ModuleList([blk.layer[1].EncDecAttention for blk in lm.decoder.block])
+            self.head_dim = lm.config.d_kv
+
+        def forward(self, inputs_embeds, attention_mask):
+            h = self.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+            return (h, *cross_kv(self.attn, h, "k", "v", self.head_dim))
+
+    class T5Decoder(nn.Module):
+        """T5 decoder step with self-attention past and precomputed cross-attention K/V.
+
+        ``inputs_embeds (batch, seq, d_model)``, ``encoder_attention_mask (batch, enc)``,
+        ``past.{i}.key/value (batch, heads, past, d_kv)``, ``cross.{i}.key/value (batch, heads,
+        enc, d_kv)`` → ``logits (batch, vocab)`` (last position), ``present.{i}.key/value``.
+        The decoder stack and head as ``T5ForConditionalGeneration.forward`` runs them
+        (output scaled by ``d_model ** -0.5`` when the embeddings are tied).
+        """
+
+        export_attention = "eager"  # see T5Encoder
+
+        def __init__(self, lm, layers: int):
+            super().__init__()
+            self.decoder = lm.decoder
+            self.lm_head = lm.lm_head
+            self.config = lm.config
+            self.layers = layers
+
+        def forward(self, inputs_embeds, encoder_attention_mask, *past):
+            L = self.layers
+            cache = cross_cache(past, L, self.config)
+            k0 = past[2 * L]
+            # only the shape of the encoder states is read (cross K/V come from the cache)
+            dummy = torch.zeros(
+                (k0.shape[0], k0.shape[2], self.config.d_model), dtype=inputs_embeds.dtype, device=k0.device
+            )
+            out = self.decoder(
+                inputs_embeds=inputs_embeds,
+                cache=cache,
+                encoder_hidden_states=dummy,
+                encoder_attention_mask=encoder_attention_mask,
+                use_cache=True,
+            )
+            h = out[0][:, -1:, :]
+            if getattr(self.config, "scale_decoder_outputs", self.config.tie_word_embeddings):
+                h = h * (self.config.d_model**-0.5)
+            presents = [t for layer in out.cache.self_attention_cache.layers for t in (layer.keys, layer.values)]
+            return (self.lm_head(h)[:, -1, :].float(), *presents)
+
+    _ONNX_CLASSES.update(T5Encoder=T5Encoder, T5Decoder=T5Decoder)
+    return _ONNX_CLASSES
+
+
+def _t5_onnx_text_graphs(lm, text_config):
+    from exporters.onnx.topologies.encoder_decoder import TextGraphs
+
+    W = _t5_onnx_wrappers()
+    layers = int(getattr(text_config, "num_decoder_layers", None) or text_config.num_layers)
+    return TextGraphs(
+        encoder=W["T5Encoder"](lm),
+        decoder=W["T5Decoder"](lm, layers),
+        num_layers=layers,
+        num_heads=int(text_config.num_heads),
+        head_dim=int(text_config.d_kv),
+    )
+
+
+#: ``LanguageModelKind.model_type`` → its encoder-decoder ONNX wrappers.
+_ONNX_TEXT_GRAPHS = {"t5": _t5_onnx_text_graphs}
+
+
+def onnx_text_graphs(kind: LanguageModelKind, lm, text_config):
+    """The ``encoder`` and ``decoder`` wrappers of an encoder-decoder language model.
+
+    Args:
+        kind: its :class:`LanguageModelKind`.
+        lm: the loaded language model (``T5ForConditionalGeneration``).
+        text_config: its config (decoder layers, heads, per-head width).
+
+    Returns:
+        :class:`exporters.onnx.topologies.encoder_decoder.TextGraphs`.
+
+    Raises:
+        ModelSpecError: no ONNX wrappers for this architecture.
+    """
+    from compressor.errors import ModelSpecError
+
+    if kind.model_type not in _ONNX_TEXT_GRAPHS:
+        raise ModelSpecError(f"no ONNX export for an encoder-decoder '{kind.model_type}' language model")
+    return _ONNX_TEXT_GRAPHS[kind.model_type](lm, text_config)

@@ -150,7 +150,7 @@ def onnx_captioner(ctx):
     onnx_dir = ctx.exports[-1] / "onnx"
     if not onnx_dir.is_dir():
         raise UserInputError("backend: onnx needs the latest export stage to write ONNX (formats: [..., onnx])")
-    from exporters.onnx_runtime import OnnxCaptioner
+    from exporters.onnx import OnnxCaptioner
 
     gen = ctx.recipe.generation
     return (

@@ -81,7 +81,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         )
         summary["safetensors"] = {k: v for k, v in info.items() if k != "files"}
     if "onnx" in cfg.formats:
-        from exporters.onnx_export import OnnxOptions, export_onnx
+        from exporters.onnx import OnnxOptions, export_onnx
 
         opts = OnnxOptions.from_stage(cfg)
         opts.dtype = cfg.dtype or ctx.dtype

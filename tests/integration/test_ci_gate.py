@@ -3,7 +3,7 @@ most of its language-model layers WITHOUT healing, `compress eval` both exports,
 `compress gate` the pruned one against the unpruned one: exit 1 and a JUnit failure naming cider.
 
 The safetensors path always runs; the ONNX path runs when the ONNX exporter and its runtime
-captioner are installed (exporters.onnx_export / exporters.onnx_runtime).
+captioner are installed (exporters.onnx).
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ EVAL = ("--metrics", "bleu_4,cider", "--latency-batch-sizes", "1,4", "--latency-
 @pytest.mark.parametrize("fmt", ["safetensors", "onnx"])
 def test_ci_gate_catches_unhealed_layer_removal(tmp_path, fmt):
     if fmt == "onnx":
-        pytest.importorskip("exporters.onnx_export")
-        pytest.importorskip("exporters.onnx_runtime")
+        pytest.importorskip("exporters.onnx")
     data = write_files(tmp_path / "data", 16, seed=2000)
     recipe = tmp_path / "ci.yaml"
     recipe.write_text(RECIPE.format(formats=f"[{fmt}]"))

@@ -239,19 +239,17 @@ def test_apply_checks_java_before_writing(tmp_path):
 
 
 def test_onnx_folder_goes_through_the_onnx_runtime_captioner(files, tmp_path, monkeypatch):
-    """An ONNX export folder (export.json) is captioned by exporters.onnx_runtime.OnnxCaptioner.
+    """An ONNX export folder (export.json) is captioned by exporters.onnx.OnnxCaptioner.
 
     The real runtime comes with the export issue; a stand-in module records how it is called (a
     PyTorch captioner inside, so the captions are real), and the record keeps what only the
     export can tell (its recorded parameters, its size, latency through the runtime).
     """
-    import sys
-    import types
-
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    import exporters.onnx
     from compressor.generation import TorchCaptioner
     from compressor.models.loading import load_model
     from compressor.models.presets import SHIPPED
@@ -269,7 +267,7 @@ def test_onnx_folder_goes_through_the_onnx_runtime_captioner(files, tmp_path, mo
         def caption(self, images, prompts=None):
             return self._inner.caption(images, prompts)
 
-    monkeypatch.setitem(sys.modules, "exporters.onnx_runtime", types.SimpleNamespace(OnnxCaptioner=FakeOnnxCaptioner))
+    monkeypatch.setattr(exporters.onnx, "OnnxCaptioner", FakeOnnxCaptioner)
     onnx_dir = tmp_path / "onnx"
     onnx_dir.mkdir()
     w = numpy_helper.from_array(np.zeros((5, 4), dtype=np.float32), "w")

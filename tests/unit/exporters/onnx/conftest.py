@@ -14,7 +14,7 @@ from onnx_helpers import build
 @pytest.fixture(scope="session")
 def onnx_export(tmp_path_factory):
     """``get(name) -> (model, processor, onnx_dir)``, exported on first use and cached."""
-    from exporters.onnx_export import OnnxOptions, export_model_onnx
+    from exporters.onnx import OnnxOptions, export_model_onnx
 
     cache: dict = {}
 

@@ -1,11 +1,10 @@
 """ONNX Runtime captioner: greedy and beam search over the split graphs, with no PyTorch model.
 
 ``OnnxCaptioner(onnx_dir, generation)`` implements :class:`eval.captioner.Captioner` for a folder
-written by :func:`exporters.onnx_export.export_onnx` (one holding ``export.json``), so
-``compress eval`` / ``compress predict`` and the ``evaluate`` stage score an export exactly like a
-PyTorch model::
+written by :func:`exporters.onnx.export_onnx` (one holding ``export.json``), so ``compress eval`` /
+``compress predict`` and the ``evaluate`` stage score an export exactly like a PyTorch model::
 
-    from exporters.onnx_runtime import OnnxCaptioner
+    from exporters.onnx import OnnxCaptioner
     cap = OnnxCaptioner("runs/demo/onnx", recipe.generation)          # CPU, export's default variant
     cap = OnnxCaptioner(d, gen, providers=["CUDAExecutionProvider"])  # onnxruntime-gpu ([gpu] extra)
     captions = cap.caption(images, prompts)
@@ -16,13 +15,14 @@ transformers 5.x ``generate`` step for step so that the tokens agree: greedy (``
 ``do_sample=False``) and the vectorised beam search (``_beam_search``: top ``2 × num_beams``
 continuations, length-penalised finished hypotheses, ``early_stopping``), with the repetition
 penalty, no-repeat n-gram and minimum-new-tokens processors, finished rows padded with
-``pad_token_id``. The KV cache goes through the decoder graph (past in, present out); beams
-reorder it with ``take`` on the batch axis. Nothing here calls a ``torch.nn.Module``.
+``pad_token_id``. The first forward and each decode step are the folder's topology's
+(:mod:`exporters.onnx.topologies`, found by ``export.json``'s ``kind``); the KV cache goes
+through the decoder graph (past in, present out); beams reorder it with ``take`` on the batch
+axis. Nothing here calls a ``torch.nn.Module``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +30,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from compressor.errors import ModelSpecError, UserInputError, VerificationError
+from exporters.onnx.metadata import read_export_json, verify_onnx_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,44 +46,8 @@ DEFAULT_GENERATION = dict(
     no_repeat_ngram_size=0,
 )
 NEG = -1.0e9
-
-
-def is_onnx_dir(path: Path | str) -> bool:
-    """Whether ``path`` is an ONNX export folder (it holds ``export.json``)."""
-    return (Path(path) / "export.json").is_file()
-
-
-def read_export_json(onnx_dir: Path | str) -> dict:
-    """``export.json`` of an ONNX folder.
-
-    Raises:
-        ModelSpecError: the folder has no ``export.json`` or it is unreadable (exit 2).
-    """
-    path = Path(onnx_dir) / "export.json"
-    if not path.is_file():
-        raise ModelSpecError(f"{onnx_dir}: not an ONNX export folder (no export.json); run `compress export --onnx` first")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ModelSpecError(f"{path}: unreadable ({exc})") from None
-    if meta.get("format") != "vlm-compress-onnx":
-        raise ModelSpecError(f"{path}: not written by vlm-compress (format {meta.get('format')!r})")
-    return meta
-
-
-def verify_onnx_dir(onnx_dir: Path | str) -> None:
-    """Check every file of an ONNX folder against its ``SHA256SUMS``.
-
-    Raises:
-        CorruptInputError: a file is missing or its bytes changed (names the files; exit 2).
-    """
-    from compressor.errors import CorruptInputError
-    from exporters.safetensors_export import verify_folder
-
-    try:
-        verify_folder(Path(onnx_dir))
-    except VerificationError as exc:
-        raise CorruptInputError(str(exc)) from None
+#: numpy dtypes of the signature's element types (``model``: the export dtype).
+_NP_DTYPES = {"float32": "float32", "int64": "int64", "float16": "float16"}
 
 
 class OnnxCaptioner:
@@ -100,7 +65,7 @@ class OnnxCaptioner:
         threads: intra-op threads per session (None: ONNX Runtime's default, one per core).
         verify: check ``SHA256SUMS`` before loading (a corrupted file raises).
         spinning: intra-op threads spin-wait between the nodes of a call and stop when it
-            returns (see :func:`exporters.onnx_export.make_session`): the faster choice, and a
+            returns (see :func:`exporters.onnx.runtime.make_session`): the faster choice, and a
             pool never holds the cores between calls. False: no spinning at all, for a machine
             shared with other busy processes.
 
@@ -126,7 +91,8 @@ class OnnxCaptioner:
 
         from compressor.families import family_for_config
         from compressor.generation import generate_kwargs
-        from exporters.onnx_export import make_session
+        from exporters.onnx.runtime import make_session
+        from exporters.onnx.topologies import by_kind
 
         self.dir = Path(onnx_dir)
         self.meta = read_export_json(self.dir)
@@ -154,6 +120,8 @@ class OnnxCaptioner:
             )
         self.np_dtype = np.float16 if self.dtype == "float16" else np.float32
         self.kind = self.meta["kind"]
+        #: the folder's topology (its first forward and decode step)
+        self.topology = by_kind(self.kind)
         self.variant = variant or self.meta.get("default_variant", "plain")
         if self.variant not in ("plain", "optimized", "int8"):
             raise ModelSpecError(f"variant '{self.variant}': expected plain, optimized or int8")
@@ -170,13 +138,13 @@ class OnnxCaptioner:
                 raise ModelSpecError(f"{self.dir}: this export has no int8 decoder; export with --quantize int8")
             self.graph_files[name] = file
             try:
-                # embed_tokens is one Gather: a single thread; no pool spins between the
-                # sessions that take turns every step (they would steal each other's cores)
+                # a token embedding is one Gather: a single thread; no pool spins between
+                # the sessions that take turns every step (they would steal each other's cores)
                 self.sessions[name] = make_session(
                     self.dir / file,
                     self.providers,
                     optimize=not optimized,
-                    threads=1 if name == "embed_tokens" else threads,
+                    threads=1 if name in self.topology.SINGLE_THREAD_GRAPHS else threads,
                     spinning=spinning,
                 )
             except Exception as exc:  # onnxruntime raises its own exception types for bad files
@@ -230,116 +198,73 @@ class OnnxCaptioner:
         """Token ids as ``model.generate`` returns them (prompt included for causal LMs).
 
         Args:
-            inputs: numpy arrays from the processor: ``pixel_values (batch, 3, H, W)``,
-                ``input_ids`` / ``attention_mask (batch, seq)`` (and InstructBLIP's
-                ``qformer_input_ids`` / ``qformer_attention_mask``).
+            inputs: numpy arrays from the processor: ``input_ids`` / ``attention_mask (batch,
+                seq)`` and what the image graph reads (``pixel_values (batch, 3, H, W)``, an
+                instruction's ids …, named by its signature).
 
         Returns:
             ``(batch, seq)`` int64: for causal LMs and BLIP the prompt ids followed by the new
             tokens; for T5 the decoder start token followed by the new tokens.
         """
-        logits, state, prompt = self._prefill(inputs)
+        logits, state, prompt = self.prefill(inputs)
         k = self.kwargs
         if k["num_beams"] > 1:
             return self._beam_search(logits, state, prompt, k)
         return self._greedy(logits, state, prompt, k)
 
-    def _run(self, graph: str, feed: dict) -> list:
+    def prefill(self, inputs: dict):
+        """The first forward (the topology's): ``(logits (batch, vocab), state, prompt ids (batch, n))``.
+
+        Args:
+            inputs: numpy arrays from the processor (see :meth:`generate`).
+        """
+        return self.topology.prefill(self, inputs)
+
+    def step(self, tokens, state: dict):
+        """One decode step (the topology's) for ``tokens (batch,)``: ``(logits (batch, vocab), new state)``."""
+        return self.topology.step(self, tokens, state)
+
+    # ---------------------------------------------------------------- what the topologies use
+
+    def run(self, graph: str, feed: dict) -> list:
+        """Run one graph's session: its outputs in signature order (numpy arrays)."""
         return self.sessions[graph].run(None, feed)
 
-    def _empty_past(self, batch: int) -> list:
+    def graph_feed(self, graph: str, inputs: dict) -> dict:
+        """The feed of ``graph`` from the processor's arrays, by the input names and element types of
+        its signature in ``export.json`` (an image path may read any inputs its family declares).
+
+        Raises:
+            UserInputError: the processor gave no array the graph reads.
+        """
+        import numpy as np
+
+        feed = {}
+        for t in self.meta["graphs"][graph]["signature"]["inputs"]:
+            if t["name"] not in inputs:
+                raise UserInputError(
+                    f"graph {graph} reads '{t['name']}', which the processor in {self.dir} does not produce "
+                    f"(it gives {', '.join(inputs)})"
+                )
+            dtype = self.np_dtype if t["dtype"] == "model" else np.dtype(_NP_DTYPES[t["dtype"]])
+            feed[t["name"]] = inputs[t["name"]].astype(dtype)
+        return feed
+
+    def empty_past(self, batch: int) -> list:
+        """``2 × num_layers`` empty key/value arrays ``(batch, kv_heads, 0, head_dim)`` in the export dtype."""
         import numpy as np
 
         m = self.meta
         shape = (batch, m["num_kv_heads"], 0, m["head_dim"])
         return [np.zeros(shape, dtype=self.np_dtype) for _ in range(2 * m["num_layers"])]
 
-    def _past_feed(self, past: list, cross: list | None = None) -> dict:
+    def past_feed(self, past: list, cross: list | None = None) -> dict:
+        """``past.{i}.key/value`` (and ``cross.{i}.key/value``) feed entries from per-layer lists."""
         L = self.meta["num_layers"]
         feed = {f"past.{i}.{kv}": past[2 * i + j] for i in range(L) for j, kv in enumerate(("key", "value"))}
         if cross is not None:
             feed.update({f"cross.{i}.{kv}": cross[2 * i + j] for i in range(L) for j, kv in enumerate(("key", "value"))})
         return feed
-
-    def _spliced_embeds(self, inputs: dict):
-        """Token embeddings with the image features written over the ``<image>`` positions."""
-        import numpy as np
-
-        ids = inputs["input_ids"].astype(np.int64)
-        feed = {"pixel_values": inputs["pixel_values"].astype(np.float32)}
-        if self.family.extra.get("qformer_text"):
-            feed["qformer_input_ids"] = inputs["qformer_input_ids"].astype(np.int64)
-            feed["qformer_attention_mask"] = inputs["qformer_attention_mask"].astype(np.int64)
-        feats = self._run("image_encoder", feed)[0]
-        emb = self._run("embed_tokens", {"input_ids": ids})[0]
-        where = ids == int(self.meta["image_token_id"])
-        n = int(where.sum())
-        if n != feats.shape[0] * feats.shape[1]:
-            raise UserInputError(
-                f"the prompt holds {n} image tokens for {feats.shape[0]} images of {feats.shape[1]} query tokens; "
-                "the processor in the ONNX folder does not match the model"
-            )
-        emb[where] = feats.reshape(-1, feats.shape[-1]).astype(emb.dtype)
-        return emb
-
-    def _prefill(self, inputs: dict):
-        """First forward: returns ``(logits (batch, vocab), state, prompt ids (batch, n))``."""
-        import numpy as np
-
-        if self.kind == "causal":
-            emb = self._spliced_embeds(inputs)
-            mask = inputs["attention_mask"].astype(np.int64)
-            b = emb.shape[0]
-            past = self._empty_past(b)
-            out = self._run("decoder", {"inputs_embeds": emb, "attention_mask": mask, **self._past_feed(past)})
-            return out[0], {"past": out[1:], "mask": mask}, inputs["input_ids"].astype(np.int64)
-        if self.kind == "seq2seq":
-            emb = self._spliced_embeds(inputs)
-            mask = inputs["attention_mask"].astype(np.int64)
-            b = emb.shape[0]
-            enc = self._run("encoder", {"inputs_embeds": emb, "attention_mask": mask})
-            cross = enc[1:]
-            start = np.full((b, 1), int(self.meta["token_ids"]["decoder_start_token_id"]), dtype=np.int64)
-            state = {"past": self._empty_past(b), "cross": cross, "mask": mask}
-            logits, state = self._step(start[:, 0], state)
-            return logits, state, start
-        # blip: BlipForConditionalGeneration.generate sets column 0 to BOS and drops the final [SEP]
-        pix = inputs["pixel_values"].astype(np.float32)
-        b = pix.shape[0]
-        bos = int(self.meta["token_ids"]["bos_token_id"])
-        if "input_ids" in inputs:
-            ids = inputs["input_ids"].astype(np.int64).copy()
-            mask = inputs["attention_mask"].astype(np.int64)[:, :-1]
-        else:
-            ids = np.array([[bos, self.eos[0]]] * b, dtype=np.int64)
-            mask = np.ones((b, 1), dtype=np.int64)
-        ids[:, 0] = bos
-        ids = ids[:, :-1]
-        cross = self._run("vision_encoder", {"pixel_values": pix})[1:]
-        past = self._empty_past(b)
-        out = self._run("text_decoder", {"input_ids": ids, "attention_mask": mask, **self._past_feed(past, cross)})
-        return out[0], {"past": out[1:], "cross": cross, "mask": mask}, ids
-
-    def _step(self, tokens, state: dict):
-        """One decode step for ``tokens (batch,)``; returns ``(logits, new state)``."""
-        import numpy as np
-
-        tok = tokens.astype(np.int64)[:, None]
-        if self.kind == "causal":
-            mask = np.concatenate([state["mask"], np.ones_like(tok)], axis=1)
-            emb = self._run("embed_tokens", {"input_ids": tok})[0]
-            out = self._run("decoder", {"inputs_embeds": emb, "attention_mask": mask, **self._past_feed(state["past"])})
-            return out[0], {"past": out[1:], "mask": mask}
-        if self.kind == "seq2seq":
-            emb = self._run("embed_tokens", {"input_ids": tok})[0]
-            out = self._run(
-                "decoder",
-                {"inputs_embeds": emb, "encoder_attention_mask": state["mask"], **self._past_feed(state["past"], state["cross"])},
-            )
-            return out[0], {**state, "past": out[1:]}
-        mask = np.concatenate([state["mask"], np.ones_like(tok)], axis=1)
-        out = self._run("text_decoder", {"input_ids": tok, "attention_mask": mask, **self._past_feed(state["past"], state["cross"])})
-        return out[0], {**state, "past": out[1:], "mask": mask}
 
     @staticmethod
     def _take(state: dict, idx) -> dict:
@@ -399,7 +324,7 @@ class OnnxCaptioner:
             unfinished &= ~np.isin(nxt, self.eos)
             if not unfinished.any() or seqs.shape[1] >= max_len:
                 return seqs
-            logits, state = self._step(nxt, state)
+            logits, state = self.step(nxt, state)
 
     # ---------------------------------------------------------------- beam search
 
@@ -433,7 +358,7 @@ class OnnxCaptioner:
         first = True
         while True:
             if not first:
-                logits, state = self._step(running[:, :, cur - 1].reshape(-1), state)
+                logits, state = self.step(running[:, :, cur - 1].reshape(-1), state)
             first = False
             x = logits.astype(np.float32)
             x = x - x.max(-1, keepdims=True)

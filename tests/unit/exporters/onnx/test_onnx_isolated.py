@@ -33,15 +33,15 @@ def blip_dir(onnx_export, tmp_path_factory):
 
 def _wrap_child(monkeypatch, tmp_path, patch: str) -> None:
     """Run every child through a script that applies ``patch`` (Python source) first."""
-    from exporters import onnx_isolated
+    from exporters.onnx import isolated
 
     script = tmp_path / "child.py"
     script.write_text(
-        f"import sys\nsys.path.insert(0, {str(HELPERS)!r})\nfrom exporters import onnx_export, onnx_isolated\n"
+        f"import sys\nsys.path.insert(0, {str(HELPERS)!r})\nfrom exporters.onnx import graphs, isolated\n"
         + textwrap.dedent(patch)
-        + "\nraise SystemExit(onnx_isolated.main(sys.argv[1:]))\n"
+        + "\nraise SystemExit(isolated.main(sys.argv[1:]))\n"
     )
-    monkeypatch.setattr(onnx_isolated, "child_command", lambda req, res: [sys.executable, str(script), str(req), str(res)])
+    monkeypatch.setattr(isolated, "child_command", lambda req, res: [sys.executable, str(script), str(req), str(res)])
 
 
 def _no_output(parent: Path, name: str) -> bool:
@@ -52,8 +52,8 @@ def test_isolated_export_equals_in_process_and_parent_loads_no_weights(blip_dir,
     import transformers
 
     import compressor.models.loading as loading
-    from exporters import onnx_export as ox
-    from exporters.onnx_export import OnnxOptions, export_onnx, make_session, sample_cases
+    from exporters.onnx import OnnxOptions, export_onnx, make_session, sample_cases
+    from exporters.onnx import metadata as md
 
     model, folder, ref = blip_dir
 
@@ -63,13 +63,13 @@ def test_isolated_export_equals_in_process_and_parent_loads_no_weights(blip_dir,
     monkeypatch.setattr(loading, "load_model", no_weights)
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(no_weights))
     seen = []
-    real_meta = ox._export_meta
+    real_meta = md.export_meta
 
     def spy(m, *a, **k):
         seen.append(all(p.is_meta for p in m.parameters()))
         return real_meta(m, *a, **k)
 
-    monkeypatch.setattr(ox, "_export_meta", spy)
+    monkeypatch.setattr(md, "export_meta", spy)
     stats: dict = {}
     out = tmp_path / "onnx"
     meta = export_onnx(folder, out, OnnxOptions(**OPTS, isolate_graphs="always"), stats=stats)
@@ -85,7 +85,7 @@ def test_isolated_export_equals_in_process_and_parent_loads_no_weights(blip_dir,
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
     assert (out / "config.json").is_file() and not list(tmp_path.glob(".tmp-*"))
 
-    from compressor.families.onnx_graphs import export_plan
+    from exporters.onnx import export_plan
 
     plan = export_plan(model)
     cases = sample_cases(plan, model)
@@ -101,23 +101,23 @@ def test_isolated_export_equals_in_process_and_parent_loads_no_weights(blip_dir,
 
 PERTURB = """
 from onnx_helpers import perturb_initializer
-_export = onnx_export._export_graph
+_export = graphs.export_graph
 def _perturbed(graph, args, folder, opts, dtype):
     f = _export(graph, args, folder, opts, dtype)
     perturb_initializer(folder / f["onnx"], 1.01)  # a 1% weight change
     return f
-onnx_export._export_graph = _perturbed
+graphs.export_graph = _perturbed
 """
 BAD_SIGNATURE = """
 from compressor.errors import VerificationError
 def _reject(path, spec, dtype):
     raise VerificationError(f"{path.name}: signature differs from the declared graph (test)")
-onnx_export._check_signature = _reject
+graphs.check_signature = _reject
 """
 
 
 def test_perturbed_child_raises_the_typed_validation_error_and_leaves_no_folder(blip_dir, tmp_path, monkeypatch):
-    from exporters.onnx_export import OnnxOptions, OnnxValidationError, export_onnx
+    from exporters.onnx import OnnxOptions, OnnxValidationError, export_onnx
 
     _, folder, _ = blip_dir
     _wrap_child(monkeypatch, tmp_path, PERTURB)
@@ -131,8 +131,8 @@ def test_perturbed_child_raises_the_typed_validation_error_and_leaves_no_folder(
 
 
 def test_child_errors_surface_typed_and_leave_no_folder(blip_dir, tmp_path, monkeypatch):
-    from exporters.onnx_export import OnnxOptions, export_onnx
-    from exporters.onnx_isolated import GraphSubprocessError
+    from exporters.onnx import OnnxOptions, export_onnx
+    from exporters.onnx.isolated import GraphSubprocessError
 
     _, folder, _ = blip_dir
     out = tmp_path / "exports" / "onnx"
@@ -148,7 +148,7 @@ def test_child_errors_surface_typed_and_leave_no_folder(blip_dir, tmp_path, monk
         export_onnx(folder, out, opts)
     assert err.value.task == "vision_encoder" and err.value.returncode == -9 and err.value.exit_code == 3
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and not list(out.parent.glob(".tmp-*"))  # old folder kept
-    _wrap_child(monkeypatch, tmp_path, "onnx_isolated.run_task = lambda request: 1 / 0\n")
+    _wrap_child(monkeypatch, tmp_path, "isolated.run_task = lambda request: 1 / 0\n")
     with pytest.raises(GraphSubprocessError, match="ZeroDivisionError: division by zero") as err:
         export_onnx(folder, out, opts)
     assert "Traceback" in str(err.value) and sorted(p.name for p in out.iterdir()) == ["old.txt"]
@@ -156,7 +156,7 @@ def test_child_errors_surface_typed_and_leave_no_folder(blip_dir, tmp_path, monk
 
 def test_auto_isolates_large_checkpoints_only(blip_dir, monkeypatch):
     from compressor.stages.export import ExportStage
-    from exporters import onnx_export as ox
+    from exporters.onnx import export as ox
 
     stage = ExportStage(type="export", formats=["onnx"], onnx={"isolate_graphs": "always"})
     assert ox.OnnxOptions.from_stage(stage).isolate_graphs == "always"  # the recipe's setting reaches the exporter
@@ -170,7 +170,7 @@ def test_auto_isolates_large_checkpoints_only(blip_dir, monkeypatch):
 
 
 def test_in_memory_export_refuses_always_and_bad_choices(blip_dir, tmp_path):
-    from exporters.onnx_export import OnnxOptions, export_model_onnx, export_onnx
+    from exporters.onnx import OnnxOptions, export_model_onnx, export_onnx
 
     model, folder, _ = blip_dir
     with pytest.raises(UserInputError, match="model folder"):
@@ -182,9 +182,9 @@ def test_in_memory_export_refuses_always_and_bad_choices(blip_dir, tmp_path):
 
 def test_child_write_error_is_raised_as_export_write_error():
     """A child's full disk reaches the parent as the same ExportWriteError, message intact."""
-    from exporters.onnx_export import ExportWriteError
-    from exporters.onnx_isolated import _rebuild_error
+    from exporters.onnx import ExportWriteError
+    from exporters.onnx.isolated import _rebuild_error
 
     msg = "writing decoder.onnx (external data) into /x failed: No space left on device (0.10 GB free there); …"
-    err = _rebuild_error("decoder", 1, {"type": "exporters.onnx_export:ExportWriteError", "message": msg})
+    err = _rebuild_error("decoder", 1, {"type": "exporters.onnx.errors:ExportWriteError", "message": msg})
     assert isinstance(err, ExportWriteError) and str(err) == msg

@@ -10,13 +10,13 @@ graphs in one process doubled the peak instead (the model stays referenced after
 * the parent builds the model on the ``meta`` device from the folder's config
   (:func:`compressor.models.loading.load_skeleton`): the plan, graph signatures and parameter
   counts of ``export.json``, and never reads a weight;
-* each graph is exported by a fresh ``python -m exporters.onnx_isolated REQUEST RESULT`` that
+* each graph is exported by a fresh ``python -m exporters.onnx.isolated REQUEST RESULT`` that
   loads the folder (safetensors, memory-mapped), runs
-  :func:`exporters.onnx_export.export_checked_graph` for that one graph into the shared
+  :func:`exporters.onnx.export.export_checked_graph` for that one graph into the shared
   temporary folder, and writes a small JSON result (files, seconds, validation records, its dtype,
   its peak RSS); a bf16 export's fp32 twin check runs in one more child;
 * the parent merges the results with the same functions as the in-process path
-  (:func:`~exporters.onnx_export.merge_graph_results`, :func:`~exporters.onnx_export.publish_export`),
+  (:func:`~exporters.onnx.export.merge_graph_results`, :func:`~exporters.onnx.export.publish_export`),
   so export.json and validation.json hold what the in-process export writes (timings aside).
 
 Measured (``bench/real_size_export.py``, the pruned BLIP-2 OPT-2.7B, 7.05 GB of bf16 weights):
@@ -28,7 +28,7 @@ whole, in every child: with a float16 language model beside a bf16 ViT, every ch
 10-12 GB.
 
 A child's failure is raised in the parent as the error the in-process export raises
-(:class:`~exporters.onnx_export.OnnxValidationError` with its fields, ``VerificationError``,
+(:class:`~exporters.onnx.errors.OnnxValidationError` with its fields, ``VerificationError``,
 ``UserInputError`` … with the child's message); a child that dies (killed, out of memory) or fails
 with any other exception raises :class:`GraphSubprocessError`. Either way the temporary folder is
 removed: no half-written export is left.
@@ -53,13 +53,18 @@ from pathlib import Path
 from typing import Any
 
 from compressor.errors import CompressError, VerificationError
-from exporters import onnx_export as ox
+from exporters.onnx import export as ox
+from exporters.onnx import metadata as md
+from exporters.onnx import validation
+from exporters.onnx.errors import OnnxValidationError
+from exporters.onnx.options import OnnxOptions
+from exporters.onnx.runtime import ort_can_run
 
 log = logging.getLogger(__name__)
 
 #: Task name of the child that runs the fp32 twin check of a bf16 export.
 TWIN_CHECK = "twin_check"
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]
 #: Library loggers whose levels the child copies from the parent (the CLI quiets them).
 _LIBRARY_LOGGERS = ("transformers", "accelerate", "torch", "onnx_ir", "onnxscript", "filelock", "huggingface_hub")
 
@@ -80,7 +85,7 @@ class GraphSubprocessError(CompressError):
 def export_isolated(
     model_dir: Path,
     out_dir: Path,
-    opts: ox.OnnxOptions,
+    opts: OnnxOptions,
     device: str = "cpu",
     extra_files: dict[str, str] | None = None,
     stats: dict | None = None,
@@ -88,9 +93,9 @@ def export_isolated(
     """Export a model folder one graph per subprocess (see the module docstring).
 
     Args:
-        model_dir: a BLIP-family ``save_pretrained`` folder with its processor.
+        model_dir: a ``save_pretrained`` folder of a registered family, with its processor.
         out_dir: the ONNX folder to create (replaced atomically if it exists).
-        opts: export settings (:class:`~exporters.onnx_export.OnnxOptions`).
+        opts: export settings (:class:`~exporters.onnx.options.OnnxOptions`).
         device: where validation runs ONNX Runtime (``cpu`` / ``cuda``).
         extra_files: name → text written into the folder.
         stats: if given, ``stats["children"][task] = {"seconds", "peak_rss_bytes"}`` per child.
@@ -99,14 +104,14 @@ def export_isolated(
         The ``export.json`` summary.
 
     Raises:
-        ModelSpecError: no processor in ``model_dir``, or not a BLIP-family folder (exit 2).
+        ModelSpecError: no processor in ``model_dir``, or not a folder of a registered family (exit 2).
         OnnxValidationError, VerificationError, UserInputError: as the in-process export.
         GraphSubprocessError: a child died or failed with an unexpected error.
     """
     from compressor.families import family_for_model
-    from compressor.families.onnx_graphs import export_plan
     from compressor.fileio import make_tmp_dir
     from compressor.models.loading import load_processor, load_skeleton
+    from exporters.onnx.topologies import export_plan
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     processor = load_processor(model_dir)
@@ -127,13 +132,13 @@ def export_isolated(
         if len(dtypes) != 1:
             raise VerificationError(f"the graph subprocesses loaded {model_dir} in different dtypes: {sorted(dtypes)}")
         dtype = dtypes.pop()
-        runnable = ox._ort_can_run(dtype, device)
+        runnable = ort_can_run(dtype, device)
         numbers = ox.numbers_record(
             dtype, runnable, opts, lambda: _run_child({**request, "task": TWIN_CHECK}, children)["numbers"]
         )
-        files, timings, validation = ox.merge_graph_results(plan, results, dtype, device, numbers)
-        meta = ox._export_meta(skeleton, processor, family, plan, files, dtype, opts, str(model_dir))
-        ox.publish_export(tmp, out_dir, processor, meta, validation, timings, t_start, extra_files)
+        files, timings, val = ox.merge_graph_results(plan, results, dtype, device, numbers)
+        meta = md.export_meta(skeleton, processor, family, plan, files, dtype, opts, str(model_dir))
+        ox.publish_export(tmp, out_dir, processor, meta, val, timings, t_start, extra_files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -173,7 +178,7 @@ def _run_child(request: dict, children: dict) -> dict:
 
 def child_command(request: Path, result: Path) -> list[str]:
     """The command line of one child (a function so tests can wrap the child)."""
-    return [sys.executable, "-m", "exporters.onnx_isolated", str(request), str(result)]
+    return [sys.executable, "-m", "exporters.onnx.isolated", str(request), str(result)]
 
 
 def _signal_name(num: int) -> str:
@@ -214,7 +219,7 @@ def _logging_settings() -> dict:
 def _describe_error(exc: BaseException) -> dict[str, Any]:
     """JSON form of a child's exception: type (``module:Class``), message, fields, traceback."""
     out: dict[str, Any] = {"type": f"{type(exc).__module__}:{type(exc).__qualname__}", "message": str(exc)}
-    if isinstance(exc, ox.OnnxValidationError):
+    if isinstance(exc, OnnxValidationError):
         out["fields"] = {
             k: getattr(exc, k) for k in ("graph", "output", "max_diff", "tolerance", "case", "variant", "scaled_diff")
         }
@@ -228,7 +233,7 @@ def _rebuild_error(task: str, returncode: int, err: dict) -> BaseException:
     :class:`GraphSubprocessError` naming the child's exception (with its traceback's tail)."""
     module, _, name = err["type"].partition(":")
     if "fields" in err:
-        return ox.OnnxValidationError(**err["fields"])
+        return OnnxValidationError(**err["fields"])
     cls = None
     if module.startswith(("compressor.", "exporters.", "eval.")):
         try:
@@ -261,21 +266,22 @@ def run_task(request: dict) -> dict:
     """
     from compressor.models.loading import load_model
 
-    opts = ox.OnnxOptions(**request["options"])
+    opts = OnnxOptions(**request["options"])
     device, folder = request["device"], Path(request["folder"])
     model, _ = load_model(request["model_dir"], dtype=opts.dtype, device="cpu", with_processor=False)
     model, dtype = ox.prepare_model(model, opts)
     if request["task"] == TWIN_CHECK:
-        return {"dtype": dtype, "numbers": ox._twin_check(model, opts, device)}
+        return {"dtype": dtype, "numbers": validation.twin_check(model, opts, device)}
     plan, runnable, cases = ox.plan_and_cases(model, dtype, device)
-    res = ox.export_checked_graph(plan, request["task"], cases, folder, opts, dtype, device, runnable, ox._Float64Reference(model))
+    fp64 = validation.Float64Reference(model)
+    res = ox.export_checked_graph(plan, request["task"], cases, folder, opts, dtype, device, runnable, fp64)
     if request.get("save_config"):
         model.config.save_pretrained(folder)
     return {"dtype": dtype, **res}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m exporters.onnx_isolated REQUEST.json RESULT.json``; exit 0, or 1 with the error
+    """``python -m exporters.onnx.isolated REQUEST.json RESULT.json``; exit 0, or 1 with the error
     described in RESULT.json. RESULT.json also holds the child's peak RSS (bytes)."""
     import warnings
 

@@ -44,7 +44,7 @@ def _new_tokens(model, seq, inputs):
 
 @pytest.mark.parametrize("name", [*PRESETS, REMOVED])
 def test_export_writes_validated_graphs(onnx_export, name):
-    from exporters.onnx_runtime import read_export_json, verify_onnx_dir
+    from exporters.onnx import read_export_json, verify_onnx_dir
 
     model, _, out = onnx_export(name)
     meta = read_export_json(out)
@@ -79,7 +79,7 @@ def test_export_writes_validated_graphs(onnx_export, name):
 
 @pytest.mark.parametrize("name", [*PRESETS, REMOVED])
 def test_greedy_tokens_equal_pytorch_generate(onnx_export, images, name):
-    from exporters.onnx_runtime import OnnxCaptioner
+    from exporters.onnx import OnnxCaptioner
 
     model, proc, out = onnx_export(name)
     gen = _gen()
@@ -103,7 +103,7 @@ def test_greedy_tokens_equal_pytorch_generate(onnx_export, images, name):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_beam_search_equals_pytorch_beam_search(onnx_export, images, name):
-    from exporters.onnx_runtime import OnnxCaptioner
+    from exporters.onnx import OnnxCaptioner
 
     model, proc, out = onnx_export(name)
     gen = _gen(num_beams=3, max_new_tokens=8)
@@ -129,7 +129,7 @@ def test_beam_search_equals_pytorch_beam_search(onnx_export, images, name):
 def test_logits_processors_match_generate(onnx_export, images, settings):
     """Repetition penalty, no-repeat n-grams, min new tokens and length penalty as transformers applies them."""
     from compressor.generation import generate_kwargs
-    from exporters.onnx_runtime import OnnxCaptioner
+    from exporters.onnx import OnnxCaptioner
 
     model, proc, out = onnx_export("tiny-blip2-llama")
     gen = _gen(**settings)
@@ -148,7 +148,7 @@ def test_logits_processors_match_generate(onnx_export, images, settings):
 def test_ort_generation_never_calls_pytorch(onnx_export, images, monkeypatch):
     import torch
 
-    from exporters.onnx_runtime import OnnxCaptioner
+    from exporters.onnx import OnnxCaptioner
 
     _, _, out = onnx_export("tiny-blip2-opt")
     _, _, out_t5 = onnx_export("tiny-blip2-t5")
@@ -172,7 +172,7 @@ def _perturb(src, dst, graph, scale):
 
 
 def test_perturbed_initializer_raises_typed_validation_error(onnx_export, tmp_path):
-    from exporters.onnx_export import OnnxValidationError, validate_export
+    from exporters.onnx import OnnxValidationError, validate_export
 
     model, _, out = onnx_export("tiny-blip2-opt")
     validate_export(model, out)  # the intact export passes
@@ -186,7 +186,7 @@ def test_perturbed_initializer_raises_typed_validation_error(onnx_export, tmp_pa
 
 
 def test_corrupted_onnx_file_is_detected(onnx_export, tmp_path):
-    from exporters.onnx_runtime import OnnxCaptioner
+    from exporters.onnx import OnnxCaptioner
 
     _, _, out = onnx_export("tiny-blip")
     bad = tmp_path / "bad"
@@ -205,7 +205,7 @@ def test_corrupted_onnx_file_is_detected(onnx_export, tmp_path):
 def test_int8_decoder_is_quantised_and_scorable(onnx_export, images):
     import onnx
 
-    from exporters.onnx_runtime import OnnxCaptioner
+    from exporters.onnx import OnnxCaptioner
 
     _, _, out = onnx_export("tiny-blip2-opt")
     meta = json.loads((out / "export.json").read_text())
@@ -228,7 +228,7 @@ def test_dynamo_exporter(tmp_path, images, name):
 
     Llama: attention, RMS norms and rotary embeddings become the fused opset-23 operators. OPT
     and Llama: every decoder attention is the 3-D form with the KV cache as its own past
-    inputs (:func:`exporters.onnx_passes.fold_attention_layout`: no head-splitting Transpose
+    inputs (:func:`exporters.onnx.passes.fold_attention_layout`: no head-splitting Transpose
     left). T5: exports at all (its sdpa attention cannot be decomposed by torch.export; eager is
     used). Greedy tokens equal PyTorch ``generate`` on the numerically determined rows.
     """
@@ -237,8 +237,7 @@ def test_dynamo_exporter(tmp_path, images, name):
     import onnx
 
     from compressor.generation import generate_kwargs
-    from exporters.onnx_export import DYNAMO_OPSET, OnnxOptions, export_model_onnx
-    from exporters.onnx_runtime import OnnxCaptioner
+    from exporters.onnx import DYNAMO_OPSET, OnnxCaptioner, OnnxOptions, export_model_onnx
 
     model, proc = build(name)
     impl = model.language_model.config._attn_implementation
@@ -283,7 +282,7 @@ def test_rms_norm_swap_keeps_other_norms():
     from torch import nn
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from exporters.onnx_export import _rms_norm_as_op
+    from exporters.onnx.patches import rms_norm_as_op
 
     class OnePlusWeight(nn.Module):  # Gemma's formula: scale by (1 + weight)
         def __init__(self):
@@ -300,20 +299,19 @@ def test_rms_norm_swap_keeps_other_norms():
     box = nn.ModuleList([llama, gemma])
     x = torch.randn(2, 3, 8)
     before = [m(x) for m in box]
-    with _rms_norm_as_op(box) as swapped:
+    with rms_norm_as_op(box) as swapped:
         assert swapped == [llama]
         torch.testing.assert_close(llama(x), before[0])
         torch.testing.assert_close(gemma(x), before[1])
     assert "forward" not in vars(llama)
-    with _rms_norm_as_op(box, enabled=False) as swapped:
+    with rms_norm_as_op(box, enabled=False) as swapped:
         assert swapped == []
 
 
 def test_bf16_export_checks_signature_and_fp32_twin(tmp_path):
     import onnx
 
-    from exporters.onnx_export import OnnxOptions, export_model_onnx
-    from exporters.onnx_runtime import OnnxCaptioner
+    from exporters.onnx import OnnxCaptioner, OnnxOptions, export_model_onnx
 
     model, proc = build("tiny-blip")
     export_model_onnx(model, proc, tmp_path / "bf16", OnnxOptions(exporter="legacy", dtype="bfloat16"))
@@ -332,7 +330,7 @@ def test_cuda_provider_gives_the_cpu_tokens(onnx_export, images):
     """With onnxruntime-gpu ([gpu] extra) on a CUDA machine: same tokens as the CPU provider."""
     import onnxruntime as ort
 
-    from exporters.onnx_runtime import OnnxCaptioner
+    from exporters.onnx import OnnxCaptioner
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("this onnxruntime has no CUDAExecutionProvider (install the [gpu] extra on a CUDA machine)")
@@ -351,7 +349,7 @@ def test_disk_full_while_writing_is_a_clear_error(tmp_path, monkeypatch):
 
     import torch
 
-    from exporters.onnx_export import ExportWriteError, OnnxOptions, export_model_onnx
+    from exporters.onnx import ExportWriteError, OnnxOptions, export_model_onnx
 
     model, proc = build("tiny-blip")
     out = tmp_path / "onnx"

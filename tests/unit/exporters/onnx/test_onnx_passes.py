@@ -1,4 +1,4 @@
-"""exporters.onnx_passes.fold_attention_layout on a hand-built one-layer graph (no model needed)."""
+"""exporters.onnx.passes.fold_attention_layout on a hand-built one-layer graph (no model needed)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def _run(model, feed):
 def test_fold_gives_the_same_outputs(batch, seq, past):
     import onnx
 
-    from exporters.onnx_passes import fold_attention_layout
+    from exporters.onnx.passes import fold_attention_layout
 
     rng = np.random.default_rng(1)
     feed = {
@@ -88,7 +88,7 @@ def test_fold_gives_the_same_outputs(batch, seq, past):
 def test_fold_leaves_what_it_cannot_prove(case):
     from onnx import TensorProto, helper
 
-    from exporters.onnx_passes import fold_attention_layout
+    from exporters.onnx.passes import fold_attention_layout
 
     m = _layer(**({case: True} if case != "subgraph" else {}))
     if case == "subgraph":  # an If whose branch reads an outer value: the pass keeps out
