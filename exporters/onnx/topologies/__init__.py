@@ -22,16 +22,14 @@ else (orchestration, validation, the captioner) calls a topology only through th
 ``prefill(cap, inputs) -> (logits, state, prompt_ids)`` and ``step(cap, tokens, state) -> (logits, state)``
     the captioner's first forward and one decode step (:class:`~exporters.onnx.captioner.OnnxCaptioner`).
 
-=================  ==========  =================================================================
-topology           kind        graphs
-=================  ==========  =================================================================
-``decoder_only``   causal      ``image_encoder`` (the family's image path), ``embed_tokens``,
-                               ``decoder`` (one graph for prefill and decode: past 0 first)
-``encoder_decoder``  seq2seq   ``image_encoder``, ``embed_tokens``, ``encoder`` (also every
-                               decoder layer's cross-attention K/V), ``decoder``
-``blip``           blip        ``vision_encoder`` (ViT + every text-decoder layer's cross K/V),
-                               ``text_decoder`` (ids, self-attention past + cross K/V)
-=================  ==========  =================================================================
+Topologies (``export.json`` kind, graphs):
+
+* ``decoder_only`` (``causal``): ``image_encoder`` (the family's image path), ``embed_tokens``,
+  ``decoder`` (one graph for prefill and decode: past length 0 on the first call).
+* ``encoder_decoder`` (``seq2seq``): ``image_encoder``, ``embed_tokens``, ``encoder`` (also every
+  decoder layer's cross-attention K/V, computed once per image), ``decoder``.
+* ``blip`` (``blip``): ``vision_encoder`` (ViT + every text-decoder layer's cross K/V),
+  ``text_decoder`` (ids, self-attention past + cross K/V).
 
 Adding a topology is one module here plus one line in :data:`TOPOLOGIES`.
 """
@@ -39,9 +37,12 @@ Adding a topology is one module here plus one line in :data:`TOPOLOGIES`.
 from __future__ import annotations
 
 import importlib
+import logging
 from types import ModuleType
 
 from compressor.errors import ModelSpecError
+
+log = logging.getLogger(__name__)
 
 #: Registered topologies: ``Family.onnx_topology`` → module.
 TOPOLOGIES: dict[str, str] = {
