@@ -241,17 +241,14 @@ def trainable_from_run(folder: Path) -> int | None:
         stages = json.loads(manifest.read_text()).get("stages", [])
     except (OSError, ValueError):
         return None
+    from compressor.stages import REGISTRY, declaration
+
     found = None
     for st in stages:
-        if st.get("type") in ("lora_finetune", "finetune", "heal"):
-            summary = st.get("summary") or {}
-            for path in (("lora", "params_trainable"), ("trainable", "params_trainable"), ("params_trainable",)):
-                cur: Any = summary
-                for p in path:
-                    cur = cur.get(p) if isinstance(cur, dict) else None
-                if isinstance(cur, int):
-                    found = cur
-                    break
+        count = declaration(st["type"]).trainable_params if st.get("type") in REGISTRY else None
+        n = count(st.get("summary") or {}) if count is not None else None
+        if n is not None:
+            found = n
     return found
 
 

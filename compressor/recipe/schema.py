@@ -19,9 +19,11 @@ import functools
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
 from compressor.families import lora_names, part_names, trainable_names
+from compressor.models.assemble import AssembleParts
+from compressor.recipe.base import Strict
 
 # --------------------------------------------------------------------------------------------
 # Shared vocabularies (DESIGN.md "Conventions every part shares")
@@ -74,10 +76,6 @@ TRAINABLE_PARTS = trainable_names()
 Dtype = Literal["float32", "float16", "bfloat16"]
 
 
-class Strict(BaseModel):
-    """Base of every recipe model: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,31 +99,9 @@ class ConfigModelSpec(Strict):
     seed: int = Field(0, description="Seed of the random initialisation.")
 
 
-class AssembleParts(Strict):
-    """The parts of a BLIP-2 assembled from pretrained pieces (real-material.md)."""
-
-    language_model: str = Field(
-        description="A causal-LM folder (save_pretrained) or a GGUF file; becomes `language_model`."
-    )
-    qformer_init: str | None = Field(
-        None, description="A BERT folder whose layers initialise the Q-Former (as in BLIP-2); none: random."
-    )
-    vision: str = Field(
-        "vit-small",
-        description="A vision preset (`vit-tiny`, `vit-small`) initialised so that features differ per "
-        "image, or a folder holding a Blip2VisionModel / BlipVisionModel.",
-    )
-    num_query_tokens: int = Field(32, ge=1, description="Number of learned query tokens.")
-    qformer_num_hidden_layers: int | None = Field(
-        None, ge=1, description="Q-Former depth; default: the BERT's depth, or 4 without `qformer_init`."
-    )
-    cross_attention_frequency: int = Field(2, ge=1, description="A Q-Former layer i has cross-attention when i % this == 0.")
-    image_size: int = Field(224, ge=16, description="Input image side in pixels.")
-    seed: int = Field(0, description="Seed of every randomly initialised part.")
-
-
 class AssembleModelSpec(Strict):
-    """`{assemble: {...}}`: a BLIP-2 built from a pretrained language model and other parts."""
+    """`{assemble: {...}}`: a model built from a pretrained language model and other parts
+    (:mod:`compressor.models.assemble` declares the parts)."""
 
     assemble: AssembleParts
 
@@ -433,7 +409,7 @@ def recipe_model() -> type[BaseModel]:
         name: str = Field(description="Run name; the run directory is runs/<name> unless --out is given.")
         model: ModelSpec = Field(
             description="A Hub id, a local save_pretrained folder, a preset (tiny-blip2-opt …), "
-            "{config: FILE, init: random} or {assemble: {language_model: …, qformer_init: …, vision: …}}."
+            "{config: FILE, init: random} or {assemble: {language_model: …, vision: …, …}}."
         )
         dtype: Dtype = Field("float32", description="Weights dtype while working.")
         device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
