@@ -27,7 +27,6 @@ from compressor.models.folders import load_working_model
 from compressor.recipe.schema import (
     METRIC_KEYS,
     CharacteristicsSpec,
-    LatencySpec,
     MetricModelSpec,
     StageBase,
     _check_names,
@@ -184,5 +183,4 @@ STAGE = Declaration(
     output="evaluation",
     check_recipe=check_recipe,
     check_data=check_data,
-    docs=(("evaluate.characteristics", CharacteristicsSpec), ("evaluate.characteristics.latency", LatencySpec)),
 )
