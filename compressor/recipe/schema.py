@@ -18,46 +18,20 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from eval.metrics import characteristic_keys, default_metrics, metric_keys
+
 # --------------------------------------------------------------------------------------------
 # Shared vocabularies (DESIGN.md "Conventions every part shares")
 # --------------------------------------------------------------------------------------------
 
-CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
-METRIC_KEYS = (
-    *CAPTION_METRICS,
-    "rouge_1",
-    "rouge_2",
-    "spice",
-    "vqa_accuracy",
-    "bertscore_f1",
-    "clipscore",
-    "mme_acc",
-    "mme_acc_plus",
-    "perplexity",
-    "teacher_cider",
-)
-CHARACTERISTIC_KEYS = (
-    "params_total",
-    "params_trainable",
-    "params_vision",
-    "params_qformer",
-    "params_projection",
-    "params_language_model",
-    "gflops",
-    "gflops_vision",
-    "gflops_qformer",
-    "gflops_projection",
-    "gflops_language_model",
-    "latency_p50_s",
-    "latency_p95_s",
-    "tokens_per_s",
-    "avg_inference_s",
-    "peak_rss_mb",
-    "peak_cuda_mb",
-    "size_mb",
-)
-GATE_KEYS = METRIC_KEYS + CHARACTERISTIC_KEYS
+#: Model part names (per-part characteristics, LoRA targets, removal). Defined before the metric
+#: keys: ``eval.metrics.part_names`` reads them while this module is being imported.
 PARTS = ("vision", "qformer", "projection", "language_model")
+#: Metric and characteristic keys, from the one metric table (``eval.metrics``).
+CAPTION_METRICS = default_metrics("caption")
+METRIC_KEYS = metric_keys()
+CHARACTERISTIC_KEYS = characteristic_keys()
+GATE_KEYS = METRIC_KEYS + CHARACTERISTIC_KEYS
 DTYPES = ("float32", "float16", "bfloat16")
 
 #: Part-scoped LoRA target names (``parts:`` of lora_finetune / heal); each expands to an
