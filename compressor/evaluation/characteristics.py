@@ -83,9 +83,9 @@ def torch_characteristics(target, dataset, spec=None) -> dict[str, Any]:
         if target.make_captioner is not None:
             captioner = target.make_captioner(largest)
         else:
-            from compressor.evaluation.target import _torch_for_batch
+            from compressor.evaluation.target import torch_captioner_for_batch
 
-            captioner = _torch_for_batch(model, processor, generation, target.device, largest)
+            captioner = torch_captioner_for_batch(model, processor, generation, target.device, largest)
         tok = processor.tokenizer
         out.update(
             measure_latency(

@@ -3,7 +3,7 @@
 :func:`resolve_metrics`, :func:`check_metric_requirements` and :func:`check_data_for_metrics` run
 every check that can fail (metric names, Java, local metric models, the teacher, the data) before
 a model is loaded or a file is written; they read what each metric needs from the metric table
-(``eval.metrics``). :data:`MODEL_METRICS` maps the table's ``compute`` groups of the ``model``
+(``eval.metrics``). :data:`MODEL_SCORERS` maps the table's ``compute`` groups of the ``model``
 kind (perplexity, BERTScore, CLIPScore, CIDEr against a teacher) to the functions computing
 them; :func:`compute_model_metrics` runs the ones asked for.
 """
@@ -283,7 +283,7 @@ def _clipscore(job: MetricJob) -> dict[str, float]:
 
 #: ``compute`` group of the metric table (kind ``model``) → the function computing its keys, in
 #: the order they are computed (and so appear in a record).
-MODEL_METRICS: dict[str, Callable[[MetricJob], dict[str, float]]] = {
+MODEL_SCORERS: dict[str, Callable[[MetricJob], dict[str, float]]] = {
     "teacher_cider": _teacher_cider,
     "perplexity": _perplexity,
     "bertscore": _bertscore,
@@ -304,11 +304,11 @@ def compute_model_metrics(job: MetricJob, names: Sequence[str]) -> dict[str, flo
         names: metric keys (others are ignored).
 
     Returns:
-        ``{key: value}`` (0-100 scale; perplexity as is), in :data:`MODEL_METRICS` order.
+        ``{key: value}`` (0-100 scale; perplexity as is), in :data:`MODEL_SCORERS` order.
     """
     groups = {lookup(m).compute for m in names if m in model_metric_keys()}
     out: dict[str, float] = {}
-    for group, fn in MODEL_METRICS.items():
+    for group, fn in MODEL_SCORERS.items():
         if group in groups:
             out.update(fn(job))
     return out

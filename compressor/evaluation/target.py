@@ -89,7 +89,7 @@ class EvalTarget:
             processor=processor,
             device=device,
             folder=folder,
-            make_captioner=functools.partial(_torch_for_batch, model, processor, generation, device),
+            make_captioner=functools.partial(torch_captioner_for_batch, model, processor, generation, device),
             **kw,
         )
 
@@ -121,7 +121,8 @@ class EvalTarget:
         )
 
 
-def _torch_for_batch(model, processor, generation, device: str, batch_size: int):
+def torch_captioner_for_batch(model, processor, generation, device: str, batch_size: int):
+    """A :class:`~compressor.evaluation.captioner.TorchCaptioner` generating ``batch_size`` captions per call."""
     from compressor.evaluation.captioner import TorchCaptioner
 
     return TorchCaptioner(model, processor, generation.model_copy(update={"batch_size": batch_size}), device)
@@ -147,7 +148,3 @@ class EvalOptions:
     bertscore_layers: int | None = None
     clipscore_model: str | None = None
     teacher_predictions: dict[str, str] | None = None
-
-    def model_folder(self, metric: str) -> str | None:
-        """The local model folder given for ``metric`` (``bertscore_f1`` / ``clipscore``), or None."""
-        return {"bertscore_f1": self.bertscore_model, "clipscore": self.clipscore_model}.get(metric)

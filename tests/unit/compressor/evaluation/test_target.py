@@ -152,8 +152,8 @@ def test_options_carry_the_model_metric_settings(preset, data, monkeypatch):
 def test_every_compute_group_of_the_table_has_its_function():
     """The evaluation dispatches from the table: each ``compute`` group of a metric row is implemented."""
     from compressor.evaluation.harness import PREDICTION_SCORERS
-    from compressor.evaluation.model_metrics import MODEL_METRICS
+    from compressor.evaluation.model_metrics import MODEL_SCORERS
     from eval.metrics import rows
 
     assert {m.compute for m in rows(("caption", "vqa"))} == set(PREDICTION_SCORERS)
-    assert {m.compute for m in rows("model")} == set(MODEL_METRICS)
+    assert {m.compute for m in rows("model")} == set(MODEL_SCORERS)
