@@ -20,8 +20,8 @@ of ``attention_mask`` (image tokens included, padding excluded); T5's decoder,
 ``decoder_attention_mask``; the Q-Former, its query positions only (InstructBLIP's instruction
 tokens never reach the language model); the vision encoder, every patch.
 
-A Q-Former keeps cross-attention at ``index % cross_attention_frequency == 0``, so its choice is
-restricted to removals that keep that pattern (:func:`compressor.surgery.qformer_pattern_ok`):
+A stack with a rule (``Stack.rule``: a Q-Former keeps cross-attention at ``index %
+cross_attention_frequency == 0``) restricts the choice to removals the rule accepts:
 the valid set of ``count`` layers with the lowest summed block influence, or the valid
 contiguous block with the smallest angular distance.
 """
@@ -47,7 +47,7 @@ class StackScores:
     """Importance of the layers of one stack.
 
     Attributes:
-        part: the stack (``language_model``, ``qformer``, ``language_model.encoder`` …).
+        part: the stack (a key of the family's stacks: ``language_model``, ``vision`` …).
         block_influence: per layer, ``1 - mean cos(input, output)`` (0 = identity).
         angular_distance: ``{n: [d(x_l, x_l+n) for l in 0..L-n]}`` for every block length ``n``.
         tokens: number of token positions averaged over.
@@ -100,20 +100,16 @@ class _Recorder:
             h.remove()
 
 
-def _valid_mask(family: Family, part: str, batch: dict, hidden, num_query: int):
-    """``(batch, seq)`` bool mask of the positions that count for ``part`` (module docstring)."""
+def _valid_mask(stack, batch: dict, hidden, num_queries: int):
+    """``(batch, seq)`` bool mask of the positions that count for ``stack`` (its ``positions``)."""
     import torch
 
     b, s = hidden.shape[0], hidden.shape[1]
     mask = torch.ones(b, s, dtype=torch.bool, device=hidden.device)
-    if part == "qformer":
-        mask[:, num_query:] = False
-    elif part == "language_model.decoder":
-        m = batch.get("decoder_attention_mask")
-        if m is not None and m.shape[1] == s:
-            mask = m.bool()
-    elif part.startswith("language_model"):
-        m = batch.get("attention_mask")
+    if stack.positions == "queries":
+        mask[:, num_queries:] = False
+    elif stack.positions in ("attention_mask", "decoder_attention_mask"):
+        m = batch.get(stack.positions)
         if m is not None and m.shape[1] == s:
             mask = m.bool()
     return mask.to(hidden.device)
@@ -148,7 +144,6 @@ def stack_scores(model, family: Family, parts: list[str], batches: list[dict]) -
         raise UserInputError("importance scores need at least one calibration batch")
     stacks = {part: get_module(model, family.stack(part).layers) for part in parts}
     recorders = {part: _Recorder(layers) for part, layers in stacks.items()}
-    num_query = int(getattr(model.config, "num_query_tokens", 0) or 0)
     sums_bi = {p: torch.zeros(len(stacks[p]), dtype=torch.float64) for p in parts}
     sums_ang = {p: torch.zeros(len(stacks[p]) + 1, len(stacks[p]) + 1, dtype=torch.float64) for p in parts}
     tokens = dict.fromkeys(parts, 0)
@@ -162,7 +157,7 @@ def stack_scores(model, family: Family, parts: list[str], batches: list[dict]) -
                     n = len(stacks[part])
                     if len(rec.inputs) != n or len(rec.outputs) != n:
                         raise UserInputError(f"{part}: the forward pass did not run every layer ({len(rec.inputs)} of {n})")
-                    mask = _valid_mask(family, part, batch, rec.inputs[0], num_query)
+                    mask = _valid_mask(family.stack(part), batch, rec.inputs[0], family.num_queries)
                     tokens[part] += int(mask.sum())
                     for i in range(n):
                         sums_bi[part][i] += float((1.0 - _cos(rec.inputs[i], rec.outputs[i]))[mask].sum())
@@ -185,12 +180,8 @@ def stack_scores(model, family: Family, parts: list[str], batches: list[dict]) -
 
 
 def _valid(family: Family, part: str, n: int, removed) -> bool:
-    from compressor.surgery import qformer_pattern_ok
-
-    if part != "qformer":
-        return True
-    keep = [i for i in range(n) if i not in set(removed)]
-    return qformer_pattern_ok(keep, family.cross_attention_frequency)
+    """Whether removing ``removed`` keeps the stack's rule (a Q-Former's cross-attention pattern)."""
+    return family.stack(part).keep_ok([i for i in range(n) if i not in set(removed)])
 
 
 def select_layers(scores: StackScores, count: int, select: str, family: Family) -> list[int]:
@@ -200,21 +191,22 @@ def select_layers(scores: StackScores, count: int, select: str, family: Family) 
         scores: the stack's scores.
         count: how many layers to remove.
         select: ``block_influence`` or ``angular_distance`` (module docstring).
-        family: the model family (the Q-Former's cross-attention frequency).
+        family: the model family (its stacks' rules).
 
     Returns:
         Sorted layer indices.
 
     Raises:
         UserInputError: ``count`` leaves no layer, or no removal of ``count`` layers keeps the
-            Q-Former's cross-attention pattern.
+            stack's rule.
     """
     n = len(scores.block_influence)
     part = scores.part
     if not 1 <= count < n:
         raise UserInputError(f"{part}: count {count} must be between 1 and {n - 1} (the stack has {n} layers)")
+    ruled = family.stack(part).rule is not None
     if select == "block_influence":
-        if part != "qformer":
+        if not ruled:
             order = sorted(range(n), key=lambda i: (scores.block_influence[i], -i))
             return sorted(order[:count])
         best: tuple[float, list[int]] | None = None
@@ -224,13 +216,13 @@ def select_layers(scores: StackScores, count: int, select: str, family: Family) 
                 if best is None or total < best[0] - 1e-12:
                     best = (total, list(cand))
         if best is None:
-            raise UserInputError(f"qformer: no set of {count} layers can be removed while keeping the cross-attention pattern")
+            raise UserInputError(f"{part}: no set of {count} layers can be removed while keeping the stack's layer pattern")
         return best[1]
     if select == "angular_distance":
         dists = scores.angular_distance[count]
         starts = [lo for lo in range(n - count + 1) if _valid(family, part, n, range(lo, lo + count))]
         if not starts:
-            raise UserInputError(f"qformer: no block of {count} contiguous layers can be removed while keeping the cross-attention pattern")
+            raise UserInputError(f"{part}: no block of {count} contiguous layers can be removed while keeping the stack's layer pattern")
         lo = min(starts, key=lambda s: (dists[s], -s))
         return list(range(lo, lo + count))
     raise UserInputError(f"unknown selection '{select}'; expected one of {', '.join(SELECTORS)}")

@@ -1,6 +1,6 @@
 """LoRA targets: part-scoped names → anchored module patterns → a peft ``LoraConfig``.
 
-``parts: [qformer.self_attention, language_model.attention]`` expands, through the model
+``parts: [vision.attention, language_model.attention]`` expands, through the model
 family's knowledge, to one regular expression that peft matches with ``re.fullmatch`` against
 module names (peft's ``target_modules`` string semantics). Names like ``fc1`` exist in both the
 vision MLP and the OPT MLP, and ``query``/``key``/``value`` in both Q-Former self- and
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from compressor.errors import UserInputError, did_you_mean
@@ -24,7 +25,7 @@ def part_patterns(family, parts: list[str]) -> dict[str, str]:
     """Regex per part-scoped name for this family.
 
     Raises:
-        UserInputError: a name this family does not have (e.g. ``qformer.*`` on BLIP).
+        UserInputError: a name this family does not have (a Q-Former part on BLIP).
     """
     out: dict[str, str] = {}
     for name in parts:
@@ -76,7 +77,7 @@ def lora_config(spec, family, parts: list[str], task_type: str | None = None):
 
 
 def part_of(family, module_name: str) -> str:
-    """The part (vision, qformer, projection, language_model) a module name belongs to."""
+    """The part (a key of ``family.parts``) a module name belongs to, or ``other``."""
     for part, prefixes in family.parts.items():
         if any(module_name == p or module_name.startswith(p + ".") for p in prefixes):
             return part
@@ -172,29 +173,74 @@ def check_targets_on_config(config, spec, parts: list[str]) -> dict[str, Any]:
 def freeze_all_but(model, family, parts: list[str] | None) -> int:
     """Set ``requires_grad`` for the named parts only (None: every parameter); returns the trainable count.
 
-    Part names: vision, qformer, projection, language_model, language_model.encoder,
-    language_model.decoder, query_tokens.
+    Names: the family's ``trainable`` names (its parts, some stacks such as T5's
+    ``language_model.encoder``, single parameters such as BLIP-2's ``query_tokens``).
+
+    Raises:
+        UserInputError: a name this family does not have.
     """
-    prefixes: list[str] = []
     if parts is None:
         for p in model.parameters():
             p.requires_grad_(True)
         return sum(p.numel() for p in model.parameters())
+    prefixes: list[str] = []
     for part in parts:
-        if part in family.parts:
-            prefixes += list(family.parts[part])
-        elif part == "query_tokens":
-            prefixes.append("query_tokens")
-        elif part.startswith("language_model."):
-            stack = family.stacks.get(part)
-            if stack is None:
-                raise UserInputError(f"part '{part}' does not exist in this {family.name} model")
-            prefixes.append(stack.layers.rsplit(".", 1)[0])
-        else:
-            raise UserInputError(f"unknown part '{part}'.{did_you_mean(part, family.parts)}")
+        if part not in family.trainable:
+            raise UserInputError(
+                f"part '{part}' does not exist in {family.describe_model()}.{did_you_mean(part, family.trainable)} "
+                f"Its parts: {', '.join(family.trainable)}"
+            )
+        prefixes += list(family.trainable[part])
     n = 0
     for name, p in model.named_parameters():
         on = any(name == pre or name.startswith(pre + ".") for pre in prefixes)
         p.requires_grad_(on)
         n += p.numel() if on else 0
     return n
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """The adapter folder to resume from: ``path`` itself, or its ``adapter/`` (a stage's ``model/``).
+
+    Raises:
+        UserInputError: no ``adapter_config.json`` there.
+    """
+    from compressor.models.folders import ADAPTER_SUBDIR
+
+    p = Path(path).expanduser()
+    for cand in (p, p / ADAPTER_SUBDIR, p / "model" / ADAPTER_SUBDIR):
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    raise UserInputError(
+        f"train.resume_from: {path} holds no LoRA adapter (adapter_config.json); point it at an adapter folder or "
+        "at a lora_finetune stage's model/ folder"
+    )
+
+
+def check_lora(family, config, spec, parts: list[str], resume_from: str | None) -> None:
+    """Pre-flight of a LoRA stage on the model's config: every part name exists in this family and
+    matches a module (on a meta-device model), and ``resume_from`` holds an adapter.
+
+    Raises:
+        UserInputError: naming the entry, the part or the folder.
+    """
+    part_patterns(family, parts)
+    check_targets_on_config(config, spec, parts)
+    if resume_from:
+        resolve_adapter(resume_from)
+
+
+def plan_lora(model, spec, parts: list[str]) -> dict[str, Any]:
+    """``compress plan``'s row for a LoRA stage: trainable parameters and matches on the meta model
+    (the LoRA layers are removed again, so the model is unchanged)."""
+    peft_model, report = apply_lora(model, spec, parts)
+    peft_model.unload()
+    return {"params_trainable": report["params_trainable"], "lora_matches": report["entries"]}
+
+
+def plan_freeze(model, family, parts: list[str] | None) -> dict[str, Any]:
+    """``compress plan``'s row for a stage training ``parts`` (None: all) of the meta model."""
+    n = freeze_all_but(model, family, parts)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {"params_trainable": n}

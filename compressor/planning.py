@@ -1,20 +1,20 @@
 """``compress plan``: parameters per part and GFLOPs before and after a recipe, on the meta device.
 
 No weight is loaded or downloaded: the model is built from its config under
-``torch.device("meta")`` (tensors with shapes and no storage), every ``remove_layers`` stage is
-applied to it with the same surgery the pipeline uses (:mod:`compressor.surgery` works on meta),
-LoRA stages are applied with peft on meta to count their trainable parameters, and the counts
-are read off the result. The configs of ``Salesforce/blip2-opt-2.7b``, ``blip2-flan-t5-xl`` and
+``torch.device("meta")`` (tensors with shapes and no storage), and every stage's declared
+``plan`` hook applies the stage's effect to it (``remove_layers`` with the same surgery the
+pipeline uses, which works on meta; LoRA stages with peft on meta to count their trainable
+parameters); the counts are read off the result. The configs of ``Salesforce/blip2-opt-2.7b``, ``blip2-flan-t5-xl`` and
 ``blip-image-captioning-base`` ship with the project (``compressor/families/configs``); any other
 Hub id needs ``--config FILE``.
 
 GFLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta model, for
 one image and ``gflops_new_tokens`` generated tokens, replaying the forward passes ``generate``
-makes (transformers 5.x): vision encoder, Q-Former and projection once; the language model at
-batch ``num_beams`` — decoder-only: a prefill over the image tokens and prompt that keeps the
-logits of the last position only (``logits_to_keep=1``), then one step per further token with a
-KV cache; T5: the encoder once at batch 1, then one decoder step per token; BLIP: one text-decoder
-step per token with a cache. ``generate`` itself cannot run on meta (its stopping checks read
+makes (transformers 5.x), the image path as the family runs it (its ``gflops_replay``), and the
+language model at batch ``num_beams`` (:func:`language_model_flops`) — decoder-only: a prefill
+over the image tokens and prompt that keeps the logits of the last position only
+(``logits_to_keep=1``), then one step per further token with a KV cache; encoder-decoder: the
+encoder once at batch 1, then one decoder step per token. ``generate`` itself cannot run on meta (its stopping checks read
 values), hence the replay. On the tiny presets the figure equals the one ``evaluate`` measures
 with FlopCounterMode around the real ``generate`` (a test checks it). Sampling and beam
 bookkeeping (top-k, reordering the cache) are not FLOPs of matrix products and count 0 in both.
@@ -114,32 +114,18 @@ def meta_model(config):
 
 
 def prompt_lengths(family, config, processor, prompt: str) -> tuple[int, int, bool]:
-    """Token counts of the language-model input and the Q-Former instruction for one image.
+    """Token counts of the language-model input and of the image path's own text input for one image.
 
     Returns:
-        ``(lm_tokens, qformer_tokens, exact)``: lm_tokens includes the ``num_query_tokens``
-        image tokens of BLIP-2 / InstructBLIP; exact is False when estimated without a tokenizer
-        (one special token plus one token per word).
+        ``(lm_tokens, image_text_tokens, exact)``: lm_tokens includes the image tokens the family
+        puts before the prompt (BLIP-2's ``num_query_tokens``); image_text_tokens is what the
+        image path reads (InstructBLIP's instruction, 0 otherwise); exact is False when estimated
+        without a tokenizer (one special token plus one token per word).
     """
-    if processor is not None:
-        from PIL import Image
-
-        from compressor.models.batches import generation_inputs
-
-        side = int(config.vision_config.image_size)
-        enc = generation_inputs(family, processor, [Image.new("RGB", (side, side))], [prompt], "cpu")
-        q = int(enc["qformer_input_ids"].shape[1]) if "qformer_input_ids" in enc else 0
-        if family.name == "blip":  # generate starts from [DEC] + prompt (the trailing [SEP] dropped)
-            return (int(enc["input_ids"].shape[1]) - 1 if "input_ids" in enc else 1), 0, True
-        return int(enc["input_ids"].shape[1]), q, True
-    words = len(prompt.split())
-    if family.name == "blip":
-        return 1 + words, 0, False
-    n_query = int(getattr(config, "num_query_tokens", 0) or 0)
-    return n_query + 1 + words, (2 + words if family.has_qformer_text else 0), False
+    return family.prompt_lengths(config, processor, prompt)
 
 
-def _flops(fn) -> tuple[int, Any]:
+def flops_of(fn) -> tuple[int, Any]:
     """FLOPs of ``fn()`` and its result."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -148,13 +134,13 @@ def _flops(fn) -> tuple[int, Any]:
     return counter.get_total_flops(), result
 
 
-def _cache_of(out):
+def cache_of(out):
     """The KV cache of a model output (``.cache`` in transformers 5.x, ``.past_key_values`` before)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 
 
-def _decode_flops(step, first: int, n: int) -> int:
+def decode_flops(step, first: int, n: int) -> int:
     """FLOPs of ``n`` cached decoding steps, the first (already replayed) costing ``first`` FLOPs.
 
     From the second step on, each step attends to one more cached position than the one before,
@@ -167,128 +153,100 @@ def _decode_flops(step, first: int, n: int) -> int:
         return 0
     if n == 1:
         return first
-    second, _ = _flops(step)
+    second, _ = flops_of(step)
     if n == 2:
         return first + second
-    third, _ = _flops(step)
+    third, _ = flops_of(step)
     m = n - 1
     return first + m * second + (third - second) * m * (m - 1) // 2
 
 
-def meta_gflops(model, family, lm_tokens: int, qformer_tokens: int, new_tokens: int, num_beams: int = 1) -> float:
-    """GFLOPs (10^9, multiply-add = 2) of captioning one image, counted on the meta model.
+def language_model_flops(lm, decoder_only: bool, lm_tokens: int, new_tokens: int, num_beams: int) -> int:
+    """FLOPs of a language model generating ``new_tokens`` from ``lm_tokens`` input embeddings, on meta.
+
+    Decoder-only: a prefill over the whole input that keeps the last position's logits
+    (``logits_to_keep=1``), then one cached step per further token, at batch ``num_beams``.
+    Encoder-decoder: the encoder once at batch 1, then one decoder step per token at batch
+    ``num_beams``. The replay of what transformers 5.x ``generate`` runs.
 
     Args:
-        model: a BLIP-family model on the meta device.
+        lm: a transformers causal LM or encoder-decoder (``T5ForConditionalGeneration``) on meta.
+        decoder_only: which of the two.
+        lm_tokens: input length (image tokens included).
+        new_tokens: generated tokens.
+        num_beams: beam width.
+
+    Returns:
+        FLOPs (multiply-add = 2).
+    """
+    import torch
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    meta = torch.device("meta")
+    B = num_beams
+    hidden = lm.get_input_embeddings().weight.shape[1]
+    state: dict[str, Any] = {}
+    total = 0
+    if decoder_only:
+        state["cache"] = DynamicCache(config=lm.config)
+
+        def prefill():
+            out = lm(inputs_embeds=torch.zeros(B, lm_tokens, hidden, device=meta), cache=state["cache"],
+                     use_cache=True, logits_to_keep=1)
+            state["cache"] = cache_of(out)
+
+        def step():
+            out = lm(inputs_embeds=torch.zeros(B, 1, hidden, device=meta), cache=state["cache"],
+                     use_cache=True, logits_to_keep=1)
+            state["cache"] = cache_of(out)
+
+        total += flops_of(prefill)[0]
+        if new_tokens > 1:
+            first, _ = flops_of(step)
+            total += decode_flops(step, first, new_tokens - 1)
+        return total
+    f, enc_out = flops_of(lambda: lm.get_encoder()(inputs_embeds=torch.zeros(1, lm_tokens, hidden, device=meta)).last_hidden_state)
+    total += f
+    enc_out = enc_out.expand(B, -1, -1)
+    state["cache"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+    def dec_step():
+        out = lm(encoder_outputs=(enc_out,), decoder_input_ids=torch.zeros(B, 1, dtype=torch.long, device=meta),
+                 cache=state["cache"], use_cache=True)
+        state["cache"] = cache_of(out)
+
+    first, _ = flops_of(dec_step)
+    return total + decode_flops(dec_step, first, new_tokens)
+
+
+def meta_gflops(model, family, lm_tokens: int, image_text_tokens: int, new_tokens: int, num_beams: int = 1) -> float:
+    """GFLOPs (10^9, multiply-add = 2) of captioning one image, counted on the meta model.
+
+    The family replays what its ``generate`` runs (its ``gflops_replay``), using
+    :func:`language_model_flops` for the language model.
+
+    Args:
+        model: a model on the meta device.
         family: its family.
         lm_tokens: language-model input length (image tokens + special tokens + prompt).
-        qformer_tokens: InstructBLIP instruction length for the Q-Former (0 otherwise).
+        image_text_tokens: the image path's own text input (InstructBLIP's instruction; 0 otherwise).
         new_tokens: generated tokens (``min_new_tokens == max_new_tokens``).
         num_beams: beam width: the language model runs at this batch size.
 
     Returns:
         GFLOPs for the whole image → caption path (see the module docstring).
     """
-    import torch
-    from transformers import DynamicCache, EncoderDecoderCache
-
-    meta = torch.device("meta")
-    cfg = model.config
-    side = int(cfg.vision_config.image_size)
-    B = num_beams
-    state: dict[str, Any] = {}
-    with torch.inference_mode():
-        total, image = _flops(lambda: model.vision_model(torch.zeros(1, 3, side, side, device=meta)).last_hidden_state)
-        if family.name == "blip":
-            dec = model.text_decoder
-            enc = image.expand(B, -1, -1)
-            state["cache"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
-
-            def step(n: int = 1):
-                out = dec(input_ids=torch.zeros(B, n, dtype=torch.long, device=meta), encoder_hidden_states=enc,
-                          cache=state["cache"], use_cache=True, logits_to_keep=1)
-                state["cache"] = _cache_of(out)
-
-            first, _ = _flops(lambda: step(lm_tokens))  # [DEC] + prompt
-            return (total + _decode_flops(step, first, new_tokens)) / 1e9
-        query = model.query_tokens.expand(1, -1, -1)
-        if family.has_qformer_text:
-            ids = torch.zeros(1, qformer_tokens, dtype=torch.long, device=meta)
-            f, q_out = _flops(lambda: model.qformer(input_ids=ids, query_embeds=query, encoder_hidden_states=image).last_hidden_state)
-            q_out = q_out[:, : query.shape[1]]
-        else:
-            f, q_out = _flops(lambda: model.qformer(query_embeds=query, encoder_hidden_states=image).last_hidden_state)
-        total += f + _flops(lambda: model.language_projection(q_out))[0]
-        lm = model.language_model
-        hidden = lm.get_input_embeddings().weight.shape[1]
-        if family.decoder_only:
-            state["cache"] = DynamicCache(config=lm.config)
-
-            def prefill():
-                out = lm(inputs_embeds=torch.zeros(B, lm_tokens, hidden, device=meta), cache=state["cache"],
-                         use_cache=True, logits_to_keep=1)
-                state["cache"] = _cache_of(out)
-
-            def step():
-                out = lm(inputs_embeds=torch.zeros(B, 1, hidden, device=meta), cache=state["cache"],
-                         use_cache=True, logits_to_keep=1)
-                state["cache"] = _cache_of(out)
-
-            total += _flops(prefill)[0]
-            if new_tokens > 1:
-                first, _ = _flops(step)
-                total += _decode_flops(step, first, new_tokens - 1)
-        else:
-            f, enc_out = _flops(lambda: lm.get_encoder()(inputs_embeds=torch.zeros(1, lm_tokens, hidden, device=meta)).last_hidden_state)
-            total += f
-            enc_out = enc_out.expand(B, -1, -1)
-            state["cache"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
-
-            def step():
-                out = lm(encoder_outputs=(enc_out,), decoder_input_ids=torch.zeros(B, 1, dtype=torch.long, device=meta),
-                         cache=state["cache"], use_cache=True)
-                state["cache"] = _cache_of(out)
-
-            first, _ = _flops(step)
-            total += _decode_flops(step, first, new_tokens)
-    return total / 1e9
+    return family.gflops_replay(model, lm_tokens, image_text_tokens, new_tokens, num_beams)
 
 
-def _trainable(model, family, st) -> tuple[int | None, dict | None]:
-    """Trainable parameters of a training stage on the (meta) model, and the LoRA match report."""
-    from compressor.lora import apply_lora, freeze_all_but
+@dataclass
+class PlanContext:
+    """What a stage's ``plan`` hook sees: the meta model (changed in place), its family, notes, the stage index."""
 
-    if st.type == "lora_finetune" or (st.type == "heal" and st.trainable == "lora"):
-        peft_model, report = apply_lora(model, st.lora, st.parts)
-        peft_model.unload()  # removes the LoRA layers again: the model is unchanged
-        return report["params_trainable"], report
-    if st.type == "finetune" or st.type == "heal":
-        parts = None if (st.type == "finetune" and st.parts is None) or getattr(st, "trainable", None) == "full" else st.parts
-        n = freeze_all_but(model, family, parts)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return n, None
-    return None, None
-
-
-def _removals(model, family, st, notes: list[str], index: int) -> list[dict]:
-    from compressor.surgery import plan_removals, remove_layers
-
-    done = []
-    for part, removed in plan_removals(model.config, family, st).items():
-        if removed is None:
-            from compressor.pipeline.preflight import _count_of
-            from compressor.surgery import stack_size
-
-            n, k = stack_size(model.config, family, part), _count_of(st, part)
-            removed = list(range(n - k, n))
-            notes.append(
-                f"stage {index}: {part} removes {k} layers chosen on calibration data at run time; counted as the top "
-                f"{k} (exact when the stack's layers are the same size"
-                + (", which Q-Former layers with and without cross-attention are not)" if part == "qformer" else ")")
-            )
-        done.append(remove_layers(model, family, part, removed))
-    return done
+    model: Any
+    family: Any
+    notes: list[str]
+    index: int
 
 
 def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = True) -> dict:
@@ -308,6 +266,7 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
             LoRA parts this model does not have (all exit 2).
     """
     from compressor.models.batches import build_prompt
+    from compressor.stages import declaration
     from eval.characteristics import count_parameters
 
     recipe = loaded.recipe
@@ -315,7 +274,7 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
     model, family = meta_model(pm.config)
     notes = list(pm.notes)
     gen = recipe.generation
-    new_tokens = next((st.characteristics.gflops_new_tokens for st in recipe.stages if st.type == "evaluate"), 20)
+    new_tokens = next((st.characteristics.gflops_new_tokens for st in recipe.stages if hasattr(st, "characteristics")), 20)
     task = recipe.data.task if recipe.data is not None else "caption"
     prompt = build_prompt(gen.prompt, PLAN_QUESTION if task == "vqa" else None)
     lm_tokens, q_tokens, exact = prompt_lengths(family, pm.config, pm.processor, prompt)
@@ -334,16 +293,9 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
     stages = []
     for i, st in enumerate(recipe.stages):
         row: dict[str, Any] = {"index": i, "type": st.type, "label": st.label}
-        if st.type == "remove_layers":
-            row["removed"] = {r["part"]: r["removed"] for r in _removals(model, family, st, notes, i)}
-        elif st.type == "prune_width":
-            notes.append(f"stage {i}: prune_width is not planned (width pruning changes shapes the plan does not model)")
-        else:
-            n, report = _trainable(model, family, st)
-            if n is not None:
-                row["params_trainable"] = n
-            if report is not None:
-                row["lora_matches"] = report["entries"]
+        decl = declaration(st.type)
+        if decl.plan is not None:
+            row.update(decl.plan(st, PlanContext(model, family, notes, i)))
         row["params_total"] = sum(p.numel() for p in model.parameters())
         stages.append(row)
     after = measure()
@@ -354,7 +306,7 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
         "after": after,
         "stages": stages,
         "gflops_settings": {"images": 1, "new_tokens": new_tokens, "num_beams": gen.num_beams,
-                            "lm_input_tokens": lm_tokens, "qformer_text_tokens": q_tokens},
+                            "lm_input_tokens": lm_tokens, "image_text_tokens": q_tokens},
         "notes": notes,
     }
 

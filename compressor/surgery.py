@@ -3,20 +3,19 @@
 The recipe (shared/notes/stack-facts.md §3): slice the ``ModuleList``, renumber every
 attention's ``layer_idx`` (KV-cache slots), update the config's layer count and per-layer
 arrays (``layer_types``), and for T5 move block 0's ``relative_attention_bias`` into the new
-block 0. A Q-Former keeps cross-attention where ``index % cross_attention_frequency == 0``
-(``Blip2QFormerLayer.__init__``); removals that break that pattern cannot be expressed by
-``Blip2QFormerConfig`` and are refused before any weight is loaded.
+block 0. What a stack may lose is the family's rule (:class:`~compressor.families.Stack` ``rule``:
+e.g. a Q-Former keeps cross-attention every ``cross_attention_frequency`` layers), checked
+before any weight is loaded; which recipe key names which stack is :func:`selections`.
 
 Everything here works on the meta device too (for ``compress plan``).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 from compressor.errors import UserInputError
-from compressor.families import Family, get_config_value, get_module, set_config_value
+from compressor.families import Family, get_config_value, get_module, removal_keys, set_config_value
 
 log = logging.getLogger(__name__)
 
@@ -54,78 +53,20 @@ def selection_to_removed(selection, n: int, part: str) -> list[int] | None:
     return None
 
 
-def qformer_pattern_ok(keep: list[int], freq: int) -> bool:
-    """Whether keeping these Q-Former layers preserves ``has_cross_attention == (new_idx % freq == 0)``."""
-    return all((old % freq == 0) == (new % freq == 0) for new, old in enumerate(keep))
-
-
-def nearest_valid_qformer_removals(n: int, removed: list[int], freq: int, limit: int = 3) -> list[list[int]]:
-    """Valid removal sets of the same size closest to ``removed`` (fewest differing indices)."""
-    want = set(removed)
-    out = []
-    for cand in itertools.combinations(range(n), len(removed)):
-        keep = [i for i in range(n) if i not in cand]
-        if keep and qformer_pattern_ok(keep, freq):
-            out.append((len(want.symmetric_difference(cand)), list(cand)))
-    out.sort()
-    return [c for _, c in out[:limit]]
-
-
-def check_qformer_removal(n: int, removed: list[int], freq: int) -> None:
-    """Refuse a Q-Former removal that breaks the cross-attention pattern (exit 2).
-
-    Raises:
-        UserInputError: naming the nearest valid choices (e.g. ``drop_top``).
-    """
-    keep = [i for i in range(n) if i not in removed]
-    if qformer_pattern_ok(keep, freq):
-        return
-    hints = nearest_valid_qformer_removals(n, removed, freq)
-    hint = ", ".join(f"layers: {h}" for h in hints) if hints else "a drop_top removal"
-    pattern = "".join("X" if i % freq == 0 else "-" for i in keep)
-    raise UserInputError(
-        f"qformer: removing layers {removed} leaves cross-attention at kept positions {pattern!r} (X = has "
-        f"cross-attention), but a Q-Former config can only express cross-attention every {freq} layers starting "
-        f"at 0; the saved model would reload with random cross-attention weights. Nearest valid choice: {hint} "
-        f"(removing the top k layers always works)."
-    )
-
-
-def check_t5_depths(family: Family, encoder_layers: int, decoder_layers: int) -> None:
-    """Refuse a T5 whose decoder would be deeper than its encoder (exit 2).
-
-    transformers 5.x sizes T5's generation KV cache by ``config.num_hidden_layers``, which T5's
-    config aliases to ``num_layers`` (the *encoder* depth): with more decoder than encoder blocks,
-    cached generation fails with ``IndexError`` in ``DynamicCache.update`` (reproducible on a fresh
-    ``T5ForConditionalGeneration`` with ``num_decoder_layers > num_layers``).
-
-    Raises:
-        UserInputError: ``decoder_layers > encoder_layers``, naming how to fix the selection.
-    """
-    if family.lm is None or family.lm.model_type not in ("t5", "mt5", "umt5"):
-        return
-    if decoder_layers > encoder_layers:
-        raise UserInputError(
-            f"language_model: this removal leaves a T5 with {encoder_layers} encoder and {decoder_layers} decoder blocks; "
-            "transformers sizes T5's generation cache by the encoder depth, so generating with a decoder deeper than "
-            f"the encoder fails. Remove at least {decoder_layers - encoder_layers} more decoder block(s) or fewer encoder blocks."
-        )
-
-
 def remove_layers(model, family: Family, part: str, removed: list[int]) -> dict:
     """Remove layers of one stack in place.
 
     Args:
         model: a BLIP-family model (any device, meta included).
         family: its family.
-        part: stack name (``qformer``, ``language_model``, ``language_model.encoder`` …, ``vision``).
+        part: stack name (``language_model``, ``language_model.encoder``, ``vision`` …: the family's stacks).
         removed: indices to remove (0-based, in the current numbering).
 
     Returns:
         ``{"part", "before", "after", "removed", "kept"}``.
 
     Raises:
-        UserInputError: invalid indices or a Q-Former pattern break.
+        UserInputError: invalid indices or a removal the stack's rule refuses.
     """
     from torch import nn
 
@@ -135,8 +76,7 @@ def remove_layers(model, family: Family, part: str, removed: list[int]) -> dict:
     removed = sorted(set(removed))
     if any(not 0 <= i < n for i in removed) or len(removed) >= n:
         raise UserInputError(f"{part}: cannot remove {removed} from {n} layers")
-    if part == "qformer":
-        check_qformer_removal(n, removed, family.cross_attention_frequency)
+    st.check_removal(n, removed)
     keep = [i for i in range(n) if i not in removed]
     kept_layers = [layers[i] for i in keep]
     if st.relative_bias and 0 in removed:
@@ -164,7 +104,7 @@ def remove_layers(model, family: Family, part: str, removed: list[int]) -> dict:
         for attr_name in ("num_layers", "num_hidden_layers"):
             if hasattr(stack_cfg, attr_name) and getattr(stack_cfg, attr_name) == n:
                 setattr(stack_cfg, attr_name, len(keep))
-    _sync_language_model_config(model, family)
+    _sync_mirrored_configs(model, family)
     return {"part": part, "before": n, "after": len(keep), "removed": removed, "kept": keep}
 
 
@@ -179,63 +119,90 @@ def _carry_relative_bias(old_first, new_first, rel_path: str) -> None:
     log.info("moved T5 relative_attention_bias from the removed block 0 to the new block 0")
 
 
-def _sync_language_model_config(model, family: Family) -> None:
-    """Keep ``model.language_model.config`` equal to ``model.config.text_config`` where they are copies."""
-    if family.lm is None:
-        return
-    lm = getattr(model, "language_model", None)
-    cfg = getattr(lm, "config", None)
-    text = getattr(model.config, "text_config", None)
-    if cfg is None or text is None or cfg is text:
-        return
-    for key in ("num_hidden_layers", "num_layers", "num_decoder_layers", "layer_types"):
-        if hasattr(text, key):
-            setattr(cfg, key, getattr(text, key))
+def _sync_mirrored_configs(model, family: Family) -> None:
+    """Copy layer counts to modules whose own ``config`` is a copy of a sub-config (``Family.config_mirrors``)."""
+    for module_path, config_path in family.config_mirrors.items():
+        try:
+            cfg = get_module(model, module_path).config
+        except AttributeError:
+            continue
+        src = get_config_value(model.config, config_path)
+        if src is None or cfg is src:
+            continue
+        for key in ("num_hidden_layers", "num_layers", "num_decoder_layers", "layer_types"):
+            if hasattr(src, key):
+                setattr(cfg, key, getattr(src, key))
+
+
+def selections(stage, family: Family) -> dict[str, object]:
+    """The stacks a ``remove_layers`` stage names, mapped to their layer selections.
+
+    A recipe key (``vision``, ``qformer``, ``language_model`` …, declared by the families) names a
+    stack; ``{encoder: …, decoder: …}`` names the key's encoder and decoder stacks (an alias such
+    as BLIP's ``language_model.decoder`` → ``language_model`` resolves to the stack it means).
+
+    Returns:
+        ``{stack part: LayerSelection}`` in the family's stack order.
+
+    Raises:
+        UserInputError: the form does not fit this model's stacks (encoder/decoder on a
+            decoder-only language model, a plain selection on an encoder-decoder one).
+        ModelSpecError: a key naming a stack this family lacks.
+    """
+    out: dict[str, object] = {}
+    for key in removal_keys():
+        sel = getattr(stage, key, None)
+        if sel is None:
+            continue
+        if hasattr(sel, "encoder"):  # {encoder: …, decoder: …}
+            subs = {f"{key}.{s}": getattr(sel, s) for s in ("encoder", "decoder") if getattr(sel, s) is not None}
+            known = [p for p in (f"{key}.encoder", f"{key}.decoder") if p in family.stacks or p in family.aliases]
+            if not known and key in family.stacks:
+                raise UserInputError(
+                    f"{key}: this model's {family.lm_model_type} language model is decoder-only; use "
+                    f"`{key}: {{drop_top: k}}` instead of encoder/decoder"
+                )
+            for sub, s in subs.items():
+                out[family.aliases.get(sub, sub)] = s
+        else:
+            if key not in family.stacks and f"{key}.encoder" in family.stacks:
+                raise UserInputError(
+                    f"{key}: a {family.lm_model_type} language model has an encoder and a decoder; write "
+                    f"`{key}: {{encoder: {{drop_top: k}}, decoder: {{drop_top: k}}}}`"
+                )
+            out[key] = sel
+    order = list(family.stacks)
+    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def plan_removals(config, family: Family, stage) -> dict[str, list[int] | None]:
-    """Indices to remove per part for a ``remove_layers`` stage config (None: chosen by importance).
+    """Indices to remove per stack for a ``remove_layers`` stage config (None: chosen by importance).
 
     Raises:
-        UserInputError: a part the model does not have, out-of-range layers, or a Q-Former
-            removal that breaks the cross-attention pattern — all before any weight is loaded.
+        UserInputError: out-of-range layers, a removal a stack's rule refuses, or depths the
+            family cannot generate with (e.g. a T5 decoder deeper than its encoder) — all
+            before any weight is loaded.
+        ModelSpecError: a part the model does not have.
     """
     out: dict[str, list[int] | None] = {}
-    selections = []
-    if stage.vision is not None:
-        selections.append(("vision", stage.vision))
-    if stage.qformer is not None:
-        selections.append(("qformer", stage.qformer))
-    lm = stage.language_model
-    if lm is not None:
-        if hasattr(lm, "encoder"):
-            if family.lm is not None and family.lm.decoder_only and family.name != "blip":
-                raise UserInputError(
-                    f"language_model: this model's {family.lm_model_type} language model is decoder-only; use "
-                    "`language_model: {drop_top: k}` instead of encoder/decoder"
-                )
-            if lm.encoder is not None:
-                selections.append(("language_model.encoder", lm.encoder))
-            if lm.decoder is not None:
-                part = "language_model.decoder" if "language_model.decoder" in family.stacks else "language_model"
-                selections.append((part, lm.decoder))
-        else:
-            if "language_model" not in family.stacks:
-                raise UserInputError(
-                    f"language_model: a {family.lm_model_type} language model has an encoder and a decoder; write "
-                    "`language_model: {encoder: {drop_top: k}, decoder: {drop_top: k}}`"
-                )
-            selections.append(("language_model", lm))
     after: dict[str, int] = {}
-    for part, sel in selections:
+    for part, sel in selections(stage, family).items():
         n = stack_size(config, family, part)
         removed = selection_to_removed(sel, n, part)
-        if removed is not None and part == "qformer":
-            check_qformer_removal(n, removed, family.cross_attention_frequency)
+        if removed is not None:
+            family.stack(part).check_removal(n, removed)
         out[part] = removed
         after[part] = n - (len(removed) if removed is not None else sel.count)
-    if "language_model.encoder" in family.stacks and ({"language_model.encoder", "language_model.decoder"} & set(after)):
-        enc = after.get("language_model.encoder", stack_size(config, family, "language_model.encoder"))
-        dec = after.get("language_model.decoder", stack_size(config, family, "language_model.decoder"))
-        check_t5_depths(family, enc, dec)
+    if after:
+        depths = {p: after.get(p, stack_size(config, family, p)) for p in family.stacks}
+        for check in family.plan_checks:
+            check(depths, set(after))
     return out
+
+
+def removal_count(stage, family: Family, part: str) -> int:
+    """How many layers a stage removes from ``part`` (its ``count``, ``drop_top`` or ``layers``)."""
+    sel = selections(stage, family)[part]
+    if sel.count is not None:
+        return sel.count
+    return sel.drop_top if sel.drop_top is not None else len(set(sel.layers))

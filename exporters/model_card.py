@@ -32,8 +32,7 @@ TASKS = {
     "caption": ("image-to-text", "Image captioning"),
     "vqa": ("visual-question-answering", "Visual question answering"),
 }
-MODEL_CLASSES = {"blip-2": "Blip2ForConditionalGeneration", "instructblip": "InstructBlipForConditionalGeneration",
-                 "blip": "BlipForConditionalGeneration"}
+
 
 
 def card_labels(report: dict) -> tuple[str | None, str | None]:
@@ -119,6 +118,7 @@ def build_model_card(
     onnx_files: Sequence[str] = (),
     plots: Sequence[str] = (),
     adapter_note: str | None = None,
+    stage_notes=None,
 ):
     """Build the card of one push.
 
@@ -138,6 +138,9 @@ def build_model_card(
         onnx_files: paths of ONNX graphs in the upload (a loading section is added).
         plots: paths of PNG plots in the upload (embedded).
         adapter_note: for adapters, what model the adapter applies to when it is not the base.
+        stage_notes: ``record -> {"description", "details", "tags", "limitations"}`` for one of
+            the report's stage records (the pipeline passes its stage registry's; exporters do not
+            know stages); None: stages are listed by type only.
 
     Returns:
         A ``huggingface_hub.ModelCard``; ``str(card)`` is the README.md text.
@@ -153,16 +156,12 @@ def build_model_card(
     task = next((ev.get("task") for ev in evals.values() if ev.get("task")), "caption")
     fmt = ((recipe.get("data") or {}).get("format")) or "unknown"
     base, cand = card_labels(report)
-    stage_types = [s.get("type") for s in report.get("stages", [])]
+    notes = [_notes(stage_notes, s) for s in report.get("stages", [])]
     tags = ["vlm-compress", "compressed"]
     if model_type:
         tags.append(model_type)
-    if "remove_layers" in stage_types:
-        tags.append("layer-pruning")
-    if any(t in ("lora_finetune", "heal") for t in stage_types):
-        tags.append("lora")
-    if any(s.get("type") == "heal" and (s.get("summary") or {}).get("loss") == "distill" for s in report.get("stages", [])):
-        tags.append("distillation")
+    for n in notes:
+        tags += [t for t in n["tags"] if t not in tags]
     if what == "adapter":
         tags.append("peft")
     data = ModelCardData(
@@ -176,15 +175,20 @@ def build_model_card(
         eval_results=eval_results(report, datasets[0] if datasets else fmt) or None,
     )
     body = _body(report, repo_id, what, recipe, recipe_yaml, base_model, base_model_desc, config, files, onnx_files,
-                 plots, adapter_note, base, cand, fmt)
+                 plots, adapter_note, base, cand, fmt, notes)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
 # ------------------------------------------------------------------------------------ body
 
 
+def _notes(stage_notes, record: dict) -> dict:
+    empty = {"description": "", "details": [], "tags": [], "limitations": []}
+    return {**empty, **(stage_notes(record) if stage_notes is not None else {})}
+
+
 def _body(report, repo_id, what, recipe, recipe_yaml, base_model, base_model_desc, config, files, onnx_files, plots,
-          adapter_note, base, cand, fmt) -> str:
+          adapter_note, base, cand, fmt, notes) -> str:
     evals = report.get("evaluations", {})
     name = report.get("recipe") or recipe.get("name") or "?"
     rhash = report.get("recipe_hash") or ""
@@ -229,12 +233,12 @@ def _body(report, repo_id, what, recipe, recipe_yaml, base_model, base_model_des
         p += ["## Gate", "", f"The regression gate **{'passed' if gate.get('passed') else 'FAILED'}** "
               f"(candidate `{gate.get('candidate')}` against baseline `{gate.get('baseline')}`):", ""]
         p += [f"- {_rule_sentence(v)}" for v in gate.get("verdicts", [])] + [""]
-    p += ["## How it was made", ""] + _stage_lines(report) + [""]
+    p += ["## How it was made", ""] + _stage_lines(report, notes) + [""]
     p += ["## How to use it", ""] + _load_section(repo_id, what, config, evals.get(cand, {}) if cand else {}, base_model,
                                                   adapter_note)
     if onnx_files:
         p += _onnx_section(repo_id, onnx_files)
-    p += ["## Limitations", ""] + _limitations(report, base_model, base_model_desc, base, cand, fmt) + [""]
+    p += ["## Limitations", ""] + _limitations(report, notes, base_model, base_model_desc, base, cand, fmt) + [""]
     if recipe_yaml:
         p += ["## Recipe", "", "The resolved recipe (every default made explicit); rerun it with "
               "`compress apply recipe.resolved.yaml`.", "", "<details><summary>recipe.resolved.yaml</summary>", "",
@@ -279,40 +283,24 @@ def _rule_sentence(v: dict) -> str:
     return f"`{key}` {words}: {obs} — {'pass' if v.get('passed') else 'FAIL'}"
 
 
-def _stage_lines(report: dict) -> list[str]:
+def _stage_lines(report: dict, notes: list[dict]) -> list[str]:
     out = []
-    for s in report.get("stages", []):
-        summ = s.get("summary") or {}
+    for s, n in zip(report.get("stages", []), notes):
         bits = []
         if s.get("label"):
             bits.append(f"label `{s['label']}`")
-        if s.get("type") in ("lora_finetune", "finetune", "heal"):
-            if "steps" in summ:
-                bits.append(f"{summ['steps']} steps")
-            if summ.get("loss"):
-                bits.append(f"loss {summ['loss']}")
-            if "loss_first" in summ and "loss_last" in summ:
-                bits.append(f"training loss {summ['loss_first']} → {summ['loss_last']}")
-            lora = summ.get("lora") or {}
-            if lora.get("by_part"):
-                bits.append("LoRA on " + ", ".join(f"{k} ({n} modules)" for k, n in lora["by_part"].items()))
-        if s.get("type") == "remove_layers":
-            bits += [_removal_text(r) for r in summ.get("removed", []) if isinstance(r, dict)]
-        if s.get("type") == "merge_adapters" and "merged_modules" in summ:
-            bits.append(f"{summ['merged_modules']} modules merged (max logit difference {summ.get('max_logit_diff')})")
+        bits += n["details"]
         sec = s.get("seconds")
-        out.append(f"{s.get('index', '?')}. `{s.get('type')}`" + (f": {'; '.join(bits)}" if bits else "")
+        desc = f" — {n['description'].rstrip('.')}" if n["description"] else ""
+        out.append(f"{s.get('index', '?')}. `{s.get('type')}`{desc}" + (f": {'; '.join(bits)}" if bits else "")
                    + (f" ({sec:.1f} s)" if isinstance(sec, (int, float)) else ""))
     return out or ["(no stage record)"]
 
 
-def _removal_text(r: dict) -> str:
-    removed = r.get("removed", [])
-    return f"{r.get('part')}: removed layers {removed} of {r.get('before')} ({r.get('after')} kept)"
-
-
 def _load_section(repo_id, what, config, cand_eval, base_model, adapter_note) -> list[str]:
-    cls = (config.get("architectures") or [None])[0] or MODEL_CLASSES.get(config.get("model_type", ""), "AutoModelForImageTextToText")
+    from compressor.families import model_class_for
+
+    cls = (config.get("architectures") or [None])[0] or model_class_for(config.get("model_type", "")) or "AutoModelForImageTextToText"
     dec = cand_eval.get("decoding", {})
     beams, new = dec.get("num_beams", 1), dec.get("max_new_tokens", 30)
     prompt = dec.get("prompt")
@@ -354,18 +342,8 @@ def _onnx_section(repo_id: str, onnx_files: Sequence[str]) -> list[str]:
     ]
 
 
-def _limitations(report, base_model, base_model_desc, base, cand, fmt) -> list[str]:
-    out = []
-    for s in report.get("stages", []):
-        summ = s.get("summary") or {}
-        if s.get("type") == "remove_layers":
-            for r in summ.get("removed", []):
-                if isinstance(r, dict) and r.get("removed"):
-                    out.append(f"- Removed: {_removal_text(r)}. What those layers knew is gone unless healing "
-                               "recovered it; check the metrics on your own data.")
-        if s.get("type") == "prune_width":
-            out.append(f"- Width pruning changed layer shapes (stage {s.get('index')}); the model needs vlm-compress's "
-                       "shape plan to load.")
+def _limitations(report, notes, base_model, base_model_desc, base, cand, fmt) -> list[str]:
+    out = [f"- {line}" for n in notes for line in n["limitations"]]
     gate = report.get("gate")
     if gate:
         allowed = "; ".join(_rule_sentence(v) for v in gate.get("verdicts", []))

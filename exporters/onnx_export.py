@@ -1306,40 +1306,6 @@ def _twin_check(model, opts: OnnxOptions, device: str) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _token_ids(model, processor, family) -> dict[str, Any]:
-    """The ids generation uses: the language model's generation config (what ``generate`` reads)."""
-    lm = model.text_decoder if family.name == "blip" else model.language_model
-    gc = lm.generation_config
-    top = model.generation_config
-    tok = processor.tokenizer
-
-    def pick(name):
-        for src in (gc, top):
-            v = getattr(src, name, None)
-            if v is not None:
-                return v
-        return getattr(tok, name, None)
-
-    eos = pick("eos_token_id")
-    if family.name == "blip":
-        eos = int(model.config.text_config.sep_token_id)
-    eos_list = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-    pad = pick("pad_token_id")
-    if family.name == "blip":
-        pad = int(model.config.text_config.pad_token_id)
-    out = {
-        "bos_token_id": None if pick("bos_token_id") is None else int(pick("bos_token_id")),
-        "eos_token_id": eos_list,
-        "pad_token_id": None if pad is None else int(pad),
-    }
-    if not family.decoder_only:
-        start = pick("decoder_start_token_id")
-        out["decoder_start_token_id"] = int(start if start is not None else model.config.text_config.decoder_start_token_id)
-    if family.name == "blip":
-        out["bos_token_id"] = int(model.config.text_config.bos_token_id)
-    return out
-
-
 def _export_meta(model, processor, family, plan, files, dtype, opts, source) -> dict:
     import onnx
     import onnxruntime
@@ -1369,7 +1335,7 @@ def _export_meta(model, processor, family, plan, files, dtype, opts, source) -> 
         "default_variant": "int8" if opts.quantize else ("optimized" if opts.optimize and any(f.get("optimized") for f in files.values()) else "plain"),
         "source": source,
         **plan.meta,
-        "token_ids": _token_ids(model, processor, family),
+        "token_ids": family.token_ids(model, processor),
         "graphs": graphs,
         "characteristics": chars,
         "versions": {

@@ -267,7 +267,7 @@ class OnnxCaptioner:
 
         ids = inputs["input_ids"].astype(np.int64)
         feed = {"pixel_values": inputs["pixel_values"].astype(np.float32)}
-        if self.family.has_qformer_text:
+        if self.family.extra.get("qformer_text"):
             feed["qformer_input_ids"] = inputs["qformer_input_ids"].astype(np.int64)
             feed["qformer_attention_mask"] = inputs["qformer_attention_mask"].astype(np.int64)
         feats = self._run("image_encoder", feed)[0]

@@ -60,9 +60,8 @@ def describe(model) -> dict:
             "config": {f: get_config_value(model.config, f) for f in st.count_fields},
             "params_per_layer": [sum(p.numel() for p in layer.parameters()) for layer in layers],
         }
-        if part == "qformer":
-            entry["cross_attention"] = [i for i, layer in enumerate(layers) if getattr(layer, "has_cross_attention", False)]
-            entry["cross_attention_frequency"] = family.cross_attention_frequency
+        if st.rule is not None:
+            entry.update(st.rule.describe(layers))
         stacks[part] = entry
     names = [n for n, _ in model.named_modules()]
     lora = {}

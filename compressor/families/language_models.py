@@ -8,60 +8,11 @@ Facts from shared/notes/stack-facts.md §2–4 (transformers 5.x attribute paths
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class Stack:
-    """One removable stack of layers.
-
-    Attributes:
-        part: the part name everywhere (``language_model``, ``language_model.encoder`` …).
-        layers: dotted path of the ``nn.ModuleList`` relative to the model root.
-        count_fields: dotted config paths (relative to the model's config) holding the layer count.
-        stack_config: dotted path of a module whose private ``.config`` also holds the count
-            (T5 stacks hold deep copies), or None.
-        layer_idx_modules: paths, relative to one layer, of modules whose ``layer_idx`` must equal
-            the layer's new position (KV-cache slots, stack-facts §3).
-        per_layer_fields: config list fields with one entry per layer (e.g. ``layer_types``) to trim.
-        relative_bias: T5: the path, relative to a layer, of the attention holding
-            ``relative_attention_bias`` in block 0 (must move to the new block 0).
-    """
-
-    part: str
-    layers: str
-    count_fields: tuple[str, ...]
-    stack_config: str | None = None
-    layer_idx_modules: tuple[str, ...] = ()
-    per_layer_fields: tuple[str, ...] = ()
-    relative_bias: str | None = None
-
-
-@dataclass(frozen=True)
-class Width:
-    """Where the prunable widths of one stack's layers live (``prune_width``), relative to a layer.
-
-    Attributes:
-        part: the stack (a key of the family's stacks).
-        mlp_in: linears whose *output* channels are the MLP's hidden units (``fc1``; gate and up).
-        mlp_out: linears whose *input* channels are those units (``fc2``; down).
-        q, k, v, o: the self-attention projections (None: heads cannot be pruned in this stack).
-        head_attrs: attention-module attributes to set after head pruning: name → what it
-            counts (``heads``, ``kv_heads``, ``kv_groups``, ``width`` = heads × head_dim).
-        attention: path of the attention module (relative to a layer) holding ``head_attrs``.
-        heads_refused: why heads cannot be pruned here (None when they can).
-    """
-
-    part: str
-    mlp_in: tuple[str, ...]
-    mlp_out: tuple[str, ...]
-    q: str | None = None
-    k: str | None = None
-    v: str | None = None
-    o: str | None = None
-    attention: str | None = None
-    head_attrs: tuple[tuple[str, str], ...] = ()
-    heads_refused: str | None = None
+from compressor.errors import UserInputError
+from compressor.families.base import Stack, Width
 
 
 @dataclass(frozen=True)
@@ -75,6 +26,8 @@ class LanguageModelKind:
         lora: part-scoped LoRA name → regex of module paths relative to the model root.
         embed_tokens: path of the token-embedding module relative to the model root.
         width: prunable widths per stack (``prune_width``).
+        plan_checks: checks of the stacks' depths after a removal (``{stack: layers}``), raising
+            ``UserInputError`` for combinations that cannot generate.
     """
 
     model_type: str
@@ -83,6 +36,7 @@ class LanguageModelKind:
     lora: dict[str, str] = field(default_factory=dict)
     embed_tokens: str = ""
     width: tuple[Width, ...] = ()
+    plan_checks: tuple[Callable[[dict[str, int], set[str]], None], ...] = ()
 
 
 def _opt(root: str) -> LanguageModelKind:
@@ -97,6 +51,7 @@ def _opt(root: str) -> LanguageModelKind:
                 count_fields=("text_config.num_hidden_layers",),
                 layer_idx_modules=("self_attn",),
                 per_layer_fields=("text_config.layer_types",),
+                positions="attention_mask",
             ),
         ),
         lora={
@@ -124,6 +79,7 @@ def _llama_like(model_type: str, root: str) -> LanguageModelKind:
                 count_fields=("text_config.num_hidden_layers",),
                 layer_idx_modules=("self_attn",),
                 per_layer_fields=("text_config.layer_types",),
+                positions="attention_mask",
             ),
         ),
         lora={
@@ -145,6 +101,31 @@ _T5_HEADS = (
 )
 
 
+def check_t5_depths(depths: dict[str, int], changed: set[str]) -> None:
+    """Refuse a T5 whose decoder would be deeper than its encoder (exit 2).
+
+    transformers 5.x sizes T5's generation KV cache by ``config.num_hidden_layers``, which T5's
+    config aliases to ``num_layers`` (the *encoder* depth): with more decoder than encoder blocks,
+    cached generation fails with ``IndexError`` in ``DynamicCache.update`` (reproducible on a fresh
+    ``T5ForConditionalGeneration`` with ``num_decoder_layers > num_layers``).
+
+    Args:
+        depths: stack → layers after the removal (``language_model.encoder``, ``language_model.decoder``).
+        changed: the stacks the removal touches (nothing is checked unless it touches one of these two).
+
+    Raises:
+        UserInputError: the decoder would be deeper than the encoder, naming how to fix the selection.
+    """
+    enc, dec = depths.get("language_model.encoder"), depths.get("language_model.decoder")
+    if not changed & {"language_model.encoder", "language_model.decoder"} or enc is None or dec is None or dec <= enc:
+        return
+    raise UserInputError(
+        f"language_model: this removal leaves a T5 with {enc} encoder and {dec} decoder blocks; "
+        "transformers sizes T5's generation cache by the encoder depth, so generating with a decoder deeper than "
+        f"the encoder fails. Remove at least {dec - enc} more decoder block(s) or fewer encoder blocks."
+    )
+
+
 def _t5(root: str) -> LanguageModelKind:
     enc = rf"{root}\.encoder\.block\.\d+"
     dec = rf"{root}\.decoder\.block\.\d+"
@@ -164,6 +145,7 @@ def _t5(root: str) -> LanguageModelKind:
                 stack_config=f"{root}.encoder",
                 layer_idx_modules=("layer.0.SelfAttention",),
                 relative_bias="layer.0.SelfAttention",
+                positions="attention_mask",
             ),
             Stack(
                 part="language_model.decoder",
@@ -172,6 +154,7 @@ def _t5(root: str) -> LanguageModelKind:
                 stack_config=f"{root}.decoder",
                 layer_idx_modules=("layer.0.SelfAttention", "layer.1.EncDecAttention"),
                 relative_bias="layer.0.SelfAttention",
+                positions="decoder_attention_mask",
             ),
         ),
         lora={
@@ -192,6 +175,7 @@ def _t5(root: str) -> LanguageModelKind:
                                              "layer.2.DenseReluDense.wi_1"), ("layer.2.DenseReluDense.wo",),
                   heads_refused=_T5_HEADS),
         ),
+        plan_checks=(check_t5_depths,),
     )
 
 

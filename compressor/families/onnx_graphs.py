@@ -401,7 +401,7 @@ def _blip2_plan(model, family: Family, M) -> ExportPlan:
     nq = int(cfg.num_query_tokens)
     vc = cfg.vision_config
     image_inputs = [TensorSpec("pixel_values", ("batch", 3, int(vc.image_size), int(vc.image_size)), "float32")]
-    if family.has_qformer_text:
+    if family.extra.get("qformer_text"):
         image_inputs += [
             TensorSpec("qformer_input_ids", ("batch", "qformer_seq"), "int64"),
             TensorSpec("qformer_attention_mask", ("batch", "qformer_seq"), "int64"),
@@ -409,7 +409,7 @@ def _blip2_plan(model, family: Family, M) -> ExportPlan:
     graphs = [
         GraphDef(
             GraphSpec("image_encoder", tuple(image_inputs), (TensorSpec("image_embeds", ("batch", nq, hidden)),)),
-            M["ImageEncoder"](model, family.has_qformer_text),
+            M["ImageEncoder"](model, bool(family.extra.get("qformer_text"))),
         ),
         GraphDef(
             GraphSpec(

@@ -1,7 +1,7 @@
 """Running a recipe under ``accelerate launch`` (or ``torchrun``): one process per device.
 
 Every process runs the runner; only the main process (rank 0) writes the run directory. Stages
-that train (``lora_finetune``, ``finetune``, ``heal``) run in every process together: the training
+that train (those whose declaration says ``trains``) run in every process together: the training
 loop (:mod:`compressor.training`) wraps the model in DistributedDataParallel through accelerate and
 each process trains on its share of every batch; the main process writes the stage folder, the
 others write into a scratch folder that is deleted. Every other stage runs on the main process
@@ -26,10 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-#: Stages every process runs together (the training loop is distributed).
-TRAINING_STAGES = ("lora_finetune", "finetune", "heal")
-
 
 @dataclass
 class Dist:

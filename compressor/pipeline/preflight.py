@@ -18,19 +18,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Preflight:
-    """What pre-flight learned.
+    """What pre-flight learned, and what a stage's ``check`` sees.
 
     Attributes:
-        config: the model's transformers config (None for specs only known after building).
+        config: the model's transformers config (None for specs only known after building); while
+            stages are checked, a copy that earlier stages have shrunk (removed layers).
         family: its family (None likewise).
         datasets: ``(section, limit)`` → loaded Dataset, reused by the run.
         removals: stage index → part → indices (None where importance decides).
+        index: the stage being checked.
+        device: the resolved device of the recipe (``cpu`` or ``cuda``).
+        recipe: the recipe.
     """
 
     config: Any = None
     family: Any = None
     datasets: dict = field(default_factory=dict)
     removals: dict[int, dict] = field(default_factory=dict)
+    index: int = 0
+    device: str = "cpu"
+    recipe: Any = None
 
 
 def check_features(loaded: LoadedRecipe) -> None:
@@ -68,12 +75,18 @@ def model_config(loaded: LoadedRecipe):
 def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
     """All checks; raises on the first kind of problem, listing every instance of it.
 
+    Each stage is checked by its declaration's ``check`` (with the model's config),
+    ``check_recipe`` (without it) and ``check_data`` (once the data is loaded); the data each
+    stage declares is loaded here, once.
+
     Raises:
         NotBuiltError, RecipeError, UserInputError, DataError, ModelSpecError (all exit 2).
     """
+    import copy
+
     from compressor.families import family_for_config
-    from compressor.lora import check_targets_on_config, part_patterns
-    from compressor.surgery import plan_removals
+    from compressor.models.loading import resolve_device
+    from compressor.stages import FieldProblem, declaration
 
     check_features(loaded)
     recipe = loaded.recipe
@@ -85,58 +98,39 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
             resolve_token()  # no token: fail now (exit 2), not after the run; makes no network call
         except CompressError as exc:  # reported with the recipe's other problems
             problems.append(_where(str(loaded.source), loaded.lines, ("push",)) + f"push: {exc}")
-    pf = Preflight()
+    pf = Preflight(recipe=recipe)
     pf.config = model_config(loaded)
     if pf.config is not None:
-        import copy
-
         pf.family = family_for_config(pf.config)
-        config = copy.deepcopy(pf.config)
+        original, pf.config = pf.config, copy.deepcopy(pf.config)
+        pf.device = resolve_device(recipe.device) if recipe.device != "cuda" else "cuda"
         for i, st in enumerate(recipe.stages):
+            decl = declaration(st.type)
+            if decl.check is None:
+                continue
+            pf.index = i
             try:
-                if st.type in ("lora_finetune", "heal") and getattr(st, "trainable", "lora") == "lora":
-                    part_patterns(pf.family, st.parts)
-                    check_targets_on_config(config, st.lora, st.parts)
-                if st.type in ("lora_finetune", "heal") and st.train.resume_from:
-                    from compressor.stages.lora_finetune import resolve_adapter
-
-                    resolve_adapter(st.train.resume_from)
-                if st.type == "lora_finetune" and st.quantization is not None:
-                    from compressor.models.loading import resolve_device
-                    from compressor.stages.lora_finetune import check_quantization
-
-                    try:
-                        check_quantization(st, resolve_device(recipe.device))
-                    except CompressError as exc:
-                        path = ("stages", i, "quantization")
-                        problems.append(_where(str(loaded.source), loaded.lines, path) + f"stages.{i}.quantization: {exc}")
-                if st.type == "prune_width":
-                    from compressor.pruning import check_width_on_config
-
-                    check_width_on_config(config, pf.family, st)
-                if st.type == "remove_layers":
-                    plan = plan_removals(config, pf.family, st)
-                    pf.removals[i] = plan
-                    _apply_counts(config, pf.family, st, plan)
+                decl.check(st, pf)
+            except FieldProblem as exc:
+                path = ("stages", i, *exc.field)
+                problems.append(_where(str(loaded.source), loaded.lines, path) + f"{'.'.join(map(str, path))}: {exc}")
             except CompressError as exc:
                 problems.append(_where(str(loaded.source), loaded.lines, ("stages", i)) + f"stages.{i}: {exc}")
+        pf.config = original
     if problems:
         raise RecipeError(problems)
-    _check_evaluations(loaded)
+    _check_stages(loaded)
     if load_data and recipe.data is not None:
         from compressor.data import load_section
         from compressor.errors import DataError, UserInputError
-        from compressor.stages import get_stage
 
         failed: list[UserInputError] = []
         for st in recipe.stages:
-            mod = get_stage(st.type)
-            limit = getattr(st, "limit", None)
-            for section in mod.data_sections(st):
-                key = (section, limit if section == getattr(st, "data", None) else None)
+            for section, limit in declaration(st.type).data(st).items():
+                key = (section, limit)
                 if key not in pf.datasets:
                     try:
-                        pf.datasets[key] = load_section(recipe.data, section, limit=key[1])
+                        pf.datasets[key] = load_section(recipe.data, section, limit=limit)
                     except UserInputError as exc:  # every section's problems at once, then stop
                         pf.datasets[key] = None
                         failed.append(exc)
@@ -144,51 +138,27 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
             raise failed[0]
         if failed:
             raise DataError(f"{len(failed)} data sections have problems:", [str(e) for e in failed])
-        _check_evaluations(loaded, pf.datasets)
+        _check_stages(loaded, pf.datasets)
     return pf
 
 
-def _check_evaluations(loaded: LoadedRecipe, datasets: dict | None = None) -> None:
-    """Evaluate stages: Java, metric model folders, teacher (and, with the data loaded, what metrics need of it)."""
-    from compressor.evaluation import check_data_for_metrics, resolve_metrics
-    from compressor.stages.evaluate import check
+def _check_stages(loaded: LoadedRecipe, datasets: dict | None = None) -> None:
+    """Each stage's checks without the model (``check_recipe``: Java, metric model folders), or,
+    with the data loaded, of the data (``check_data``); raises on the first problem."""
+    from compressor.stages import declaration
 
     recipe = loaded.recipe
     if recipe.data is None:
         return
     for i, st in enumerate(recipe.stages):
-        if st.type != "evaluate":
-            continue
+        decl = declaration(st.type)
         try:
-            if datasets is None:
-                check(st, recipe.data.task)
-            elif (st.data, st.limit) in datasets:
-                check_data_for_metrics(resolve_metrics(st.metrics, recipe.data.task), datasets[(st.data, st.limit)])
+            if datasets is None and decl.check_recipe is not None:
+                decl.check_recipe(st, recipe)
+            elif datasets is not None and decl.check_data is not None:
+                decl.check_data(st, recipe, datasets)
         except UserInputError as exc:
             raise type(exc)(_where(str(loaded.source), loaded.lines, ("stages", i)) + f"stages.{i}: {exc}") from None
-
-
-def _apply_counts(config, family, stage, plan) -> None:
-    """Shrink the simulated config's layer counts so later stages are checked against them."""
-    from compressor.families import get_config_value, set_config_value
-
-    for part, removed in plan.items():
-        st = family.stack(part)
-        n = int(get_config_value(config, st.count_fields[0]))
-        k = len(removed) if removed is not None else _count_of(stage, part)
-        for path in st.count_fields:
-            set_config_value(config, path, n - k)
-
-
-def _count_of(stage, part: str) -> int:
-    if part == "qformer":
-        return stage.qformer.count
-    if part == "vision":
-        return stage.vision.count
-    lm = stage.language_model
-    if hasattr(lm, "encoder"):
-        return (lm.encoder if part.endswith("encoder") else lm.decoder).count
-    return lm.count
 
 
 def require(condition: bool, message: str) -> None:

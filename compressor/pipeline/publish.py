@@ -73,8 +73,10 @@ def _source(run_dir: Path, what: str) -> tuple[Path, str | None]:
         src = adapters[-1]
         stage_dir = src.parent.parent.name  # NN-type-key
         idx = int(stage_dir.split("-")[0])
+        from compressor.stages import REGISTRY, declaration
+
         removal = [s for s in _read_json(run_dir / "manifest.json").get("stages", [])
-                   if s.get("type") in ("remove_layers", "prune_width") and s.get("index", 99) < idx]
+                   if s.get("type") in REGISTRY and declaration(s["type"]).reshapes and s.get("index", 99) < idx]
         note = None
         if removal:
             note = (f"This adapter was trained on the model after stage {removal[-1]['index']} "
@@ -150,6 +152,7 @@ def build_upload_folder(
             onnx_files=[f for f in files if f.endswith(".onnx")],
             plots=plots,
             adapter_note=adapter_note,
+            stage_notes=stage_card,
         )
         if not (license or info["license"]):
             log.warning("the model card has no licence: set push.license (or --license)")
@@ -160,6 +163,20 @@ def build_upload_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return publish_dir(tmp, out)
+
+
+def stage_card(record: dict) -> dict:
+    """What the model card says of one stage record, from the stage's declaration: its one-line
+    ``description``, ``details`` on its line, metadata ``tags`` and ``limitations``."""
+    from compressor.stages import card_notes, describe
+
+    notes = card_notes(record)
+    return {
+        "description": describe(record.get("type", "")),
+        "details": notes.details,
+        "tags": notes.tags,
+        "limitations": notes.limitations,
+    }
 
 
 def link_tree_file(src: Path, dst: Path) -> None:

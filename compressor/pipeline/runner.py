@@ -196,7 +196,7 @@ class Runner:
 
     def _run(self, lock: RunLock) -> dict:
         from compressor.models.loading import materialize
-        from compressor.stages.common import StageContext
+        from compressor.pipeline.context import StageContext
 
         run_dir = self.run_dir
         t_run = time.perf_counter()
@@ -219,9 +219,8 @@ class Runner:
             ctx.close()
 
     def _stages(self, ctx, resolved, current_dir: Path, current_key: str, t_run: float) -> dict:
-        from compressor.pipeline.distributed import TRAINING_STAGES
-        from compressor.stages import get_stage
-        from compressor.stages.common import model_dir
+        from compressor.models.folders import model_dir
+        from compressor.stages import declaration
 
         run_dir = self.run_dir
         label_keys: dict[str, str] = {}
@@ -230,26 +229,8 @@ class Runner:
         self._write_manifest(resolved, current_key, t_run)
         for i, st in enumerate(self.recipe.stages):
             ctx.index = i
-            mod = get_stage(st.type)
-            key_parts: dict[str, Any] = {
-                "type": st.type,
-                "config": st.model_dump(mode="json", exclude={"label"}),
-                "input": current_key,
-                "data": {s: self._data_fp(ctx, s, st) for s in mod.data_sections(st)},
-                "versions": self.versions,
-                "dtype": self.recipe.dtype,
-                "seed": self.recipe.seed,
-            }
-            if st.type in ("evaluate", "predict", "lora_finetune", "finetune", "heal"):
-                key_parts["generation"] = self.recipe.generation.model_dump(mode="json")
-            if st.type == "heal" and st.distill is not None:
-                key_parts["teacher"] = label_keys[st.distill.teacher]
-            if self.dist.enabled and st.type in TRAINING_STAGES:
-                key_parts["processes"] = self.dist.world  # each step sees batch_size × processes examples
-            if st.type == "evaluate" and st.teacher:
-                key_parts["teacher"] = label_keys[st.teacher]
-            if getattr(st, "backend", "torch") == "onnx":
-                key_parts["export"] = export_keys[-1] if export_keys else None
+            decl = declaration(st.type)
+            key_parts = self._key_parts(decl, st, ctx, current_key, label_keys, export_keys)
             key = canonical_hash(key_parts)
             folder = run_dir / "stages" / f"{i:02d}-{st.type}-{key[:10]}"
             self.dist.barrier()  # every process sees the same stage folders
@@ -259,23 +240,23 @@ class Runner:
                 status, seconds, peak, summary = "reused", rec.get("seconds", 0.0), rec.get("peak_rss_mb"), rec.get("summary", {})
                 log.info("stage %d %s: reusing %s", i, st.type, folder.name)
             elif not self.dist.main:
-                status, seconds, peak, summary = self._follow_stage(mod, st, ctx, current_dir, folder)
+                status, seconds, peak, summary = self._follow_stage(decl, st, ctx, current_dir, folder)
             else:
                 if folder.exists():
                     log.warning("stage %d %s: %s is incomplete or changed; running it again", i, st.type, folder.name)
                     shutil.rmtree(folder)
                 status = "ran"
-                seconds, peak, summary = self._run_stage(mod, st, ctx, current_dir, folder, key, key_parts)
+                seconds, peak, summary = self._run_stage(decl, st, ctx, current_dir, folder, key, key_parts)
                 self.dist.barrier()
             self.records.append(StageRecord(i, st.type, st.label, key, folder.name, status, seconds, peak, summary))
-            if mod.PRODUCES_MODEL:
+            if decl.produces_model:
                 current_dir, current_key = model_dir(folder), key
-                if st.type in ("lora_finetune", "finetune", "heal"):
-                    ctx.last_trainable = _trainable_of(summary)
-            if st.type == "export":
+                if decl.trainable_params is not None:
+                    ctx.last_trainable = decl.trainable_params(summary) or 0
+            if decl.output == "export":
                 ctx.exports.append(folder)
                 export_keys.append(key)
-            if st.type == "evaluate":
+            elif decl.output == "evaluation":
                 import json
 
                 evals[st.label] = json.loads((folder / "eval.json").read_text())
@@ -315,7 +296,30 @@ class Runner:
         return report
 
     # ---------------------------------------------------------------- helpers
-    def _run_stage(self, mod, st, ctx, input_dir: Path, folder: Path, key: str, key_parts: dict):
+    def _key_parts(self, decl, st, ctx, input_key: str, label_keys: dict, export_keys: list) -> dict[str, Any]:
+        """What a stage's cache key hashes: its config, its input, the fingerprints of the data it
+        reads, library versions, and what its declaration says it also reads (decoding settings,
+        earlier stages by label, the latest export, the number of training processes)."""
+        parts: dict[str, Any] = {
+            "type": st.type,
+            "config": st.model_dump(mode="json", exclude={"label"}),
+            "input": input_key,
+            "data": {s: self._data_fp(ctx, s, st) for s in decl.data(st)},
+            "versions": self.versions,
+            "dtype": self.recipe.dtype,
+            "seed": self.recipe.seed,
+        }
+        if decl.uses_generation:
+            parts["generation"] = self.recipe.generation.model_dump(mode="json")
+        for role, (label, _) in decl.references(st).items():
+            parts[role] = label_keys[label]
+        if self.dist.enabled and decl.trains:
+            parts["processes"] = self.dist.world  # each step sees batch_size × processes examples
+        if decl.reads_export(st):
+            parts["export"] = export_keys[-1] if export_keys else None
+        return parts
+
+    def _run_stage(self, decl, st, ctx, input_dir: Path, folder: Path, key: str, key_parts: dict):
         from eval.characteristics import PeakMemory
 
         tmp = make_tmp_dir(folder.parent, folder.name)
@@ -324,7 +328,7 @@ class Runner:
         t0 = time.perf_counter()
         try:
             with PeakMemory() as mem:
-                summary = mod.run(st, ctx, input_dir, tmp) or {}
+                summary = decl.run(st, ctx, input_dir, tmp) or {}
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -350,15 +354,13 @@ class Runner:
         publish_dir(tmp, folder)
         return round(seconds, 3), round(mem.rss_mb, 1), summary
 
-    def _follow_stage(self, mod, st, ctx, input_dir: Path, folder: Path):
+    def _follow_stage(self, decl, st, ctx, input_dir: Path, folder: Path):
         """A non-main process: train with the others (output discarded), or wait for the main one."""
-        from compressor.pipeline.distributed import TRAINING_STAGES
-
-        if st.type in TRAINING_STAGES:
+        if decl.trains:
             scratch = self.dist.scratch_dir(self.run_dir, folder.name)
             try:
                 seed_everything(self.recipe.seed + ctx.index)
-                mod.run(st, ctx, input_dir, scratch)
+                decl.run(st, ctx, input_dir, scratch)
             finally:
                 self.dist.drop(scratch)
         self.dist.barrier()  # the main process has published the stage folder
@@ -423,13 +425,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _trainable_of(summary: dict) -> int:
-    for path in (("lora", "params_trainable"), ("trainable", "params_trainable"), ("params_trainable",)):
-        cur: Any = summary
-        for p in path:
-            cur = cur.get(p) if isinstance(cur, dict) else None
-        if isinstance(cur, int):
-            return cur
-    return 0

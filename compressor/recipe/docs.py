@@ -21,37 +21,40 @@ from compressor.recipe import schema as S
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
-SECTIONS: list[tuple[str, type[BaseModel]]] = [
-    ("top level", S.Recipe),
+TOP_SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("model: {config: …}", S.ConfigModelSpec),
     ("model: {assemble: {…}}", S.AssembleParts),
     ("data", S.DataSpec),
     ("data.<section> (train, val, eval, test, calibration, source)", S.DataSource),
     ("data.split", S.SplitSpec),
     ("generation", S.GenerationSpec),
-    ("stages[].train", S.TrainSpec),
-    ("stages[].lora", S.LoraSpec),
-    ("stages[].quantization", S.QuantizationSpec),
-    ("stages: type: lora_finetune", S.LoraFinetuneStage),
-    ("stages: type: finetune", S.FinetuneStage),
-    ("stages: type: merge_adapters", S.MergeAdaptersStage),
-    ("stages: type: remove_layers", S.RemoveLayersStage),
-    ("remove_layers.<part> (a layer selection)", S.LayerSelection),
-    ("remove_layers.calibration", S.CalibrationSpec),
-    ("stages: type: prune_width", S.PruneWidthStage),
-    ("stages: type: heal", S.HealStage),
-    ("heal.distill", S.DistillSpec),
-    ("stages: type: export", S.ExportStage),
-    ("export.onnx", S.OnnxSpec),
-    ("stages: type: evaluate", S.EvaluateStage),
-    ("evaluate.characteristics", S.CharacteristicsSpec),
-    ("evaluate.characteristics.latency", S.LatencySpec),
-    ("stages: type: predict", S.PredictStage),
+]
+TAIL_SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("gate", S.GateSpec),
     ("gate.rules.<key>", S.GateRule),
     ("push", S.PushSpec),
     ("report", S.ReportSpec),
 ]
+
+
+def stage_sections() -> list[tuple[str, type[BaseModel]]]:
+    """``(title, model)`` of every registered stage and the sub-models it declares (``docs``), in
+    registration order, each documented once: all from the stage registry (:mod:`compressor.stages`)."""
+    from compressor.stages import declarations
+
+    out: list[tuple[str, type[BaseModel]]] = []
+    seen: set[type] = set()
+    for decl in declarations():
+        for title, model in ((f"stages: type: {decl.type}", decl.config), *decl.docs):
+            if model not in seen:
+                seen.add(model)
+                out.append((title, model))
+    return out
+
+
+def sections() -> list[tuple[str, type[BaseModel]]]:
+    """Every documented section: the top level, model/data/generation, the stages, gate/push/report."""
+    return [("top level", S.recipe_model()), *TOP_SECTIONS, *stage_sections(), *TAIL_SECTIONS]
 
 
 def _type_name(ann: Any) -> str:
@@ -62,7 +65,7 @@ def _type_name(ann: Any) -> str:
         return " \\| ".join(repr(a).replace("'", "") for a in typing.get_args(ann))
     if origin in (Union, types.UnionType):
         return " \\| ".join(_type_name(a) for a in typing.get_args(ann))
-    if ann is S.Recipe.model_fields["stages"].annotation:
+    if ann is S.recipe_model().model_fields["stages"].annotation:
         return "list[stage]"
     if origin in (list, tuple):
         args = typing.get_args(ann)
@@ -97,7 +100,7 @@ def _default(field) -> str:
 def recipe_reference() -> str:
     """Markdown: one table per recipe section (key, type, default, meaning)."""
     out = []
-    for title, model in SECTIONS:
+    for title, model in sections():
         out += [f"#### {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, f in model.model_fields.items():
             desc = (f.description or "").replace("|", "\\|").replace("\n", " ")

@@ -7,10 +7,8 @@ features land, their checks are removed from here.
 
 from __future__ import annotations
 
-from compressor.recipe.schema import Recipe
 
-
-def unbuilt(recipe: Recipe) -> list[tuple[tuple, str]]:
+def unbuilt(recipe) -> list[tuple[tuple, str]]:
     """``(field path, feature)`` for every recipe key this version cannot run yet."""
     out: list[tuple[tuple, str]] = []
     # Every key of the schema is built in this version; checks for later keys go here.

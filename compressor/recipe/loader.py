@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from compressor.errors import RecipeError, did_you_mean
-from compressor.recipe.schema import STAGE_TYPES, Recipe, cross_check
+from compressor.recipe.schema import cross_check, recipe_model
 
 Path_ = tuple[Any, ...]
 
@@ -35,7 +35,7 @@ class LoadedRecipe:
         overrides: the ``--set`` strings applied, in order.
     """
 
-    recipe: Recipe
+    recipe: Any
     source: Path
     lines: dict[Path_, int | str] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
@@ -208,7 +208,7 @@ def _pick(cands: list[Any], value: Any) -> Any:
 
 def model_class_at(path: Path_, data: Any) -> type[BaseModel] | None:
     """The pydantic model that validates the mapping at ``path`` in ``data`` (None if not a model)."""
-    ann: Any = Recipe
+    ann: Any = recipe_model()
     cur = data
     for elem in path:
         target = _pick(_unwrap(ann), cur)
@@ -253,9 +253,12 @@ def _message(err: dict, path: Path_, data: Any) -> str:
         return f"missing required key '{path[-1]}'" if path else "missing"
     if typ in ("union_tag_invalid", "union_tag_not_found") and "type" in str(ctx.get("discriminator", "")):
         tag = ctx.get("tag")
+        from compressor.stages import stage_types
+
+        types_ = stage_types()
         if tag is None:
-            return f"missing `type:`; expected one of: {', '.join(STAGE_TYPES)}"
-        return f"unknown stage type '{tag}'; expected one of: {', '.join(STAGE_TYPES)}.{did_you_mean(tag, STAGE_TYPES)}"
+            return f"missing `type:`; expected one of: {', '.join(types_)}"
+        return f"unknown stage type '{tag}'; expected one of: {', '.join(types_)}.{did_you_mean(tag, types_)}"
     if typ == "literal_error":
         expected = str(ctx.get("expected", ""))
         choices = [c.strip().strip("'") for c in expected.replace(" or ", ",").split(",") if c.strip()]
@@ -268,13 +271,13 @@ def _message(err: dict, path: Path_, data: Any) -> str:
     return msg
 
 
-def validate_data(data: Any, source: str, lines: dict[Path_, int | str]) -> Recipe:
+def validate_data(data: Any, source: str, lines: dict[Path_, int | str]):
     """Validate plain recipe data; raise one RecipeError listing every problem with its line."""
     if not isinstance(data, dict):
         raise RecipeError([f"{source}:1: the recipe must be a mapping (name:, model:, stages: …)"])
     problems: list[tuple[int, str]] = []
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = recipe_model().model_validate(data)
     except ValidationError as exc:
         seen: set[tuple[Path_, str]] = set()
         for err in exc.errors():

@@ -1,10 +1,12 @@
 """The recipe schema: one YAML file is the whole experiment.
 
-Every key of DESIGN.md ("The recipe") and of the open issues is declared here, with its type,
-default and meaning (``Field(description=...)``); the README's recipe reference is generated
-from these models (``python -m compressor.recipe.docs``). Unknown keys are errors
-(``extra="forbid"``). Checks that need the model's config (layer indices in range, the Q-Former
-cross-attention pattern) live in ``compressor.pipeline.preflight`` and run before any weight is
+Every key is declared with its type, default and meaning (``Field(description=...)``); the
+recipe reference in docs/recipe.md is generated from these models (``python -m
+compressor.recipe.docs``). Unknown keys are errors (``extra="forbid"``). This module holds the
+top level and what stages share; each stage's own config lives in its module
+(``compressor/stages/<type>.py``) and :func:`recipe_model` builds the stage union from the
+registry, so a new stage needs no edit here. Checks that need the model's config (layer indices
+in range, a stack's layer rule) run in ``compressor.pipeline.preflight`` before any weight is
 loaded.
 
 Follows the pass-config style of Olive and llm-compressor: one pydantic model per stage, a
@@ -13,46 +15,33 @@ discriminated union on ``type``.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from compressor.families import lora_names, part_names, trainable_names
 from eval.metrics import characteristic_keys, default_metrics, metric_keys
 
 # --------------------------------------------------------------------------------------------
 # Shared vocabularies (DESIGN.md "Conventions every part shares")
 # --------------------------------------------------------------------------------------------
 
-#: Model part names (per-part characteristics, LoRA targets, removal). Defined before the metric
-#: keys: ``eval.metrics.part_names`` reads them while this module is being imported.
-PARTS = ("vision", "qformer", "projection", "language_model")
+#: Part names of every registered model family (``params_<part>`` keys; compressor.families).
+#: Defined before the metric keys: ``eval.metrics.part_names`` reads them while this module is imported.
+PARTS = part_names()
 #: Metric and characteristic keys, from the one metric table (``eval.metrics``).
 CAPTION_METRICS = default_metrics("caption")
 METRIC_KEYS = metric_keys()
 CHARACTERISTIC_KEYS = characteristic_keys()
 GATE_KEYS = METRIC_KEYS + CHARACTERISTIC_KEYS
 DTYPES = ("float32", "float16", "bfloat16")
-
-#: Part-scoped LoRA target names (``parts:`` of lora_finetune / heal); each expands to an
-#: anchored module pattern per family (``compressor.families``).
-LORA_PARTS = (
-    "vision.attention",
-    "vision.mlp",
-    "qformer.self_attention",
-    "qformer.cross_attention",
-    "qformer.mlp",
-    "projection",
-    "language_model.attention",
-    "language_model.mlp",
-    "language_model.encoder.attention",
-    "language_model.encoder.mlp",
-    "language_model.decoder.attention",
-    "language_model.decoder.cross_attention",
-    "language_model.decoder.mlp",
-)
-#: Parts that ``trainable: parts`` / ``finetune.parts`` may name.
-TRAINABLE_PARTS = (*PARTS, "language_model.encoder", "language_model.decoder", "query_tokens")
+#: Part-scoped LoRA target names (``parts:`` of lora_finetune / heal), over every family; each
+#: expands to an anchored module pattern of the model's own family (``compressor.families``).
+LORA_PARTS = lora_names()
+#: Names ``trainable: parts`` / ``finetune.parts`` may use, over every family.
+TRAINABLE_PARTS = trainable_names()
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
@@ -284,108 +273,18 @@ class LoraSpec(Strict):
     alpha_pattern: dict[str, float] | None = Field(None, description="peft alpha_pattern.")
 
 
-class QuantizationSpec(Strict):
-    """A k-bit base for QLoRA (bitsandbytes; CUDA only)."""
-
-    bits: Literal[4, 8] = Field(description="Load the base in 4 or 8 bits.")
-    compute_dtype: Dtype = Field("bfloat16", description="Compute dtype of 4-bit layers.")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit quantisation type.")
-
-
 # --------------------------------------------------------------------------------------------
-# Stages
+# What stages share (each stage's own config lives in its module, compressor/stages/<type>.py)
 # --------------------------------------------------------------------------------------------
 
 
 class StageBase(Strict):
+    """Base of every stage config: the optional label."""
+
     label: str | None = Field(
         None, description="A name for this stage's output model (evaluate labels also name metrics); "
         "`heal.distill.teacher` and the gate refer to labels."
     )
-
-
-class LoraFinetuneStage(StageBase):
-    """LoRA finetune with peft on accelerate; writes the adapter (merged by `merge_adapters`)."""
-
-    type: Literal["lora_finetune"]
-    parts: list[str] = Field(
-        default_factory=list,
-        description=f"Part-scoped targets, expanded to anchored module patterns: {', '.join(LORA_PARTS)}.",
-    )
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="peft LoraConfig keys.")
-    train: TrainSpec = Field(default_factory=TrainSpec, description="Training settings.")
-    quantization: QuantizationSpec | None = Field(None, description="QLoRA: a 4/8-bit base (CUDA only).")
-
-    @field_validator("parts")
-    @classmethod
-    def _parts(cls, v: list[str]) -> list[str]:
-        return _check_names(v, LORA_PARTS, "LoRA part")
-
-
-class FinetuneStage(StageBase):
-    """Full (or per-part) finetune of the model's own weights."""
-
-    type: Literal["finetune"]
-    parts: list[str] | None = Field(None, description=f"Parts to train (default all): {', '.join(TRAINABLE_PARTS)}.")
-    train: TrainSpec = Field(default_factory=TrainSpec, description="Training settings.")
-
-    @field_validator("parts")
-    @classmethod
-    def _parts(cls, v: list[str] | None) -> list[str] | None:
-        return None if v is None else _check_names(v, TRAINABLE_PARTS, "part")
-
-
-class MergeAdaptersStage(StageBase):
-    """peft `merge_and_unload`, verified: touched weights change, outputs equal the adapter model's."""
-
-    type: Literal["merge_adapters"]
-    safe_merge: bool = Field(True, description="peft safe_merge: check for NaNs before merging.")
-    tolerance: float = Field(
-        1e-5, gt=0, description="Max abs logit difference merged vs adapter model (float64 check up to 300M parameters)."
-    )
-
-
-class LayerSelection(Strict):
-    """Which layers of one stack to remove: exactly one of drop_top, layers, count."""
-
-    drop_top: int | None = Field(None, ge=1, description="Remove the top k layers.")
-    layers: list[int] | None = Field(None, description="Remove these layer indices (0-based).")
-    count: int | None = Field(None, ge=1, description="Remove k layers chosen by `select` on calibration data.")
-    select: Literal["block_influence", "angular_distance"] | None = Field(
-        None,
-        description="block_influence (ShortGPT, Men et al. 2024: 1 - cos(in, out), lowest removed) or "
-        "angular_distance (Gromov et al. 2024: the contiguous block of `count` layers with the smallest angle).",
-    )
-
-    @model_validator(mode="after")
-    def _one(self) -> LayerSelection:
-        given = [k for k in ("drop_top", "layers", "count") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of drop_top, layers, count (got {', '.join(given) or 'none'})")
-        if self.count is not None and self.select is None:
-            raise ValueError("`count` needs `select: block_influence` or `select: angular_distance`")
-        if self.count is None and self.select is not None:
-            raise ValueError("`select` goes with `count`")
-        return self
-
-
-class EncoderDecoderSelection(Strict):
-    """T5 language models: the encoder and decoder stacks, counted separately."""
-
-    encoder: LayerSelection | None = Field(None, description="Encoder blocks to remove.")
-    decoder: LayerSelection | None = Field(None, description="Decoder blocks to remove.")
-
-
-def _lm_selection_tag(value: Any) -> str:
-    if isinstance(value, dict) and ({"encoder", "decoder"} & set(value)):
-        return "encoder_decoder"
-    return "stack"
-
-
-LanguageModelSelection = Annotated[
-    Union[Annotated[LayerSelection, Tag("stack")], Annotated[EncoderDecoderSelection, Tag("encoder_decoder")]],
-    Discriminator(_lm_selection_tag),
-]
 
 
 class CalibrationSpec(Strict):
@@ -396,127 +295,6 @@ class CalibrationSpec(Strict):
     data: Literal["train", "val", "eval", "test", "calibration"] = Field(
         "calibration", description="Data section (calibration falls back to train)."
     )
-
-
-class RemoveLayersStage(StageBase):
-    """Remove whole layers (depth pruning), fixing layer_idx and the config's layer counts."""
-
-    type: Literal["remove_layers"]
-    qformer: LayerSelection | None = Field(None, description="Q-Former layers; must keep the cross-attention pattern.")
-    language_model: LanguageModelSelection | None = Field(
-        None, description="Language-model layers; T5: {encoder: …, decoder: …}."
-    )
-    vision: LayerSelection | None = Field(None, description="Vision-encoder layers.")
-    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="For `count` + `select`.")
-
-    @model_validator(mode="after")
-    def _some(self) -> RemoveLayersStage:
-        if self.qformer is None and self.language_model is None and self.vision is None:
-            raise ValueError("name at least one part: qformer, language_model or vision")
-        return self
-
-
-class WidthRatio(Strict):
-    ratio: float = Field(gt=0, lt=1, description="Fraction to remove.")
-
-
-class PruneWidthStage(StageBase):
-    """Remove attention heads and MLP channels of the language model with torch-pruning."""
-
-    type: Literal["prune_width"]
-    part: Literal["language_model"] = Field("language_model", description="The part to prune.")
-    heads: WidthRatio | None = Field(
-        None, description="Share of attention heads removed per layer; grouped KV heads go in whole groups (not T5)."
-    )
-    mlp: WidthRatio | None = Field(None, description="Share of MLP hidden units removed per layer.")
-    importance: Literal["magnitude", "taylor"] = Field("magnitude", description="torch-pruning importance criterion.")
-    ignored_layers: list[str] = Field(
-        default_factory=list,
-        description="Glob patterns over module names (e.g. `*.layers.0.*`, `*.fc1`): matching attentions / MLPs stay untouched.",
-    )
-    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Batches for `taylor`.")
-
-    @model_validator(mode="after")
-    def _some(self) -> PruneWidthStage:
-        if self.heads is None and self.mlp is None:
-            raise ValueError("give `heads: {ratio: …}` and/or `mlp: {ratio: …}`")
-        return self
-
-
-class DistillSpec(Strict):
-    """Knowledge distillation from an earlier stage's model (Hinton et al. 2015)."""
-
-    teacher: str = Field(description="Label of an earlier stage whose model is the teacher.")
-    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the KL term.")
-    kl_weight: float = Field(1.0, ge=0, description="Weight of KL(teacher || student) * T^2.")
-    ce_weight: float = Field(0.5, ge=0, description="Weight of the caption cross-entropy.")
-
-
-class HealStage(StageBase):
-    """Brief retraining after removal: LoRA, full or per-part; cross-entropy or distillation."""
-
-    type: Literal["heal"]
-    trainable: Literal["lora", "full", "parts"] = Field("lora", description="What trains.")
-    parts: list[str] = Field(
-        default_factory=list,
-        description="trainable=lora: LoRA parts (as lora_finetune); trainable=parts: parts to train.",
-    )
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="peft LoraConfig keys (trainable=lora).")
-    loss: Literal["ce", "distill"] = Field("ce", description="Cross-entropy on captions, or distillation.")
-    distill: DistillSpec | None = Field(None, description="Teacher and weights (loss=distill).")
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(steps=100), description="Training settings.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> HealStage:
-        if self.loss == "distill" and self.distill is None:
-            raise ValueError("loss: distill needs `distill: {teacher: <label>}`")
-        if self.loss == "ce" and self.distill is not None:
-            raise ValueError("`distill` is set but loss is ce: set `loss: distill` or remove `distill`")
-        if self.trainable == "lora":
-            _check_names(self.parts, LORA_PARTS, "LoRA part")
-        elif self.trainable == "parts":
-            if not self.parts:
-                raise ValueError("trainable: parts needs `parts: [...]`")
-            _check_names(self.parts, TRAINABLE_PARTS, "part")
-        return self
-
-
-class OnnxSpec(Strict):
-    """ONNX export settings (split graphs: image_encoder, embed_tokens, decoder with past)."""
-
-    opset: int | None = Field(None, ge=14, description="ONNX opset (default: 23 with the dynamo exporter, whose fused Attention and RMSNormalization need onnxruntime >= 1.23 on CPU, >= 1.26 on CUDA (grouped KV heads with a KV cache); the legacy exporter's own otherwise).")
-    exporter: Literal["dynamo", "legacy"] = Field("dynamo", description="torch.onnx exporter.")
-    optimize: bool = Field(True, description="Also save an ORT_ENABLE_ALL-optimised copy.")
-    quantize: Literal["int8"] | None = Field(None, description="Dynamic int8 quantisation of the decoder.")
-    tolerance: float | None = Field(None, gt=0, description="Max abs difference ORT vs PyTorch (default 1e-4 fp32).")
-    external_data: Literal["auto", "always", "never"] = Field("auto", description="External weights (auto: above 2 GB).")
-    twin_check: bool = Field(
-        True, description="bf16 exports (not runnable by ORT on CPU): check numbers on an fp32 twin (needs an fp32 copy in memory)."
-    )
-    isolate_graphs: Literal["auto", "always", "never"] = Field(
-        "auto",
-        description="Export each graph in a fresh subprocess that memory-maps the model, so peak memory follows the "
-        "largest graph, not the model (auto: checkpoint weights above 1 GB).",
-    )
-
-
-class ExportStage(StageBase):
-    """Write the model as safetensors and/or ONNX, verified after writing."""
-
-    type: Literal["export"]
-    formats: list[Literal["safetensors", "onnx"]] = Field(
-        default_factory=lambda: ["safetensors"], description="What to write."
-    )
-    dtype: Dtype | None = Field(None, description="Weights dtype of the export (default: the recipe's).")
-    max_shard_size: str = Field("5GB", description="safetensors shard size, e.g. 500MB, 5GB.")
-    onnx: OnnxSpec = Field(default_factory=OnnxSpec, description="ONNX settings.")
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _size(cls, v: str) -> str:
-        if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)", v.strip(), re.IGNORECASE):
-            raise ValueError(f"expected a size such as 500MB or 5GB, got '{v}'")
-        return v
 
 
 class LatencySpec(Strict):
@@ -537,64 +315,6 @@ class MetricModelSpec(Strict):
     model: str | None = Field(None, description="Local model folder (nothing is downloaded).")
     num_layers: int | None = Field(None, ge=1, description="bert-score: layer whose embeddings are compared.")
 
-
-class EvaluateStage(StageBase):
-    """Score the current model (or its ONNX export) with the same harness for every label."""
-
-    type: Literal["evaluate"]
-    label: str = Field(description="Name of this evaluation (the gate's candidate / baseline).")
-    data: Literal["train", "val", "eval", "test", "calibration"] = Field("eval", description="Data section.")
-    limit: int | None = Field(None, ge=1, description="Score the first N examples.")
-    metrics: list[str] | None = Field(
-        None, description="Metric keys (default: BLEU-1..4, METEOR, ROUGE-L, CIDEr for captions; vqa_accuracy for VQA)."
-    )
-    backend: Literal["torch", "onnx"] = Field("torch", description="Score the PyTorch model or the latest ONNX export.")
-    characteristics: CharacteristicsSpec = Field(default_factory=CharacteristicsSpec, description="Params, GFLOPs, latency.")
-    bertscore: MetricModelSpec | None = Field(None, description="bert-score model (needed for bertscore_f1).")
-    clipscore: MetricModelSpec | None = Field(None, description="CLIP model (needed for clipscore).")
-    teacher: str | None = Field(None, description="Label whose captions are references for `teacher_cider`.")
-
-    @field_validator("metrics")
-    @classmethod
-    def _metrics(cls, v: list[str] | None) -> list[str] | None:
-        return None if v is None else _check_names(v, METRIC_KEYS, "metric")
-
-
-class PredictStage(StageBase):
-    """Write predictions for unlabelled data: a COCO results list, or an answers CSV for VQA."""
-
-    type: Literal["predict"]
-    data: Literal["train", "val", "eval", "test", "calibration"] = Field("test", description="Data section.")
-    limit: int | None = Field(None, ge=1, description="Predict for the first N examples.")
-    backend: Literal["torch", "onnx"] = Field("torch", description="PyTorch model or the latest ONNX export.")
-    out: str | None = Field(None, description="File name (default predictions.json, or answers.csv for VQA).")
-
-
-Stage = Annotated[
-    Union[
-        LoraFinetuneStage,
-        FinetuneStage,
-        MergeAdaptersStage,
-        RemoveLayersStage,
-        PruneWidthStage,
-        HealStage,
-        ExportStage,
-        EvaluateStage,
-        PredictStage,
-    ],
-    Field(discriminator="type"),
-]
-STAGE_TYPES = (
-    "lora_finetune",
-    "finetune",
-    "merge_adapters",
-    "remove_layers",
-    "prune_width",
-    "heal",
-    "export",
-    "evaluate",
-    "predict",
-)
 
 # --------------------------------------------------------------------------------------------
 # Gate, push, recipe
@@ -670,34 +390,59 @@ class ReportSpec(Strict):
     plots: bool = Field(True, description="Draw PNG plots beside report.md.")
 
 
-class Recipe(Strict):
-    """A whole experiment: model, data, decoding, stages, gate and push."""
+@functools.cache
+def recipe_model() -> type[BaseModel]:
+    """The ``Recipe`` model: the fields below, with ``stages`` the discriminated union of every
+    registered stage's config (:mod:`compressor.stages`). Rebuilt when a stage is registered."""
+    from compressor.stages import declarations
 
-    name: str = Field(description="Run name; the run directory is runs/<name> unless --out is given.")
-    model: ModelSpec = Field(
-        description="A Hub id, a local save_pretrained folder, a preset (tiny-blip2-opt …), "
-        "{config: FILE, init: random} or {assemble: {language_model: …, qformer_init: …, vision: …}}."
-    )
-    dtype: Dtype = Field("float32", description="Weights dtype while working.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
-    seed: int = Field(0, description="Global seed.")
-    data: DataSpec | None = Field(None, description="Data by section (needed by training and evaluation stages).")
-    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Decoding settings.")
-    stages: list[Stage] = Field(min_length=1, description="Stages in order.")
-    gate: GateSpec | None = Field(None, description="Regression gate after the last stage.")
-    push: PushSpec | None = Field(None, description="Hub push after a passing gate.")
-    report: ReportSpec = Field(default_factory=ReportSpec, description="Report options.")
+    configs = tuple(d.config for d in declarations())
+    Stage = Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007 - a runtime tuple of classes
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", v):
-            raise ValueError(f"use letters, digits, '.', '_' or '-' (it names a folder), got '{v}'")
-        return v
+    class Recipe(Strict):
+        """A whole experiment: model, data, decoding, stages, gate and push."""
+
+        name: str = Field(description="Run name; the run directory is runs/<name> unless --out is given.")
+        model: ModelSpec = Field(
+            description="A Hub id, a local save_pretrained folder, a preset (tiny-blip2-opt …), "
+            "{config: FILE, init: random} or {assemble: {language_model: …, qformer_init: …, vision: …}}."
+        )
+        dtype: Dtype = Field("float32", description="Weights dtype while working.")
+        device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
+        seed: int = Field(0, description="Global seed.")
+        data: DataSpec | None = Field(None, description="Data by section (needed by training and evaluation stages).")
+        generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Decoding settings.")
+        stages: list[Stage] = Field(min_length=1, description="Stages in order.")
+        gate: GateSpec | None = Field(None, description="Regression gate after the last stage.")
+        push: PushSpec | None = Field(None, description="Hub push after a passing gate.")
+        report: ReportSpec = Field(default_factory=ReportSpec, description="Report options.")
+
+        @field_validator("name")
+        @classmethod
+        def _name(cls, v: str) -> str:
+            if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", v):
+                raise ValueError(f"use letters, digits, '.', '_' or '-' (it names a folder), got '{v}'")
+            return v
+
+    return Recipe
 
 
-def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
+def __getattr__(name: str):
+    """``Recipe`` (the model of :func:`recipe_model`) and ``STAGE_TYPES``, built from the registry on use."""
+    if name == "Recipe":
+        return recipe_model()
+    if name == "STAGE_TYPES":
+        from compressor.stages import stage_types
+
+        return stage_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def cross_check(recipe) -> list[tuple[tuple, str]]:
     """Checks across stages that a single field cannot make: labels, data, merge order, gate labels.
+
+    Reads each stage's :class:`~compressor.stages.Declaration` (the data it reads, the labels it
+    refers to, the adapters it writes or merges), never its type.
 
     Args:
         recipe: a recipe that passed field validation.
@@ -706,38 +451,36 @@ def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
         ``(field path, message)`` pairs, empty when the recipe is consistent. The loader turns the
         paths into YAML line numbers.
     """
+    from compressor.stages import declaration
+
     problems: list[tuple[tuple, str]] = []
     labels: dict[str, int] = {}
     eval_labels: set[str] = set()
     adapters_pending = False
-    needs_data = {"lora_finetune", "finetune", "heal", "evaluate", "predict", "prune_width"}
-    trains_weights = {"remove_layers", "prune_width", "lora_finetune", "finetune", "heal", "export"}
     for i, st in enumerate(recipe.stages):
+        decl = declaration(st.type)
         if st.label is not None:
             if st.label in labels:
                 problems.append((("stages", i, "label"), f"'{st.label}' is already the label of stage {labels[st.label]}"))
             labels[st.label] = i
-        if st.type in needs_data and recipe.data is None:
-            if not (st.type == "prune_width" and st.importance == "magnitude"):
-                problems.append((("stages", i, "type"), f"a {st.type} stage needs `data:` at the top level"))
-        if st.type == "evaluate":
+        if decl.data(st) and recipe.data is None:
+            article = "an" if st.type[:1] in "aeiou" else "a"
+            problems.append((("stages", i, "type"), f"{article} {st.type} stage needs `data:` at the top level"))
+        if decl.output == "evaluation":
             eval_labels.add(st.label)
-            if st.teacher is not None and st.teacher not in labels:
-                problems.append((("stages", i, "teacher"), f"no earlier stage is labelled '{st.teacher}'{_dym(st.teacher, labels)}"))
-        if st.type == "heal" and st.distill is not None and st.distill.teacher not in labels:
-            problems.append(
-                (("stages", i, "distill", "teacher"),
-                 f"no earlier stage is labelled '{st.distill.teacher}'{_dym(st.distill.teacher, labels)}")
-            )
-        if st.type == "merge_adapters":
+        for label, field_path in decl.references(st).values():
+            if label not in labels:
+                problems.append((("stages", i, *field_path), f"no earlier stage is labelled '{label}'{_dym(label, labels)}"))
+        effect = decl.adapter(st)
+        if effect == "merges":
             if not adapters_pending:
-                problems.append((("stages", i, "type"), "merge_adapters has no LoRA adapter before it to merge"))
+                problems.append((("stages", i, "type"), f"{st.type} has no LoRA adapter before it to merge"))
             adapters_pending = False
             continue
-        if adapters_pending and st.type in trains_weights:
+        if adapters_pending and decl.needs_merged:
             problems.append((("stages", i, "type"), f"merge the LoRA adapter before {st.type}: add a merge_adapters stage"))
             adapters_pending = False
-        if st.type == "lora_finetune" or (st.type == "heal" and st.trainable == "lora"):
+        if effect == "writes":
             adapters_pending = True
     if recipe.gate is not None:
         for role in ("candidate", "baseline"):

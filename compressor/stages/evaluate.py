@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from compressor.errors import UserInputError
 from compressor.evaluation import (
@@ -22,15 +25,40 @@ from compressor.evaluation import (
     write_predictions,
 )
 from compressor.fileio import atomic_write_json
-from compressor.stages.common import load_working_model
+from compressor.models.folders import load_working_model
+from compressor.recipe.schema import (
+    METRIC_KEYS,
+    CharacteristicsSpec,
+    LatencySpec,
+    MetricModelSpec,
+    StageBase,
+    _check_names,
+)
+from compressor.stages import Declaration
 
 log = logging.getLogger(__name__)
 
-PRODUCES_MODEL = False
 
+class EvaluateStage(StageBase):
+    """Score the current model (or its ONNX export) with the same harness for every label."""
 
-def data_sections(cfg) -> list[str]:
-    return [cfg.data]
+    type: Literal["evaluate"]
+    label: str = Field(description="Name of this evaluation (the gate's candidate / baseline).")
+    data: Literal["train", "val", "eval", "test", "calibration"] = Field("eval", description="Data section.")
+    limit: int | None = Field(None, ge=1, description="Score the first N examples.")
+    metrics: list[str] | None = Field(
+        None, description="Metric keys (default: BLEU-1..4, METEOR, ROUGE-L, CIDEr for captions; vqa_accuracy for VQA)."
+    )
+    backend: Literal["torch", "onnx"] = Field("torch", description="Score the PyTorch model or the latest ONNX export.")
+    characteristics: CharacteristicsSpec = Field(default_factory=CharacteristicsSpec, description="Params, GFLOPs, latency.")
+    bertscore: MetricModelSpec | None = Field(None, description="bert-score model (needed for bertscore_f1).")
+    clipscore: MetricModelSpec | None = Field(None, description="CLIP model (needed for clipscore).")
+    teacher: str | None = Field(None, description="Label whose captions are references for `teacher_cider`.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else _check_names(v, METRIC_KEYS, "metric")
 
 
 def check(cfg, task: str) -> None:
@@ -126,3 +154,31 @@ def onnx_captioner(ctx):
         onnx_dir,
         lambda bs: OnnxCaptioner(onnx_dir, gen.model_copy(update={"batch_size": bs})),
     )
+
+
+def check_recipe(cfg, recipe) -> None:
+    """Pre-flight without the model: Java, metric model folders, the teacher (raises UserInputError)."""
+    check(cfg, recipe.data.task)
+
+
+def check_data(cfg, recipe, datasets: dict) -> None:
+    """Pre-flight with the data loaded: what the metrics need of it (references, yes/no answers)."""
+    from compressor.evaluation import check_data_for_metrics
+
+    if (cfg.data, cfg.limit) in datasets:
+        check_data_for_metrics(resolve_metrics(cfg.metrics, recipe.data.task), datasets[(cfg.data, cfg.limit)])
+
+
+STAGE = Declaration(
+    config=EvaluateStage,
+    run=run,
+    produces_model=False,
+    uses_generation=True,
+    data=lambda cfg: {cfg.data: cfg.limit},
+    references=lambda cfg: {"teacher": (cfg.teacher, ("teacher",))} if cfg.teacher else {},
+    reads_export=lambda cfg: cfg.backend == "onnx",
+    output="evaluation",
+    check_recipe=check_recipe,
+    check_data=check_data,
+    docs=(("evaluate.characteristics", CharacteristicsSpec), ("evaluate.characteristics.latency", LatencySpec)),
+)

@@ -8,17 +8,55 @@ is hard-linked from the last export.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
+from typing import Literal
 
-from compressor.stages.common import load_working_model
+from pydantic import Field, field_validator
+
+from compressor.models.folders import load_working_model
+from compressor.recipe.schema import Dtype, StageBase, Strict
+from compressor.stages import Declaration
 
 log = logging.getLogger(__name__)
 
-PRODUCES_MODEL = False
+
+class OnnxSpec(Strict):
+    """ONNX export settings (split graphs: image_encoder, embed_tokens, decoder with past)."""
+
+    opset: int | None = Field(None, ge=14, description="ONNX opset (default: 23 with the dynamo exporter, whose fused Attention and RMSNormalization need onnxruntime >= 1.23 on CPU, >= 1.26 on CUDA (grouped KV heads with a KV cache); the legacy exporter's own otherwise).")
+    exporter: Literal["dynamo", "legacy"] = Field("dynamo", description="torch.onnx exporter.")
+    optimize: bool = Field(True, description="Also save an ORT_ENABLE_ALL-optimised copy.")
+    quantize: Literal["int8"] | None = Field(None, description="Dynamic int8 quantisation of the decoder.")
+    tolerance: float | None = Field(None, gt=0, description="Max abs difference ORT vs PyTorch (default 1e-4 fp32).")
+    external_data: Literal["auto", "always", "never"] = Field("auto", description="External weights (auto: above 2 GB).")
+    twin_check: bool = Field(
+        True, description="bf16 exports (not runnable by ORT on CPU): check numbers on an fp32 twin (needs an fp32 copy in memory)."
+    )
+    isolate_graphs: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Export each graph in a fresh subprocess that memory-maps the model, so peak memory follows the "
+        "largest graph, not the model (auto: checkpoint weights above 1 GB).",
+    )
 
 
-def data_sections(cfg) -> list[str]:
-    return []
+class ExportStage(StageBase):
+    """Write the model as safetensors and/or ONNX, verified after writing."""
+
+    type: Literal["export"]
+    formats: list[Literal["safetensors", "onnx"]] = Field(
+        default_factory=lambda: ["safetensors"], description="What to write."
+    )
+    dtype: Dtype | None = Field(None, description="Weights dtype of the export (default: the recipe's).")
+    max_shard_size: str = Field("5GB", description="safetensors shard size, e.g. 500MB, 5GB.")
+    onnx: OnnxSpec = Field(default_factory=OnnxSpec, description="ONNX settings.")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)", v.strip(), re.IGNORECASE):
+            raise ValueError(f"expected a size such as 500MB or 5GB, got '{v}'")
+        return v
 
 
 def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
@@ -61,3 +99,13 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
             "seconds": meta["seconds"]["total"],
         }
     return summary
+
+
+STAGE = Declaration(
+    config=ExportStage,
+    run=run,
+    produces_model=False,
+    needs_merged=True,
+    output="export",
+    docs=(("export.onnx", OnnxSpec),),
+)

@@ -11,27 +11,62 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from compressor.errors import UserInputError
-from compressor.families import family_for_model
-from compressor.lora import apply_lora, freeze_all_but
-from compressor.stages.common import (
-    ADAPTER_SUBDIR,
-    link_base_model,
-    load_working_model,
-    model_dir,
-    save_model,
+from compressor.recipe.schema import (
+    LORA_PARTS,
+    TRAINABLE_PARTS,
+    LoraSpec,
+    StageBase,
+    Strict,
+    TrainSpec,
+    _check_names,
 )
-from compressor.stages.trainer_glue import adapter_saver, batch_maker, eval_hook, summary_of
-from compressor.training import default_loss, train
+from compressor.stages import Declaration
+from compressor.training_glue import train_data, trainable_of, training_card
 
 log = logging.getLogger(__name__)
 
-PRODUCES_MODEL = True
+
+class DistillSpec(Strict):
+    """Knowledge distillation from an earlier stage's model (Hinton et al. 2015)."""
+
+    teacher: str = Field(description="Label of an earlier stage whose model is the teacher.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the KL term.")
+    kl_weight: float = Field(1.0, ge=0, description="Weight of KL(teacher || student) * T^2.")
+    ce_weight: float = Field(0.5, ge=0, description="Weight of the caption cross-entropy.")
 
 
-def data_sections(cfg) -> list[str]:
-    return [cfg.train.data] + (["val"] if cfg.train.eval_every else [])
+class HealStage(StageBase):
+    """Brief retraining after removal: LoRA, full or per-part; cross-entropy or distillation."""
+
+    type: Literal["heal"]
+    trainable: Literal["lora", "full", "parts"] = Field("lora", description="What trains.")
+    parts: list[str] = Field(
+        default_factory=list,
+        description="trainable=lora: LoRA parts (as lora_finetune); trainable=parts: parts to train.",
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="peft LoraConfig keys (trainable=lora).")
+    loss: Literal["ce", "distill"] = Field("ce", description="Cross-entropy on captions, or distillation.")
+    distill: DistillSpec | None = Field(None, description="Teacher and weights (loss=distill).")
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(steps=100), description="Training settings.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HealStage:
+        if self.loss == "distill" and self.distill is None:
+            raise ValueError("loss: distill needs `distill: {teacher: <label>}`")
+        if self.loss == "ce" and self.distill is not None:
+            raise ValueError("`distill` is set but loss is ce: set `loss: distill` or remove `distill`")
+        if self.trainable == "lora":
+            _check_names(self.parts, LORA_PARTS, "LoRA part")
+        elif self.trainable == "parts":
+            if not self.parts:
+                raise ValueError("trainable: parts needs `parts: [...]`")
+            _check_names(self.parts, TRAINABLE_PARTS, "part")
+        return self
 
 
 def distill_loss(teacher, family, temperature: float, kl_weight: float, ce_weight: float):
@@ -74,14 +109,25 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     Raises:
         UserInputError: unknown teacher label, LoRA parts matching nothing.
     """
+    from compressor.families import family_for_model
+    from compressor.lora import apply_lora, freeze_all_but
+    from compressor.models.folders import (
+        ADAPTER_SUBDIR,
+        link_base_model,
+        load_working_model,
+        model_dir,
+        save_model,
+    )
+    from compressor.training import default_loss, train
+    from compressor.training_glue import adapter_saver, batch_maker, eval_hook, summary_of
+
     model, processor = load_working_model(input_dir, ctx, with_adapter=False)
     family = family_for_model(model)
     report: dict = {}
     if cfg.trainable == "lora" and cfg.train.resume_from:
         from peft import PeftModel
 
-        from compressor.lora import match_report
-        from compressor.stages.lora_finetune import resolve_adapter
+        from compressor.lora import match_report, resolve_adapter
 
         adapter = resolve_adapter(cfg.train.resume_from)
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
@@ -135,3 +181,45 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
             p.requires_grad_(True)
         save_model(model, processor, model_dir(out_dir), state_dict=result.extra.get("state_dict"))
     return {**summary_of(result), "trainable": report, "loss": cfg.loss, "train_examples": len(pairs)}
+
+
+def check(cfg, pf) -> None:
+    """Pre-flight: LoRA targets (trainable: lora) on the model's config, and ``resume_from``."""
+    from compressor.lora import check_lora, resolve_adapter
+
+    if cfg.trainable == "lora":
+        check_lora(pf.family, pf.config, cfg.lora, cfg.parts, cfg.train.resume_from)
+    elif cfg.train.resume_from:
+        resolve_adapter(cfg.train.resume_from)
+
+
+def plan(cfg, pc) -> dict:
+    from compressor.lora import plan_freeze, plan_lora
+
+    if cfg.trainable == "lora":
+        return plan_lora(pc.model, cfg.lora, cfg.parts)
+    return plan_freeze(pc.model, pc.family, None if cfg.trainable == "full" else cfg.parts)
+
+
+def card(record: dict):
+    c = training_card(record)
+    c.tags = ["lora"] + (["distillation"] if (record.get("summary") or {}).get("loss") == "distill" else [])
+    return c
+
+
+STAGE = Declaration(
+    config=HealStage,
+    run=run,
+    produces_model=True,
+    trains=True,
+    uses_generation=True,
+    data=train_data,
+    references=lambda cfg: {"teacher": (cfg.distill.teacher, ("distill", "teacher"))} if cfg.distill is not None else {},
+    adapter=lambda cfg: "writes" if cfg.trainable == "lora" else None,
+    needs_merged=True,
+    trainable_params=trainable_of,
+    check=check,
+    plan=plan,
+    card=card,
+    docs=(("heal.distill", DistillSpec),),
+)

@@ -10,21 +10,42 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from compressor.errors import UserInputError
-from compressor.fileio import atomic_write_json
-from compressor.lora import apply_lora
-from compressor.stages.common import ADAPTER_SUBDIR, link_base_model, load_working_model, model_dir
-from compressor.stages.trainer_glue import adapter_saver, batch_maker, eval_hook, summary_of
-from compressor.training import train
+from compressor.recipe.schema import LORA_PARTS, Dtype, LoraSpec, StageBase, Strict, TrainSpec, _check_names
+from compressor.stages import Declaration, FieldProblem
+from compressor.training_glue import train_data, trainable_of, training_card
 
 log = logging.getLogger(__name__)
 
-PRODUCES_MODEL = True
+
+class QuantizationSpec(Strict):
+    """A k-bit base for QLoRA (bitsandbytes; CUDA only)."""
+
+    bits: Literal[4, 8] = Field(description="Load the base in 4 or 8 bits.")
+    compute_dtype: Dtype = Field("bfloat16", description="Compute dtype of 4-bit layers.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit quantisation type.")
 
 
-def data_sections(cfg) -> list[str]:
-    return [cfg.train.data] + (["val"] if cfg.train.eval_every else [])
+class LoraFinetuneStage(StageBase):
+    """LoRA finetune with peft on accelerate; writes the adapter (merged by `merge_adapters`)."""
+
+    type: Literal["lora_finetune"]
+    parts: list[str] = Field(
+        default_factory=list,
+        description=f"Part-scoped targets, expanded to anchored module patterns: {', '.join(LORA_PARTS)}.",
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="peft LoraConfig keys.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Training settings.")
+    quantization: QuantizationSpec | None = Field(None, description="QLoRA: a 4/8-bit base (CUDA only).")
+
+    @field_validator("parts")
+    @classmethod
+    def _parts(cls, v: list[str]) -> list[str]:
+        return _check_names(v, LORA_PARTS, "LoRA part")
 
 
 def check_quantization(cfg, device: str) -> None:
@@ -42,28 +63,18 @@ def check_quantization(cfg, device: str) -> None:
         raise UserInputError("QLoRA needs bitsandbytes, which is not installed: pip install bitsandbytes") from None
 
 
-def resolve_adapter(path: str | Path) -> Path:
-    """The adapter folder to resume from: ``path`` itself, or its ``adapter/`` (a stage's ``model/``).
-
-    Raises:
-        UserInputError: no ``adapter_config.json`` there.
-    """
-    p = Path(path).expanduser()
-    for cand in (p, p / ADAPTER_SUBDIR, p / "model" / ADAPTER_SUBDIR):
-        if (cand / "adapter_config.json").is_file():
-            return cand
-    raise UserInputError(
-        f"train.resume_from: {path} holds no LoRA adapter (adapter_config.json); point it at an adapter folder or "
-        "at a lora_finetune stage's model/ folder"
-    )
-
-
 def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     """Train a LoRA adapter on ``input_dir``'s model; see the module docstring for outputs.
 
     Raises:
         UserInputError: a ``parts`` entry matching no module, QLoRA without CUDA.
     """
+    from compressor.fileio import atomic_write_json
+    from compressor.lora import apply_lora, resolve_adapter
+    from compressor.models.folders import ADAPTER_SUBDIR, link_base_model, load_working_model, model_dir
+    from compressor.training import train
+    from compressor.training_glue import adapter_saver, batch_maker, eval_hook, summary_of
+
     check_quantization(cfg, ctx.device)
     model, processor = load_working_model(input_dir, ctx, with_adapter=False)
     if cfg.quantization is not None:  # pragma: no cover - CUDA only
@@ -121,3 +132,38 @@ def _load_quantized(input_dir, cfg, ctx):  # pragma: no cover - needs CUDA + bit
     family = family_for_config(AutoConfig.from_pretrained(str(input_dir)))
     model = family.model_cls().from_pretrained(str(input_dir), quantization_config=bnb, device_map={"": 0})
     return prepare_model_for_kbit_training(model)
+
+
+def check(cfg, pf) -> None:
+    """Pre-flight: LoRA targets on the model's config, ``resume_from``, QLoRA's needs."""
+    from compressor.lora import check_lora
+
+    check_lora(pf.family, pf.config, cfg.lora, cfg.parts, cfg.train.resume_from)
+    if cfg.quantization is not None:
+        try:
+            check_quantization(cfg, pf.device)
+        except UserInputError as exc:
+            raise FieldProblem(("quantization",), str(exc)) from None
+
+
+def plan(cfg, pc) -> dict:
+    from compressor.lora import plan_lora
+
+    return plan_lora(pc.model, cfg.lora, cfg.parts)
+
+
+STAGE = Declaration(
+    config=LoraFinetuneStage,
+    run=run,
+    produces_model=True,
+    trains=True,
+    uses_generation=True,
+    data=train_data,
+    adapter=lambda cfg: "writes",
+    needs_merged=True,
+    trainable_params=trainable_of,
+    check=check,
+    plan=plan,
+    card=training_card,
+    docs=(("stages[].train", TrainSpec), ("stages[].lora", LoraSpec), ("stages[].quantization", QuantizationSpec)),
+)

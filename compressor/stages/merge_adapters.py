@@ -11,20 +11,30 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from compressor.errors import UserInputError, VerificationError
 from compressor.families import family_for_model
-from compressor.stages.common import has_adapter, load_working_model, model_dir, save_model
+from compressor.models.folders import has_adapter, load_working_model, model_dir, save_model
+from compressor.recipe.schema import StageBase
+from compressor.stages import Declaration, StageCard
 
 log = logging.getLogger(__name__)
 
-PRODUCES_MODEL = True
 ROWS = 4  # rows of each adapted weight remembered to show the merge changed it
 FLOAT64_CHECK_MAX_PARAMS = 300_000_000
 
 
-def data_sections(cfg) -> list[str]:
-    return []
+class MergeAdaptersStage(StageBase):
+    """peft `merge_and_unload`, verified: touched weights change, outputs equal the adapter model's."""
+
+    type: Literal["merge_adapters"]
+    safe_merge: bool = Field(True, description="peft safe_merge: check for NaNs before merging.")
+    tolerance: float = Field(
+        1e-5, gt=0, description="Max abs logit difference merged vs adapter model (float64 check up to 300M parameters)."
+    )
 
 
 def probe_batch(model, processor, n: int = 3, seed: int = 0) -> dict:
@@ -145,3 +155,19 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     save_model(merged, processor, model_dir(out_dir))
     log.info("merged %d adapted modules (max |merged - adapter| logits %.2e)", len(trained), diff)
     return {"merged_modules": len(trained), "max_logit_diff": diff, "checked_in": str(check_dtype), "unchanged_rows_modules": len(unchanged)}
+
+
+def card(record: dict) -> StageCard:
+    summ = record.get("summary") or {}
+    if "merged_modules" not in summ:
+        return StageCard()
+    return StageCard(details=[f"{summ['merged_modules']} modules merged (max logit difference {summ.get('max_logit_diff')})"])
+
+
+STAGE = Declaration(
+    config=MergeAdaptersStage,
+    run=run,
+    produces_model=True,
+    adapter=lambda cfg: "merges",
+    card=card,
+)

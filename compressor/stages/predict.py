@@ -9,19 +9,28 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from compressor.evaluation import answers_rows, caption_rows, predict, prompt_fn, write_predictions
-from compressor.stages.common import load_working_model
+from compressor.models.folders import load_working_model
+from compressor.recipe.schema import StageBase
+from compressor.stages import Declaration
 from compressor.stages.evaluate import onnx_captioner
 from eval.predictions import write_answers_csv, write_captions_csv
 
 log = logging.getLogger(__name__)
 
-PRODUCES_MODEL = False
 
+class PredictStage(StageBase):
+    """Write predictions for unlabelled data: a COCO results list, or an answers CSV for VQA."""
 
-def data_sections(cfg) -> list[str]:
-    return [cfg.data]
+    type: Literal["predict"]
+    data: Literal["train", "val", "eval", "test", "calibration"] = Field("test", description="Data section.")
+    limit: int | None = Field(None, ge=1, description="Predict for the first N examples.")
+    backend: Literal["torch", "onnx"] = Field("torch", description="PyTorch model or the latest ONNX export.")
+    out: str | None = Field(None, description="File name (default predictions.json, or answers.csv for VQA).")
 
 
 def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
@@ -45,3 +54,13 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     else:
         write_predictions(out_dir / name, preds, data.task)
     return {"file": name, "predictions": len(preds)}
+
+
+STAGE = Declaration(
+    config=PredictStage,
+    run=run,
+    produces_model=False,
+    uses_generation=True,
+    data=lambda cfg: {cfg.data: cfg.limit},
+    reads_export=lambda cfg: cfg.backend == "onnx",
+)

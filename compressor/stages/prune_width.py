@@ -13,19 +13,49 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from compressor.errors import VerificationError
 from compressor.families import family_for_model
 from compressor.fileio import atomic_write_json
-from compressor.stages.common import load_working_model, model_dir, save_model
+from compressor.models.folders import load_working_model, model_dir, save_model
+from compressor.recipe.schema import CalibrationSpec, StageBase, Strict
+from compressor.stages import Declaration, StageCard
 
 log = logging.getLogger(__name__)
 
-PRODUCES_MODEL = True
+
+class WidthRatio(Strict):
+    ratio: float = Field(gt=0, lt=1, description="Fraction to remove.")
 
 
-def data_sections(cfg) -> list[str]:
-    return [cfg.calibration.data] if cfg.importance == "taylor" else []
+class PruneWidthStage(StageBase):
+    """Remove attention heads and MLP channels of the language model with torch-pruning."""
+
+    type: Literal["prune_width"]
+    part: Literal["language_model"] = Field("language_model", description="The part to prune.")
+    heads: WidthRatio | None = Field(
+        None, description="Share of attention heads removed per layer; grouped KV heads go in whole groups (not T5)."
+    )
+    mlp: WidthRatio | None = Field(None, description="Share of MLP hidden units removed per layer.")
+    importance: Literal["magnitude", "taylor"] = Field("magnitude", description="torch-pruning importance criterion.")
+    ignored_layers: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns over module names (e.g. `*.layers.0.*`, `*.fc1`): matching attentions / MLPs stay untouched.",
+    )
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Batches for `taylor`.")
+
+    @model_validator(mode="after")
+    def _some(self) -> PruneWidthStage:
+        if self.heads is None and self.mlp is None:
+            raise ValueError("give `heads: {ratio: …}` and/or `mlp: {ratio: …}`")
+        return self
+
+
+def data(cfg) -> dict[str, int | None]:
+    return {cfg.calibration.data: None} if cfg.importance == "taylor" else {}
 
 
 def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
@@ -74,3 +104,35 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     atomic_write_json(out_dir / "pruning.json", record)
     log.info("prune_width: %d layers pruned; parameters %d → %d", len(plans), report["params_before"], report["params_after"])
     return {"layers_pruned": len(plans), "params_before": report["params_before"], "params_after": report["params_after"]}
+
+
+def check(cfg, pf) -> None:
+    """Pre-flight: width pruning exists for this family, heads can be pruned where asked, the ratio removes something."""
+    from compressor.pruning import check_width_on_config
+
+    check_width_on_config(pf.config, pf.family, cfg)
+
+
+def plan(cfg, pc) -> dict:
+    pc.notes.append(f"stage {pc.index}: prune_width is not planned (width pruning changes shapes the plan does not model)")
+    return {}
+
+
+def card(record: dict) -> StageCard:
+    return StageCard(limitations=[
+        f"Width pruning changed layer shapes (stage {record.get('index')}); the model needs vlm-compress's shape plan to load."
+    ])
+
+
+STAGE = Declaration(
+    config=PruneWidthStage,
+    run=run,
+    produces_model=True,
+    data=data,
+    needs_merged=True,
+    reshapes=True,
+    check=check,
+    plan=plan,
+    card=card,
+    docs=(("prune_width.heads / prune_width.mlp", WidthRatio),),
+)

@@ -1,10 +1,12 @@
-"""``remove_layers``: depth pruning of the Q-Former, the language model and the vision encoder.
+"""``remove_layers``: depth pruning of any removable stack the model's family declares.
 
 By position (``drop_top``, ``layers``) or by importance on calibration batches of the recipe's
 data (``count`` + ``select``: ``block_influence``, ShortGPT (Men et al. 2024); ``angular_distance``,
 Gromov et al. 2024 "The Unreasonable Ineffectiveness of the Deeper Layers"; see
-:mod:`compressor.importance`). Surgery in :mod:`compressor.surgery`. The model is loaded
-memory-mapped and saved once: no second copy of the weights is held.
+:mod:`compressor.importance`). The recipe keys (``vision``, ``qformer``, ``language_model`` …) are
+the stacks the families declare (:func:`compressor.families.removal_keys`); which stack of this
+model each names, and what it may lose, is the family's (:mod:`compressor.surgery`). The model is
+loaded memory-mapped and saved once: no second copy of the weights is held.
 
 Output: ``model/``; ``removal.json`` (indices removed and kept per part, parameters before and
 after); with importance selection, ``importance.json`` (every layer's block influence and every
@@ -15,28 +17,92 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated, Any, Literal, Union
 
-from compressor.families import family_for_model
-from compressor.fileio import atomic_write_json
-from compressor.stages.common import load_working_model, model_dir, save_model
-from compressor.surgery import plan_removals, remove_layers
+from pydantic import Discriminator, Field, Tag, create_model, model_validator
+
+from compressor.families import encoder_decoder_keys, removal_keys
+from compressor.recipe.schema import CalibrationSpec, StageBase, Strict
+from compressor.stages import Declaration, StageCard
 
 log = logging.getLogger(__name__)
 
-PRODUCES_MODEL = True
+
+class LayerSelection(Strict):
+    """Which layers of one stack to remove: exactly one of drop_top, layers, count."""
+
+    drop_top: int | None = Field(None, ge=1, description="Remove the top k layers.")
+    layers: list[int] | None = Field(None, description="Remove these layer indices (0-based).")
+    count: int | None = Field(None, ge=1, description="Remove k layers chosen by `select` on calibration data.")
+    select: Literal["block_influence", "angular_distance"] | None = Field(
+        None,
+        description="block_influence (ShortGPT, Men et al. 2024: 1 - cos(in, out), lowest removed) or "
+        "angular_distance (Gromov et al. 2024: the contiguous block of `count` layers with the smallest angle).",
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> LayerSelection:
+        given = [k for k in ("drop_top", "layers", "count") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of drop_top, layers, count (got {', '.join(given) or 'none'})")
+        if self.count is not None and self.select is None:
+            raise ValueError("`count` needs `select: block_influence` or `select: angular_distance`")
+        if self.count is None and self.select is not None:
+            raise ValueError("`select` goes with `count`")
+        return self
 
 
-def _selections(cfg) -> list:
-    parts = [cfg.vision, cfg.qformer]
-    lm = cfg.language_model
-    if lm is not None:
-        parts += [lm.encoder, lm.decoder] if hasattr(lm, "encoder") else [lm]
-    return [p for p in parts if p is not None]
+class EncoderDecoderSelection(Strict):
+    """Encoder-decoder language models (T5): the encoder and decoder stacks, counted separately."""
+
+    encoder: LayerSelection | None = Field(None, description="Encoder blocks to remove.")
+    decoder: LayerSelection | None = Field(None, description="Decoder blocks to remove.")
 
 
-def data_sections(cfg) -> list[str]:
-    needs = any(p.count is not None for p in _selections(cfg))
-    return [cfg.calibration.data] if needs else []
+def _selection_tag(value: Any) -> str:
+    if isinstance(value, dict) and ({"encoder", "decoder"} & set(value)):
+        return "encoder_decoder"
+    return "stack"
+
+
+StackSelection = Annotated[
+    Union[Annotated[LayerSelection, Tag("stack")], Annotated[EncoderDecoderSelection, Tag("encoder_decoder")]],
+    Discriminator(_selection_tag),
+]
+
+
+class _RemoveLayersBase(StageBase):
+    type: Literal["remove_layers"]
+
+    @model_validator(mode="after")
+    def _some(self):
+        if all(getattr(self, k) is None for k in removal_keys()):
+            raise ValueError(f"name at least one part: {', '.join(removal_keys())}")
+        return self
+
+
+#: One optional selection per stack key the families declare, then the calibration batches.
+RemoveLayersStage = create_model(
+    "RemoveLayersStage",
+    __base__=_RemoveLayersBase,
+    __module__=__name__,
+    __doc__="Remove whole layers (depth pruning), fixing layer_idx and the config's layer counts.",
+    **{
+        key: ((StackSelection if key in encoder_decoder_keys() else LayerSelection) | None, Field(None, description=text))
+        for key, text in removal_keys().items()
+    },
+    calibration=(CalibrationSpec, Field(default_factory=CalibrationSpec, description="For `count` + `select`.")),
+)
+
+
+def _by_importance(cfg) -> bool:
+    sels = [getattr(cfg, k) for k in removal_keys()]
+    flat = [s for sel in sels if sel is not None for s in ([sel.encoder, sel.decoder] if hasattr(sel, "encoder") else [sel])]
+    return any(s is not None and s.count is not None for s in flat)
+
+
+def data(cfg) -> dict[str, int | None]:
+    return {cfg.calibration.data: None} if _by_importance(cfg) else {}
 
 
 def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
@@ -45,6 +111,11 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     Raises:
         UserInputError: invalid selections (normally caught by pre-flight before loading).
     """
+    from compressor.families import family_for_model
+    from compressor.fileio import atomic_write_json
+    from compressor.models.folders import load_working_model, model_dir, save_model
+    from compressor.surgery import plan_removals, remove_layers, selections
+
     model, processor = load_working_model(input_dir, ctx, with_adapter=False)
     family = family_for_model(model)
     plan = plan_removals(model.config, family, cfg)
@@ -56,8 +127,9 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         data = ctx.data(cfg.calibration.data)
         batches = calibration_batches(model, processor, data, cfg.calibration, ctx.recipe.generation.prompt, ctx.device)
         scores = stack_scores(model, family, by_importance, batches)
+        chosen = selections(cfg, family)
         for part in by_importance:
-            sel = _selection(cfg, part)
+            sel = chosen[part]
             plan[part] = select_layers(scores[part], sel.count, sel.select, family)
             scores_json[part] = {**scores[part].to_json(), "select": sel.select, "count": sel.count, "removed": plan[part]}
             log.info("%s: %s chose layers %s", part, sel.select, plan[part])
@@ -77,12 +149,67 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     return {**record, "selected_by": {p: s["select"] for p, s in scores_json.items()}}
 
 
-def _selection(cfg, part: str):
-    if part == "qformer":
-        return cfg.qformer
-    if part == "vision":
-        return cfg.vision
-    lm = cfg.language_model
-    if hasattr(lm, "encoder"):
-        return lm.encoder if part.endswith("encoder") else lm.decoder
-    return lm
+def check(cfg, pf) -> None:
+    """Pre-flight on the config: the parts exist, indices are in range, stack rules hold; then the
+    simulated config loses the layers, so later stages are checked against the smaller model."""
+    from compressor.families import get_config_value, set_config_value
+    from compressor.surgery import plan_removals, removal_count
+
+    plan = plan_removals(pf.config, pf.family, cfg)
+    pf.removals[pf.index] = plan
+    for part, removed in plan.items():
+        st = pf.family.stack(part)
+        n = int(get_config_value(pf.config, st.count_fields[0]))
+        k = len(removed) if removed is not None else removal_count(cfg, pf.family, part)
+        for path in st.count_fields:
+            set_config_value(pf.config, path, n - k)
+
+
+def plan(cfg, pc) -> dict:
+    """The removal on the meta model; importance choices (made on data at run time) are counted as the top layers."""
+    from compressor.surgery import plan_removals, removal_count, remove_layers, stack_size
+
+    done = []
+    for part, removed in plan_removals(pc.model.config, pc.family, cfg).items():
+        if removed is None:
+            n, k = stack_size(pc.model.config, pc.family, part), removal_count(cfg, pc.family, part)
+            removed = list(range(n - k, n))
+            uneven = getattr(pc.family.stack(part).rule, "uneven_layers", None)
+            pc.notes.append(
+                f"stage {pc.index}: {part} removes {k} layers chosen on calibration data at run time; counted as the top "
+                f"{k} (exact when the stack's layers are the same size" + (f", which {uneven} are not)" if uneven else ")")
+            )
+        done.append(remove_layers(pc.model, pc.family, part, removed))
+    return {"removed": {r["part"]: r["removed"] for r in done}}
+
+
+def _removal_text(r: dict) -> str:
+    return f"{r.get('part')}: removed layers {r.get('removed', [])} of {r.get('before')} ({r.get('after')} kept)"
+
+
+def card(record: dict) -> StageCard:
+    removed = [r for r in (record.get("summary") or {}).get("removed", []) if isinstance(r, dict)]
+    return StageCard(
+        details=[_removal_text(r) for r in removed],
+        tags=["layer-pruning"],
+        limitations=[
+            f"Removed: {_removal_text(r)}. What those layers knew is gone unless healing recovered it; check the "
+            "metrics on your own data."
+            for r in removed
+            if r.get("removed")
+        ],
+    )
+
+
+STAGE = Declaration(
+    config=RemoveLayersStage,
+    run=run,
+    produces_model=True,
+    data=data,
+    needs_merged=True,
+    reshapes=True,
+    check=check,
+    plan=plan,
+    card=card,
+    docs=(("remove_layers.<part> (a layer selection)", LayerSelection), ("remove_layers.calibration", CalibrationSpec)),
+)

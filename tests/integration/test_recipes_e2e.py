@@ -200,7 +200,7 @@ def apply(recipe: str, out: Path, overrides: list[str], scorer, monkeypatch) -> 
     from click.testing import CliRunner
 
     from compressor.cli import cli
-    from compressor.stages.common import StageContext
+    from compressor.pipeline.context import StageContext
 
     monkeypatch.setattr(StageContext, "scorer", lambda self: scorer)
     args = ["apply", str(RECIPES / recipe), "--out", str(out)]

@@ -51,7 +51,7 @@ def test_plan_equals_the_built_model(tmp_path, preset):
     """Before: the built preset's count; after: the count of the built preset with the same surgery."""
     from compressor.families import family_for_config
     from compressor.models.presets import build_preset
-    from compressor.recipe.schema import RemoveLayersStage
+    from compressor.stages.remove_layers import RemoveLayersStage
     from compressor.surgery import plan_removals, remove_layers
 
     lm = "{encoder: {drop_top: 1}, decoder: {drop_top: 2}}" if preset == "tiny-blip2-t5" else "{drop_top: 2}"

@@ -127,7 +127,7 @@ def make_recipe(stages: list[dict], model: str = "tiny-blip2-opt", data: dict | 
 
 def stage_ctx(recipe, run_dir, index: int = 0):
     """A StageContext for calling a stage's ``run`` directly (CPU, no progress bars)."""
-    from compressor.stages.common import StageContext
+    from compressor.pipeline.context import StageContext
 
     return StageContext(recipe=recipe, index=index, run_dir=run_dir, device="cpu", progress=False)
 

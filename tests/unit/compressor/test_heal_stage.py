@@ -28,7 +28,7 @@ def test_distill_loss_is_ce_when_student_equals_teacher(name):
     assert logs["kl"] == pytest.approx(0.0, abs=1e-6)
     assert float(loss.detach()) == pytest.approx(0.5 * ce, rel=1e-5)
     # A student with a layer less disagrees with its teacher: KL > 0, and the gradient reaches only the student.
-    part = "language_model.decoder" if family.lm is not None and not family.decoder_only else "language_model"
+    part = "language_model.decoder" if "language_model.decoder" in family.stacks else "language_model"
     remove_layers(model, family, part, [1])
     loss, logs = loss_fn(model, batch)
     assert logs["kl"] > 1e-3
@@ -64,7 +64,7 @@ def test_distill_loss_counts_only_caption_tokens():
 
 
 def _removed_model_folder(tmp_path):
-    from compressor.stages.common import save_model
+    from compressor.models.folders import save_model
 
     model, proc, family = preset("tiny-blip2-opt")
     remove_layers(model, family, "language_model", [3, 4])
@@ -73,7 +73,7 @@ def _removed_model_folder(tmp_path):
 
 @pytest.mark.parametrize("loss", ["ce", "distill"])
 def test_heal_with_lora_writes_an_adapter_and_lowers_the_loss(loss, tmp_path):
-    from compressor.stages.common import StageContext
+    from compressor.pipeline.context import StageContext
 
     removed = _removed_model_folder(tmp_path)
     heal = {"type": "heal", "trainable": "lora", "parts": ["language_model.attention", "language_model.mlp"],

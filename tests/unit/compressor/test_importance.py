@@ -10,9 +10,9 @@ from surgery_helpers import preset, probe_images
 
 from compressor.errors import UserInputError
 from compressor.families import get_module
+from compressor.families.blip2 import CrossAttentionPattern
 from compressor.importance import StackScores, select_layers, stack_scores
 from compressor.models.batches import training_batch
-from compressor.surgery import qformer_pattern_ok
 
 CAPTIONS = ["a red circle on the left", "two blue squares", "a green triangle at the top of the picture", "one star"]
 
@@ -93,7 +93,7 @@ def test_qformer_choice_keeps_the_cross_attention_pattern():
     scores = StackScores("qformer", [0.9, 0.1, 0.85, 0.2], {1: [0.5, 0.1, 0.4, 0.2], 2: [0.9, 0.05, 0.3], 3: [0.1, 0.9]})
     # The two lowest (1 and 3) would leave cross-attention at kept position 1: refused. Valid pairs
     # are {0, 1}, {1, 2}, {2, 3}; the lowest valid sum is {1, 2} (0.95).
-    assert not qformer_pattern_ok([0, 2], 2)
+    assert not CrossAttentionPattern(2).ok([0, 2])
     assert select_layers(scores, 2, "block_influence", family) == [1, 2]
     assert select_layers(scores, 2, "angular_distance", family) == [1, 2]
     # One layer: only the top one keeps the pattern, although layer 1 scores lowest.
@@ -111,7 +111,7 @@ def test_qformer_scores_on_a_real_model_choose_a_valid_set():
     assert scores["qformer"].tokens == 4 * model.config.num_query_tokens
     for select in ("block_influence", "angular_distance"):
         removed = select_layers(scores["qformer"], 2, select, family)
-        assert qformer_pattern_ok([i for i in range(4) if i not in removed], 2)
+        assert CrossAttentionPattern(2).ok([i for i in range(4) if i not in removed])
 
 
 def test_count_out_of_range_is_refused():

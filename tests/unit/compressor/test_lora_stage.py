@@ -72,8 +72,7 @@ def test_entry_matching_nothing_exits_2():
 
 
 def test_qlora_without_cuda_exits_2():
-    from compressor.recipe.schema import LoraFinetuneStage
-    from compressor.stages.lora_finetune import check_quantization
+    from compressor.stages.lora_finetune import LoraFinetuneStage, check_quantization
 
     st = LoraFinetuneStage(type="lora_finetune", parts=["language_model.attention"], quantization={"bits": 4})
     with pytest.raises(UserInputError, match="needs a CUDA GPU") as err:
@@ -109,14 +108,14 @@ def test_labels_mask_image_padding_and_prompt(name):
     else:  # T5: the encoder reads image tokens and the question; the decoder learns the answer.
         assert "what color" in tok.decode(ids[1])
         assert "what color" not in tok.decode(labels[1][labels[1] != -100])
-    if family.has_qformer_text:  # InstructBLIP: the Q-Former reads the instruction, never the target
+    if family.extra.get("qformer_text"):  # InstructBLIP: the Q-Former reads the instruction, never the target
         q = proc.qformer_tokenizer.decode(batch["qformer_input_ids"][1])
         assert "what color" in q and "squares" not in q
 
 
 def test_vqa_data_trains_on_answers_with_question_prompts(tmp_path):
     """End to end through the stage glue: VQA examples become (question prompt, answer) batches."""
-    from compressor.stages.trainer_glue import batch_maker
+    from compressor.training_glue import batch_maker
 
     recipe = make_recipe([{"type": "evaluate", "label": "x"}],
                          data={"format": "synthetic", "task": "vqa", "train": {"size": 2, "image_size": 32}})
@@ -141,7 +140,7 @@ def _lora_hash(model) -> list[float]:
 
 def test_eval_every_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     """Evaluation every 2 steps; the scripted metric peaks at step 4 of 6: that adapter is the one kept."""
-    import compressor.stages.lora_finetune as lf
+    import compressor.training_glue as tg
 
     seen = {}
     script = {2: 10.0, 4: 30.0, 6: 20.0}
@@ -157,7 +156,7 @@ def test_eval_every_keeps_the_best_checkpoint(tmp_path, monkeypatch):
 
         return evaluate
 
-    monkeypatch.setattr(lf, "eval_hook", fake_eval_hook)
+    monkeypatch.setattr(tg, "eval_hook", fake_eval_hook)
     recipe = make_recipe([{"type": "lora_finetune", "parts": ["language_model.attention"], "lora": {"r": 4},
                            "train": {"steps": 6, "batch_size": 4, "learning_rate": 5e-3, "eval_every": 2,
                                      "select_best_by": "cider"}}])
@@ -211,7 +210,7 @@ def test_resume_from_adapter_continues_training(tmp_path):
 
 
 def test_resume_from_a_folder_without_adapter_exits_2(tmp_path):
-    from compressor.stages.lora_finetune import resolve_adapter
+    from compressor.lora import resolve_adapter
 
     with pytest.raises(UserInputError, match="holds no LoRA adapter"):
         resolve_adapter(tmp_path)

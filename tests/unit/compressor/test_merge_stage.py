@@ -13,8 +13,8 @@ from surgery_helpers import FAMILIES, logits, make_recipe, preset, probe_images,
 
 from compressor.errors import UserInputError
 from compressor.lora import apply_lora
+from compressor.models.folders import link_base_model
 from compressor.recipe.schema import LoraSpec
-from compressor.stages.common import link_base_model
 
 PARTS = {
     "tiny-blip2-opt": ["qformer.cross_attention", "language_model.attention", "projection"],

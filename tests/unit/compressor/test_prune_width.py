@@ -23,10 +23,10 @@ from surgery_helpers import (
 
 from compressor.errors import ModelSpecError, UserInputError
 from compressor.families import get_module
+from compressor.models.folders import save_model
 from compressor.models.loading import load_model
 from compressor.models.shapes import SHAPE_PLAN
 from compressor.pruning import apply_width, head_layout, plan_width
-from compressor.stages.common import save_model
 
 # (preset, heads ratio or None, the KV group zeroed, the MLP units zeroed)
 CASES = [

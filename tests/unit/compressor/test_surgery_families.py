@@ -155,7 +155,7 @@ def test_removal_of_every_layer_is_refused():
 
 def test_t5_decoder_deeper_than_encoder_is_refused_before_loading():
     """transformers sizes T5's generation cache by the encoder depth: refuse such plans from the config alone."""
-    from compressor.recipe.schema import RemoveLayersStage
+    from compressor.stages.remove_layers import RemoveLayersStage
     from compressor.surgery import plan_removals
 
     model, _, family = preset("tiny-blip2-t5")

@@ -44,7 +44,9 @@ RECIPE = "name: llm28_q8\nmodel: Salesforce/blip2-opt-2.7b\ndata:\n  format: coc
 
 
 def _card(report=REPORT, **kw):
-    args = dict(repo_id="me/blip2-llm28-q8", recipe_yaml=RECIPE, base_model="Salesforce/blip2-opt-2.7b", license="mit",
+    from compressor.pipeline.publish import stage_card
+
+    args = dict(stage_notes=stage_card, repo_id="me/blip2-llm28-q8", recipe_yaml=RECIPE, base_model="Salesforce/blip2-opt-2.7b", license="mit",
                 datasets=["coco"], config={"model_type": "blip-2", "architectures": ["Blip2ForConditionalGeneration"]},
                 files=["README.md", "model.safetensors", "onnx/decoder.onnx"], onnx_files=["onnx/decoder.onnx"])
     args.update(kw)

@@ -155,7 +155,7 @@ def test_child_errors_surface_typed_and_leave_no_folder(blip_dir, tmp_path, monk
 
 
 def test_auto_isolates_large_checkpoints_only(blip_dir, monkeypatch):
-    from compressor.recipe.schema import ExportStage
+    from compressor.stages.export import ExportStage
     from exporters import onnx_export as ox
 
     stage = ExportStage(type="export", formats=["onnx"], onnx={"isolate_graphs": "always"})

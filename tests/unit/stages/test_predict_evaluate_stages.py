@@ -9,8 +9,8 @@ import pytest
 
 
 def _ctx(tmp_path, task: str, stage: dict):
+    from compressor.pipeline.context import StageContext
     from compressor.recipe.schema import Recipe
-    from compressor.stages.common import StageContext
 
     recipe = Recipe(
         name="t",

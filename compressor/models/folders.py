@@ -1,13 +1,14 @@
-"""Plain functions and the context every stage shares (no base classes: torchtune style)."""
+"""Model folders as stages read and write them: ``model/`` (+ ``adapter/``), loaded and saved.
+
+Plain functions (no base classes: torchtune style). A model-producing stage writes its model to
+``<stage folder>/model`` (``save_pretrained`` + processor, a width-pruned model's shape plan),
+and a LoRA stage adds ``model/adapter`` beside hard links of its input.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from compressor.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -15,75 +16,17 @@ MODEL_SUBDIR = "model"
 ADAPTER_SUBDIR = "adapter"
 
 
-@dataclass
-class StageContext:
-    """What a stage may read besides its input folder.
-
-    Attributes:
-        recipe: the validated recipe.
-        index: this stage's position in ``recipe.stages``.
-        run_dir: the run directory.
-        device: ``cpu`` or ``cuda`` (resolved).
-        labels: label → model folder of earlier stages (a distillation teacher, evaluate teachers).
-        label_outputs: label → output folder of the stage that carried the label.
-        exports: output folders of earlier export stages, in order.
-        progress: whether to draw progress bars.
-        last_trainable: parameters trained by the latest training stage (reported as
-            ``params_trainable``).
-    """
-
-    recipe: Any
-    index: int
-    run_dir: Path
-    device: str
-    labels: dict[str, Path] = field(default_factory=dict)
-    label_outputs: dict[str, Path] = field(default_factory=dict)
-    exports: list[Path] = field(default_factory=list)
-    progress: bool = True
-    last_trainable: int = 0
-    _data_cache: dict = field(default_factory=dict)
-    _scorer: Any = None
-
-    def scorer(self):
-        """One caption scorer (one METEOR JVM) shared by every evaluation of the run."""
-        if self._scorer is None:
-            from eval.captioning import CaptionScorer
-
-            self._scorer = CaptionScorer()
-        return self._scorer
-
-    def close(self) -> None:
-        if self._scorer is not None:
-            self._scorer.close()
-            self._scorer = None
-
-    def data(self, section: str, limit: int | None = None):
-        """The recipe's data section (loaded once per run and cached)."""
-        from compressor.data import load_section
-
-        key = (section, limit)
-        if key not in self._data_cache:
-            if self.recipe.data is None:
-                raise StageError(f"stage {self.index} needs `data:` in the recipe")
-            self._data_cache[key] = load_section(self.recipe.data, section, limit=limit)
-        return self._data_cache[key]
-
-    @property
-    def dtype(self) -> str:
-        return self.recipe.dtype
-
-
 def model_dir(stage_out: Path) -> Path:
     """The model folder inside a model-producing stage's output folder."""
     return Path(stage_out) / MODEL_SUBDIR
 
 
-def load_working_model(input_dir: Path, ctx: StageContext, *, with_adapter: bool = True, trainable: bool = False):
+def load_working_model(input_dir: Path, ctx, *, with_adapter: bool = True, trainable: bool = False):
     """Load the current model (and its LoRA adapter, if the folder carries one).
 
     Args:
         input_dir: a model folder (``save_pretrained`` + processor, optionally ``adapter/``).
-        ctx: the stage context (dtype, device).
+        ctx: the stage context (its ``dtype`` and ``device``).
         with_adapter: wrap with the adapter in ``input_dir/adapter`` when present.
         trainable: load the adapter trainable (continuing training).
 

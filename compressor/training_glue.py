@@ -2,7 +2,8 @@
 
 Builds the ``make_batch`` function (images + target texts + prompts → labelled tensors), the
 in-training evaluation hook (captions on ``val`` scored by the same metric harness as
-``evaluate``), and checkpoint savers; used by lora_finetune, finetune and heal.
+``evaluate``), checkpoint savers, and what the training stages (lora_finetune, finetune, heal)
+declare alike: the data they read, the parameters they trained, their model-card line.
 """
 
 from __future__ import annotations
@@ -102,3 +103,37 @@ def summary_of(result) -> dict[str, Any]:
         "best_step": result.best_step,
         "train_seconds": round(result.seconds, 2),
     }
+
+
+def train_data(cfg) -> dict[str, int | None]:
+    """The data a training stage reads: its ``train.data`` section, and ``val`` when it evaluates."""
+    return {cfg.train.data: None, **({"val": None} if cfg.train.eval_every else {})}
+
+
+def trainable_of(summary: dict) -> int | None:
+    """``params_trainable`` from a training stage's summary (LoRA report, or the count itself)."""
+    for path in (("lora", "params_trainable"), ("trainable", "params_trainable"), ("params_trainable",)):
+        cur: Any = summary
+        for p in path:
+            cur = cur.get(p) if isinstance(cur, dict) else None
+        if isinstance(cur, int):
+            return cur
+    return None
+
+
+def training_card(record: dict):
+    """The model card's details of a training stage: steps, loss, the loss curve's ends, LoRA targets."""
+    from compressor.stages import StageCard
+
+    summ = record.get("summary") or {}
+    bits = []
+    if "steps" in summ:
+        bits.append(f"{summ['steps']} steps")
+    if summ.get("loss"):
+        bits.append(f"loss {summ['loss']}")
+    if "loss_first" in summ and "loss_last" in summ:
+        bits.append(f"training loss {summ['loss_first']} → {summ['loss_last']}")
+    lora = summ.get("lora") or {}
+    if lora.get("by_part"):
+        bits.append("LoRA on " + ", ".join(f"{k} ({n} modules)" for k, n in lora["by_part"].items()))
+    return StageCard(details=bits)

@@ -1,0 +1,202 @@
+"""The shapes every family module fills in: :class:`Family`, :class:`Stack`, :class:`Width`.
+
+A family module (``compressor/families/<name>.py``) describes one model family for one loaded
+config with :class:`Family` (data: parts, stacks and their rules, LoRA patterns, widths) and
+implements the family's behaviour as plain functions that :class:`Family` dispatches to (batch
+layout, token ids, the GFLOPs replay of ``generate``, the ONNX topology and its wrappers). Code
+outside ``compressor/families`` only ever goes through these two: it never tests a family's
+name or walks a model's attribute paths itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from compressor.errors import ModelSpecError
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One removable stack of layers.
+
+    Attributes:
+        part: the stack's name everywhere (``language_model``, ``language_model.encoder`` …).
+        layers: dotted path of the ``nn.ModuleList`` relative to the model root.
+        count_fields: dotted config paths (relative to the model's config) holding the layer count.
+        stack_config: dotted path of a module whose private ``.config`` also holds the count
+            (T5 stacks hold deep copies), or None.
+        layer_idx_modules: paths, relative to one layer, of modules whose ``layer_idx`` must equal
+            the layer's new position (KV-cache slots, stack-facts §3).
+        per_layer_fields: config list fields with one entry per layer (e.g. ``layer_types``) to trim.
+        relative_bias: T5: the path, relative to a layer, of the attention holding
+            ``relative_attention_bias`` in block 0 (must move to the new block 0).
+        rule: a constraint on which layers may be kept (an object with ``ok(keep) -> bool``,
+            ``check(n, removed)`` raising ``UserInputError``, and ``describe() -> dict``), or None.
+        positions: which token positions importance scores average over: ``all``, ``queries``
+            (the first ``Family.num_queries`` positions), ``attention_mask`` or
+            ``decoder_attention_mask`` (the batch's mask, when its length matches).
+    """
+
+    part: str
+    layers: str
+    count_fields: tuple[str, ...]
+    stack_config: str | None = None
+    layer_idx_modules: tuple[str, ...] = ()
+    per_layer_fields: tuple[str, ...] = ()
+    relative_bias: str | None = None
+    rule: Any = None
+    positions: str = "all"
+
+    def keep_ok(self, keep: Sequence[int]) -> bool:
+        """Whether keeping these (old) indices satisfies the stack's rule."""
+        return self.rule is None or self.rule.ok(list(keep))
+
+    def check_removal(self, n: int, removed: Sequence[int]) -> None:
+        """Raise ``UserInputError`` when removing ``removed`` of ``n`` layers breaks the stack's rule."""
+        if self.rule is not None:
+            self.rule.check(n, list(removed))
+
+
+@dataclass(frozen=True)
+class Width:
+    """Where the prunable widths of one stack's layers live (``prune_width``), relative to a layer.
+
+    Attributes:
+        part: the stack (a key of the family's stacks).
+        mlp_in: linears whose *output* channels are the MLP's hidden units (``fc1``; gate and up).
+        mlp_out: linears whose *input* channels are those units (``fc2``; down).
+        q, k, v, o: the self-attention projections (None: heads cannot be pruned in this stack).
+        head_attrs: attention-module attributes to set after head pruning: name → what it
+            counts (``heads``, ``kv_heads``, ``kv_groups``, ``width`` = heads × head_dim).
+        attention: path of the attention module (relative to a layer) holding ``head_attrs``.
+        heads_refused: why heads cannot be pruned here (None when they can).
+    """
+
+    part: str
+    mlp_in: tuple[str, ...]
+    mlp_out: tuple[str, ...]
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    o: str | None = None
+    attention: str | None = None
+    head_attrs: tuple[tuple[str, str], ...] = ()
+    heads_refused: str | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """Knowledge of one model family, specialised to one config.
+
+    Attributes:
+        name: the family module's name (``blip2``, ``instructblip``, ``blip`` …).
+        model_type: the top-level ``config.model_type``.
+        model_class: the transformers class name that loads it.
+        config_class: the transformers config class name.
+        parts: part name → module/parameter name prefixes (relative to the model root); the
+            names of ``params_<part>`` / ``gflops_<part>``.
+        stacks: removable layer stacks, by part name.
+        lora: part-scoped LoRA name → regex (full match, peft semantics) over module names.
+        trainable: name → prefixes that ``finetune.parts`` / ``heal: {trainable: parts}`` may
+            name (the parts, some stacks, single parameters such as learned queries).
+        aliases: a stack name a removal selection may use → the stack it means (BLIP's
+            ``language_model: {decoder: …}`` is its only text stack).
+        lm: language-model knowledge (:class:`~compressor.families.language_models.LanguageModelKind`),
+            or None when the text side is the family's own.
+        decoder_only: whether generation output repeats the prompt (causal LM).
+        width: prunable widths (heads, MLP units) of the language model's stacks (``prune_width``).
+        num_queries: image tokens per image that reach the language model (BLIP-2's
+            ``num_query_tokens``; 0 when the text side cross-attends to the image instead).
+        config_mirrors: module path → config path whose layer counts must be copied to the
+            module's own ``config`` after a removal when the two are different objects.
+        plan_checks: functions ``check(depths: {stack: layers after removal}, changed stacks)`` raising
+            ``UserInputError`` for combinations of stacks that cannot work (T5's decoder deeper
+            than its encoder).
+        onnx_topology: the ONNX topology this family exports to (:mod:`exporters.onnx.topologies`).
+        impl: the family module; the methods below dispatch to its functions.
+        extra: family-specific facts its own functions read.
+    """
+
+    name: str
+    model_type: str
+    model_class: str
+    config_class: str
+    parts: dict[str, tuple[str, ...]]
+    stacks: dict[str, Stack]
+    lora: dict[str, str]
+    trainable: dict[str, tuple[str, ...]]
+    lm: Any
+    decoder_only: bool
+    impl: ModuleType
+    aliases: dict[str, str] = field(default_factory=dict)
+    width: tuple[Width, ...] = ()
+    num_queries: int = 0
+    config_mirrors: dict[str, str] = field(default_factory=dict)
+    plan_checks: tuple[Callable[[dict[str, int], set[str]], None], ...] = ()
+    onnx_topology: str = "decoder_only"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ lookups
+    @property
+    def lm_model_type(self) -> str:
+        """The language model's ``model_type`` (``opt``, ``llama``, ``t5`` …; the family's own text model otherwise)."""
+        return self.lm.model_type if self.lm is not None else self.extra.get("text_model_type", self.name)
+
+    def describe_model(self) -> str:
+        """``a blip2 model with a opt language model``: how messages name the model."""
+        return f"a {self.name} model with a {self.lm_model_type} language model"
+
+    def stack(self, part: str) -> Stack:
+        """The stack of ``part`` (aliases resolved).
+
+        Raises:
+            ModelSpecError: the model has no such stack (names the valid ones).
+        """
+        try:
+            return self.stacks[self.aliases.get(part, part)]
+        except KeyError:
+            raise ModelSpecError(
+                f"{self.describe_model()} has no removable part '{part}'; its parts are: {', '.join(self.stacks)}"
+            ) from None
+
+    def model_cls(self):
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+    def config_cls(self):
+        import transformers
+
+        return getattr(transformers, self.config_class)
+
+    # ------------------------------------------------------------------ behaviour (the family module's functions)
+    def generation_inputs(self, processor, images: Sequence, prompts: Sequence[str], device: str = "cpu") -> dict:
+        """Inputs for ``model.generate`` for a batch (see the family module)."""
+        return self.impl.generation_inputs(self, processor, images, prompts, device)
+
+    def decode(self, processor, sequences, inputs: dict, prompts: Sequence[str]) -> list[str]:
+        """Generated token ids → captions, prompt and special tokens stripped."""
+        return self.impl.decode(self, processor, sequences, inputs, prompts)
+
+    def caption_batch(self, processor, images: Sequence, prompts: Sequence[str], run) -> list[str]:
+        """Caption one batch with ``run(images, prompts)``, split where the family's generate needs it."""
+        return self.impl.caption_batch(self, processor, images, prompts, run)
+
+    def training_batch(self, processor, images: Sequence, targets: Sequence[str], prompts: Sequence[str]) -> dict:
+        """A labelled batch for the model's own loss."""
+        return self.impl.training_batch(self, processor, images, targets, prompts)
+
+    def prompt_lengths(self, config, processor, prompt: str) -> tuple[int, int, bool]:
+        """``(lm_tokens, text_tokens_of_the_image_path, exact)`` for one image (``compress plan``)."""
+        return self.impl.prompt_lengths(self, config, processor, prompt)
+
+    def gflops_replay(self, model, lm_tokens: int, image_text_tokens: int, new_tokens: int, num_beams: int) -> float:
+        """GFLOPs of captioning one image, replayed on the meta model (``compress plan``)."""
+        return self.impl.gflops_replay(self, model, lm_tokens, image_text_tokens, new_tokens, num_beams)
+
+    def token_ids(self, model, processor) -> dict[str, Any]:
+        """The ids generation uses (bos, eos list, pad, decoder start): what ``generate`` reads."""
+        return self.impl.token_ids(self, model, processor)

@@ -1,0 +1,350 @@
+"""BLIP-2: ``Blip2ForConditionalGeneration`` with an OPT, Llama-architecture or T5 language model.
+
+Li et al. 2023, "BLIP-2: Bootstrapping Language-Image Pre-training with Frozen Image Encoders and
+Large Language Models"; transformers 5.x attribute paths (shared/notes/stack-facts.md §2):
+
+* parts: ``vision`` (``vision_model``), ``qformer`` (``qformer`` + ``query_tokens``),
+  ``projection`` (``language_projection``), ``language_model`` (T5: ``language_model.encoder`` /
+  ``language_model.decoder`` stacks too);
+* stacks: the vision encoder's layers, the Q-Former's layers (cross-attention where
+  ``index % cross_attention_frequency == 0``: :class:`CrossAttentionPattern`), and the language
+  model's (:mod:`compressor.families.language_models`);
+* batches: the language model reads ``[<image>×N, bos, prompt, target, eos]`` (causal) or the
+  encoder reads ``[<image>×N, prompt, </s>]`` and the decoder learns the target (T5); the model
+  ``masked_scatter``s the projected query outputs into the ``<image>`` positions.
+
+:mod:`compressor.families.instructblip` reuses everything here and adds the instruction that its
+Q-Former reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from compressor.errors import ModelSpecError, UserInputError
+from compressor.families.base import Family, Stack
+from compressor.families.language_models import SUPPORTED_LANGUAGE_MODELS, language_model_kind
+
+MODEL_CLASS = "Blip2ForConditionalGeneration"
+MODEL_TYPES = ("blip-2",)
+
+#: Recipe keys of ``remove_layers`` this family reads, with their reference text.
+REMOVAL_KEYS = {
+    "qformer": "Q-Former layers; must keep the cross-attention pattern.",
+    "language_model": "Language-model layers; T5: {encoder: …, decoder: …}.",
+    "vision": "Vision-encoder layers.",
+}
+
+#: Removal keys that also take ``{encoder: …, decoder: …}`` (T5 language models).
+ENCODER_DECODER_KEYS = ("language_model",)
+
+VISION_LORA = {
+    "vision.attention": r"vision_model\.encoder\.layers\.\d+\.self_attn\.(qkv|projection)",
+    "vision.mlp": r"vision_model\.encoder\.layers\.\d+\.mlp\.(fc1|fc2)",
+}
+QFORMER_LORA = {
+    "qformer.self_attention": r"qformer\.encoder\.layer\.\d+\.attention\.attention\.(query|key|value)",
+    "qformer.cross_attention": r"qformer\.encoder\.layer\.\d+\.crossattention\.attention\.(query|key|value)",
+    "qformer.mlp": r"qformer\.encoder\.layer\.\d+\.(intermediate_query|output_query|intermediate|output)\.dense",
+    "projection": r"language_projection",
+}
+#: Every LoRA name a model of this family can accept (the language model decides which apply).
+LORA_NAMES = (
+    *VISION_LORA,
+    *QFORMER_LORA,
+    "language_model.attention",
+    "language_model.mlp",
+    "language_model.encoder.attention",
+    "language_model.encoder.mlp",
+    "language_model.decoder.attention",
+    "language_model.decoder.cross_attention",
+    "language_model.decoder.mlp",
+)
+PARTS = {
+    "vision": ("vision_model",),
+    "qformer": ("qformer", "query_tokens"),
+    "projection": ("language_projection",),
+    "language_model": ("language_model",),
+}
+#: Names ``finetune.parts`` / ``heal: {trainable: parts}`` may use.
+TRAINABLE_NAMES = (*PARTS, "language_model.encoder", "language_model.decoder", "query_tokens")
+
+
+class CrossAttentionPattern:
+    """The Q-Former's rule: layer ``i`` has cross-attention iff ``i % frequency == 0``.
+
+    ``Blip2QFormerLayer.__init__`` creates ``crossattention`` from the layer's index and the config's
+    ``cross_attention_frequency``; a kept set of layers must keep that pattern under its new
+    numbering, or the saved model reloads with random cross-attention weights (stack-facts §3).
+    """
+
+    #: Why importance choices counted as the top layers are approximate (``compress plan``'s note).
+    uneven_layers = "Q-Former layers with and without cross-attention"
+
+    def __init__(self, frequency: int):
+        self.frequency = int(frequency)
+
+    def ok(self, keep: list[int]) -> bool:
+        """Whether keeping these layers preserves ``has_cross_attention == (new_idx % freq == 0)``."""
+        f = self.frequency
+        return all((old % f == 0) == (new % f == 0) for new, old in enumerate(keep))
+
+    def nearest(self, n: int, removed: list[int], limit: int = 3) -> list[list[int]]:
+        """Valid removal sets of the same size closest to ``removed`` (fewest differing indices)."""
+        want = set(removed)
+        out = []
+        for cand in itertools.combinations(range(n), len(removed)):
+            keep = [i for i in range(n) if i not in cand]
+            if keep and self.ok(keep):
+                out.append((len(want.symmetric_difference(cand)), list(cand)))
+        out.sort()
+        return [c for _, c in out[:limit]]
+
+    def check(self, n: int, removed: list[int]) -> None:
+        """Refuse a removal that breaks the cross-attention pattern (exit 2).
+
+        Raises:
+            UserInputError: naming the nearest valid choices (e.g. ``drop_top``).
+        """
+        keep = [i for i in range(n) if i not in removed]
+        if self.ok(keep):
+            return
+        hints = self.nearest(n, removed)
+        hint = ", ".join(f"layers: {h}" for h in hints) if hints else "a drop_top removal"
+        pattern = "".join("X" if i % self.frequency == 0 else "-" for i in keep)
+        raise UserInputError(
+            f"qformer: removing layers {removed} leaves cross-attention at kept positions {pattern!r} (X = has "
+            f"cross-attention), but a Q-Former config can only express cross-attention every {self.frequency} layers "
+            f"starting at 0; the saved model would reload with random cross-attention weights. Nearest valid choice: "
+            f"{hint} (removing the top k layers always works)."
+        )
+
+    def describe(self, layers) -> dict[str, Any]:
+        """For ``compress inspect``: which layers cross-attend, and the frequency."""
+        return {
+            "cross_attention": [i for i, layer in enumerate(layers) if getattr(layer, "has_cross_attention", False)],
+            "cross_attention_frequency": self.frequency,
+        }
+
+
+def describe(
+    config,
+    name: str = "blip2",
+    model_class: str = "Blip2ForConditionalGeneration",
+    config_class: str = "Blip2Config",
+    impl=None,
+    extra: dict | None = None,
+) -> Family:
+    """The :class:`Family` of a BLIP-2 config (InstructBLIP's too, through the other arguments).
+
+    Raises:
+        ModelSpecError: a language model this toolchain does not know (exit 2).
+    """
+    import sys
+
+    text_type = config.text_config.model_type
+    try:
+        lm = language_model_kind(text_type)
+    except KeyError:
+        raise ModelSpecError(
+            f"{config.model_type} with a '{text_type}' language model is not supported; supported language models: "
+            f"{', '.join(SUPPORTED_LANGUAGE_MODELS)}"
+        ) from None
+    stacks = {
+        "vision": Stack("vision", "vision_model.encoder.layers", ("vision_config.num_hidden_layers",)),
+        "qformer": Stack(
+            "qformer",
+            "qformer.encoder.layer",
+            ("qformer_config.num_hidden_layers",),
+            rule=CrossAttentionPattern(config.qformer_config.cross_attention_frequency),
+            positions="queries",
+        ),
+    }
+    for st in lm.stacks:
+        stacks[st.part] = st
+    trainable = dict(PARTS)
+    trainable["query_tokens"] = ("query_tokens",)
+    for part, st in stacks.items():
+        if part.startswith("language_model."):
+            trainable[part] = (st.layers.rsplit(".", 1)[0],)
+    return Family(
+        name=name,
+        model_type=config.model_type,
+        model_class=model_class,
+        config_class=config_class,
+        parts=dict(PARTS),
+        stacks=stacks,
+        lora={**VISION_LORA, **QFORMER_LORA, **lm.lora},
+        trainable=trainable,
+        lm=lm,
+        decoder_only=lm.decoder_only,
+        impl=impl or sys.modules[__name__],
+        width=lm.width,
+        num_queries=int(config.num_query_tokens),
+        config_mirrors={"language_model": "text_config"},
+        plan_checks=lm.plan_checks,
+        onnx_topology="decoder_only" if lm.decoder_only else "encoder_decoder",
+        extra=dict(extra or {}),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+
+def generation_inputs(family: Family, processor, images: Sequence, prompts: Sequence[str], device: str = "cpu") -> dict:
+    """Inputs for ``model.generate`` for a batch (left padding for causal LMs).
+
+    Returns:
+        ``pixel_values (batch, 3, H, W)``, ``input_ids (batch, seq)`` (``num_query_tokens``
+        ``<image>`` tokens first), ``attention_mask`` and, for InstructBLIP,
+        ``qformer_input_ids`` / ``qformer_attention_mask``.
+    """
+    tok = processor.tokenizer
+    tok.padding_side = "left" if family.decoder_only else "right"
+    enc = processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt")
+    tok.padding_side = "right"
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def decode(family: Family, processor, sequences, inputs: dict, prompts: Sequence[str]) -> list[str]:
+    """Generated ids → captions: a causal LM's output repeats the prompt, which is cut off."""
+    if family.decoder_only:
+        sequences = sequences[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in processor.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+
+
+def caption_batch(family: Family, processor, images: Sequence, prompts: Sequence[str], run) -> list[str]:
+    """The batch runs as is (left padding keeps every row's prompt aligned)."""
+    return run(list(images), list(prompts))
+
+
+def training_batch(family: Family, processor, images: Sequence, targets: Sequence[str], prompts: Sequence[str]) -> dict:
+    """A training batch with labels for the model's own loss.
+
+    * causal LM: ``input_ids = [<image>×N, bos, prompt, target, eos]``; labels copy ``input_ids``
+      with image tokens, padding, BOS and prompt tokens set to -100 (the model slices
+      ``logits[:, -labels.size(1):]`` and shifts);
+    * T5: the encoder reads ``[<image>×N, prompt, </s>]``; labels are the target tokens
+      ``[target, </s>]`` with padding -100 (the decoder input is shifted from them).
+
+    Returns:
+        Tensors for ``model(**batch)``, ``labels (batch, seq)`` with -100 where no loss is taken.
+    """
+    import torch
+
+    tok = processor.tokenizer
+    tok.padding_side = "right"
+    eos = tok.eos_token or tok.sep_token
+    if not family.decoder_only:
+        enc = processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt")
+        lab = tok(list(targets), padding=True, return_tensors="pt")
+        labels = lab["input_ids"].clone()
+        labels[lab["attention_mask"] == 0] = -100
+        enc["labels"] = labels
+        enc["decoder_attention_mask"] = lab["attention_mask"]
+        return dict(enc)
+    full = [((p + " " + t) if p else (" " + t if not t.startswith(" ") else t)) + eos for p, t in zip(prompts, targets)]
+    enc = processor(images=list(images), text=full, padding=True, return_tensors="pt")
+    ids = enc["input_ids"]
+    labels = ids.clone()
+    labels[enc["attention_mask"] == 0] = -100
+    image_id = getattr(processor, "image_token_id", None) or tok.convert_tokens_to_ids("<image>")
+    labels[ids == image_id] = -100
+    num_query = int(getattr(processor, "num_query_tokens", 0) or 0)
+    for i, p in enumerate(prompts):
+        n_prefix = len(tok(p).input_ids) if p else len(tok("").input_ids)  # bos (+ prompt)
+        labels[i, : num_query + n_prefix] = -100
+    enc["labels"] = labels
+    return {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in enc.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: prompt lengths and the GFLOPs replay of generate (compress plan)
+# --------------------------------------------------------------------------------------------
+
+
+def prompt_lengths(family: Family, config, processor, prompt: str) -> tuple[int, int, bool]:
+    """Language-model input length (``num_query_tokens`` image tokens + special tokens + prompt) and
+    the Q-Former's instruction length (InstructBLIP; 0 otherwise), for one image.
+
+    Returns:
+        ``(lm_tokens, qformer_tokens, exact)``: exact is False when estimated without a
+        tokenizer (one special token plus one token per word).
+    """
+    if processor is not None:
+        from PIL import Image
+
+        side = int(config.vision_config.image_size)
+        enc = generation_inputs(family, processor, [Image.new("RGB", (side, side))], [prompt], "cpu")
+        q = int(enc["qformer_input_ids"].shape[1]) if "qformer_input_ids" in enc else 0
+        return int(enc["input_ids"].shape[1]), q, True
+    words = len(prompt.split())
+    qtext = 2 + words if family.extra.get("qformer_text") else 0
+    return family.num_queries + 1 + words, qtext, False
+
+
+def gflops_replay(family: Family, model, lm_tokens: int, qformer_tokens: int, new_tokens: int, num_beams: int = 1) -> float:
+    """GFLOPs of captioning one image on the meta model: vision encoder, Q-Former and projection
+    once; the language model at batch ``num_beams`` (:mod:`compressor.planning` replays it).
+
+    Args:
+        model: the model on the meta device.
+        lm_tokens: language-model input length.
+        qformer_tokens: the instruction length the Q-Former reads (InstructBLIP; 0 otherwise).
+        new_tokens: generated tokens.
+        num_beams: beam width.
+    """
+    import torch
+
+    from compressor.planning import flops_of, language_model_flops
+
+    meta = torch.device("meta")
+    side = int(model.config.vision_config.image_size)
+    with torch.inference_mode():
+        total, image = flops_of(lambda: model.vision_model(torch.zeros(1, 3, side, side, device=meta)).last_hidden_state)
+        query = model.query_tokens.expand(1, -1, -1)
+        if family.extra.get("qformer_text"):
+            ids = torch.zeros(1, qformer_tokens, dtype=torch.long, device=meta)
+            f, q_out = flops_of(lambda: model.qformer(input_ids=ids, query_embeds=query, encoder_hidden_states=image).last_hidden_state)
+            q_out = q_out[:, : query.shape[1]]
+        else:
+            f, q_out = flops_of(lambda: model.qformer(query_embeds=query, encoder_hidden_states=image).last_hidden_state)
+        total += f + flops_of(lambda: model.language_projection(q_out))[0]
+        total += language_model_flops(model.language_model, family.decoder_only, lm_tokens, new_tokens, num_beams)
+    return total / 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# Token ids (what generate reads; recorded in ONNX exports)
+# --------------------------------------------------------------------------------------------
+
+
+def token_ids(family: Family, model, processor) -> dict[str, Any]:
+    """bos / eos (a list) / pad (and T5's decoder start) from the language model's generation config."""
+    gc = model.language_model.generation_config
+    top = model.generation_config
+    tok = processor.tokenizer
+
+    def pick(name):
+        for src in (gc, top):
+            v = getattr(src, name, None)
+            if v is not None:
+                return v
+        return getattr(tok, name, None)
+
+    eos = pick("eos_token_id")
+    pad = pick("pad_token_id")
+    bos = pick("bos_token_id")
+    out = {
+        "bos_token_id": None if bos is None else int(bos),
+        "eos_token_id": [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None],
+        "pad_token_id": None if pad is None else int(pad),
+    }
+    if not family.decoder_only:
+        start = pick("decoder_start_token_id")
+        out["decoder_start_token_id"] = int(start if start is not None else model.config.text_config.decoder_start_token_id)
+    return out
