@@ -174,16 +174,12 @@ TABLE: tuple[Metric, ...] = (
            description="Size of the model's files on disk, MB."),
 )
 
-#: Display labels of part names where the name itself does not read well.
-_PART_LABELS = {"qformer": "Q-Former"}
-
-
 def part_names() -> tuple[str, ...]:
     """The model part names that per-part characteristics are measured for: every registered
     model family's parts (:func:`compressor.families.part_names`), the one place the table reads them.
 
     Returns:
-        Part names, e.g. ``("vision", "qformer", "projection", "language_model")``.
+        Part names, e.g. ``("vision", "projection", "language_model")`` and BLIP-2's Q-Former.
     """
     from compressor.families import part_names as family_parts
 
@@ -191,8 +187,10 @@ def part_names() -> tuple[str, ...]:
 
 
 def part_label(part: str) -> str:
-    """A part's display label (``Q-Former``, ``language model``)."""
-    return _PART_LABELS.get(part, part.replace("_", " "))
+    """A part's display label: the one its family declares (``Q-Former``), else the name with spaces."""
+    from compressor.families import part_labels
+
+    return part_labels().get(part, part.replace("_", " "))
 
 
 def _expand(row: Metric, parts: tuple[str, ...]) -> list[Metric]:

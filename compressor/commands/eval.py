@@ -125,7 +125,7 @@ def eval_command(obj, model, data_path, data_format, task, images, limit, skip_i
     with CaptionScorer() as scorer:
         record, preds = evaluate(
             tgt, data, metrics=names, options=options, scorer=scorer, spec=spec,
-            params_trainable=trainable_from_run(tgt.folder) if tgt.kind == "torch" else None,
+            params_trainable=trainable_from_run(tgt.folder) if tgt.model is not None else None,
             progress=not (obj.quiet or obj.json),
         )
     record["decoding"]["settings_from"] = tgt.settings_from

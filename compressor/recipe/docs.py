@@ -109,7 +109,7 @@ def _nested(model: type[BaseModel], prefix: str = "") -> list[tuple[str, type[Ba
 
 
 def _paths_title(prefix: str, paths: list[str]) -> str:
-    """``heal.distill``, or ``remove_layers.{qformer, vision}`` for a model reached by several fields."""
+    """``heal.distill``, or ``remove_layers.{a, b}`` for a model reached by several fields."""
     return f"{prefix}.{paths[0]}" if len(paths) == 1 else f"{prefix}.{{{', '.join(paths)}}}"
 
 
