@@ -78,7 +78,7 @@ def check_metric_requirements(
     """
     wanted = [m for m in keys_of() if m in set(metrics)]  # table order: the first failing check wins
     if task == "caption" and any("java" in lookup(m).needs for m in wanted):
-        from eval.captioning import check_java
+        from eval.coco_tools import check_java
 
         check_java()
     folders = {"bertscore_f1": bertscore_model, "clipscore": clipscore_model}
