@@ -52,16 +52,19 @@ from pathlib import Path
 from typing import Any
 
 from compressor.errors import DataError, StageError, UserInputError, did_you_mean
+from eval.metrics import default_metrics, keys_of, metric_keys
 from eval.predictions import match_ids
 
 logger = logging.getLogger(__name__)
 
+#: pycocoevalcap's ``Bleu(4)`` returns BLEU-1..4 in this order.
 BLEU_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4")
-#: The metrics of the COCO caption evaluation without SPICE: the default set.
-DEFAULT_CAPTION_METRICS = (*BLEU_METRICS, "meteor", "rouge_l", "cider")
-#: Every metric :class:`CaptionScorer` knows.
-CAPTION_METRICS = (*DEFAULT_CAPTION_METRICS, "rouge_1", "rouge_2", "spice")
-_PTB_METRICS = frozenset((*DEFAULT_CAPTION_METRICS, "spice"))
+#: The metrics of the COCO caption evaluation without SPICE: the default set (metric table).
+DEFAULT_CAPTION_METRICS = default_metrics("caption")
+#: Every metric :class:`CaptionScorer` knows: the table's rows computed by the caption scorer.
+CAPTION_METRICS = tuple(k for k in metric_keys() if k in keys_of(compute="caption_scorer"))
+#: Those scored on PTB-tokenized captions (Java).
+_PTB_METRICS = frozenset(k for k in CAPTION_METRICS if k in keys_of(need="java"))
 
 #: pycocoevalcap/tokenizer/ptbtokenizer.py, unchanged.
 PTB_JAR = "stanford-corenlp-3.4.1.jar"

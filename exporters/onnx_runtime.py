@@ -124,8 +124,8 @@ class OnnxCaptioner:
         import onnxruntime as ort
         from transformers import AutoConfig, AutoProcessor
 
+        from compressor.evaluation.captioner import generate_kwargs
         from compressor.families import family_for_config
-        from compressor.generation import generate_kwargs
         from exporters.onnx_export import make_session
 
         self.dir = Path(onnx_dir)

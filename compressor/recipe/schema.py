@@ -25,48 +25,19 @@ from compressor.data.formats import format_names
 from compressor.families import lora_names, part_names, trainable_names
 from compressor.models.assemble import AssembleParts
 from compressor.recipe.base import Strict
+from eval.metrics import characteristic_keys, default_metrics, metric_keys
 
 # --------------------------------------------------------------------------------------------
 # Shared vocabularies (DESIGN.md "Conventions every part shares")
 # --------------------------------------------------------------------------------------------
 
-CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
-METRIC_KEYS = (
-    *CAPTION_METRICS,
-    "rouge_1",
-    "rouge_2",
-    "spice",
-    "vqa_accuracy",
-    "bertscore_f1",
-    "clipscore",
-    "mme_acc",
-    "mme_acc_plus",
-    "perplexity",
-    "teacher_cider",
-)
-CHARACTERISTIC_KEYS = (
-    "params_total",
-    "params_trainable",
-    "params_vision",
-    "params_qformer",
-    "params_projection",
-    "params_language_model",
-    "gflops",
-    "gflops_vision",
-    "gflops_qformer",
-    "gflops_projection",
-    "gflops_language_model",
-    "latency_p50_s",
-    "latency_p95_s",
-    "tokens_per_s",
-    "avg_inference_s",
-    "peak_rss_mb",
-    "peak_cuda_mb",
-    "size_mb",
-)
-GATE_KEYS = METRIC_KEYS + CHARACTERISTIC_KEYS
 #: Part names of every registered model family (``params_<part>`` keys; compressor.families).
 PARTS = part_names()
+#: Metric and characteristic keys, from the one metric table (``eval.metrics``).
+CAPTION_METRICS = default_metrics("caption")
+METRIC_KEYS = metric_keys()
+CHARACTERISTIC_KEYS = characteristic_keys()
+GATE_KEYS = METRIC_KEYS + CHARACTERISTIC_KEYS
 DTYPES = ("float32", "float16", "bfloat16")
 #: Part-scoped LoRA target names (``parts:`` of lora_finetune / heal), over every family; each
 #: expands to an anchored module pattern of the model's own family (``compressor.families``).
@@ -75,8 +46,6 @@ LORA_PARTS = lora_names()
 TRAINABLE_PARTS = trainable_names()
 
 Dtype = Literal["float32", "float16", "bfloat16"]
-
-
 
 
 # --------------------------------------------------------------------------------------------

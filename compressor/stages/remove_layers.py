@@ -211,5 +211,4 @@ STAGE = Declaration(
     check=check,
     plan=plan,
     card=card,
-    docs=(("remove_layers.<part> (a layer selection)", LayerSelection), ("remove_layers.calibration", CalibrationSpec)),
 )

@@ -252,7 +252,7 @@ def test_onnx_folder_goes_through_the_onnx_runtime_captioner(files, tmp_path, mo
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from compressor.generation import TorchCaptioner
+    from compressor.evaluation.captioner import TorchCaptioner
     from compressor.models.loading import load_model
     from compressor.models.presets import SHIPPED
 
