@@ -83,8 +83,7 @@ def describe(model) -> dict:
 
 
 def _data(data: str, data_format: str | None, limit: int):
-    from compressor.data import load_section
-    from compressor.data.loader import infer_spec
+    from compressor.data import infer_spec, load_section
     from compressor.recipe.schema import DataSpec
 
     if data == "synthetic":

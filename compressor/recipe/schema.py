@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
+from compressor.data.formats import format_names
 from compressor.families import lora_names, part_names, trainable_names
 from compressor.models.assemble import AssembleParts
 from compressor.recipe.base import Strict
@@ -137,7 +138,7 @@ class SplitSpec(Strict):
         return self
 
 
-DataFormat = Literal["coco", "karpathy", "csv", "imagefolder", "synthetic"]
+DataFormat = Literal[format_names()]  # the registry's formats, in its order
 SECTIONS = ("train", "val", "eval", "test", "calibration")
 
 
