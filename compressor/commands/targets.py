@@ -24,11 +24,12 @@ from typing import Any
 
 import click
 
+from compressor.data.formats import path_format_names
 from compressor.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-DATA_FORMATS = ("coco", "karpathy", "csv", "imagefolder")
+DATA_FORMATS = path_format_names()
 
 
 def data_options(f):

@@ -351,6 +351,7 @@ def _read(src, key: str, task: str, settings: dict) -> Parsed:
 
 FORMAT = Format(
     name="synthetic",
+    description="the built-in coloured-shapes set, generated (`size`, `seed`, `image_size`)",
     fields=frozenset({"size", "seed", "image_size", "limit"}),
     example="{size: 200, seed: 1}",
     read=_read,

@@ -27,6 +27,7 @@ from typing import Any, Union
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from compressor.data.formats import formats
 from compressor.recipe import schema as S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -211,6 +212,10 @@ def recipe_reference() -> str:
         for name, f in model.model_fields.items():
             out.append(f"| `{name}` | {_type_name(f.annotation)} | {_default(f)} | {_cell(f.description or '')} |")
         out.append("")
+    out += ["#### data formats", "", "| format | reads | section keys |", "|---|---|---|"]
+    for f in formats():
+        out.append(f"| `{f.name}` | {_cell(f.description)} | {', '.join(f'`{k}`' for k in sorted(f.fields))} |")
+    out.append("")
     out.append(
         "Metric and characteristic keys (gate rules, `evaluate.metrics`): "
         + ", ".join(f"`{k}`" for k in S.GATE_KEYS)

@@ -146,8 +146,8 @@ class DataSpec(Strict):
     """The data of the experiment, by section."""
 
     format: DataFormat = Field(
-        description="coco (captions JSON + image folder), karpathy (split JSON), csv, imagefolder "
-        "(Hugging Face layout with metadata.jsonl), synthetic (built-in coloured shapes)."
+        description="The data format, one of the registered formats (see `data formats` below): "
+        + ", ".join(f"`{name}`" for name in format_names()) + "."
     )
     task: Literal["caption", "vqa"] = Field("caption", description="Captioning or visual question answering.")
     train: DataSource | None = Field(None, description="Training data.")

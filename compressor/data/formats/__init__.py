@@ -16,8 +16,8 @@ Adding a format is its module plus one line in :data:`REGISTRY` (the recipe sche
 
     def read(src, key, task, settings) -> Parsed: ...
 
-    FORMAT = Format(name="my_format", fields=frozenset({"path", "limit"}), example="{path: data/}",
-                    read=read)
+    FORMAT = Format(name="my_format", description="what it reads", fields=frozenset({"path", "limit"}),
+                    example="{path: data/}", read=read)
 
 The shared row and problem types and the helpers readers use (``Problem``, ``Row``,
 ``Parsed``, the problem kinds, ``resolve_in``, ``need*``, ``read_json``) live in
@@ -61,6 +61,7 @@ class Format:
 
     Attributes:
         name: the format's name (``data.format`` in a recipe); must equal its registry key.
+        description: one line for the recipe reference (what files the format reads).
         fields: the ``DataSource`` fields it reads; any other field set in the recipe is an error.
         example: a section in YAML flow style, shown in messages (``{path: images/}``).
         read: ``read(src, key, task, settings) -> Parsed``: reads one ``DataSource`` (``key``
@@ -84,6 +85,7 @@ class Format:
     fields: frozenset[str]
     example: str
     read: Callable[[Any, str, str, Mapping[str, Any]], Parsed]
+    description: str = ""
     settings: Callable[[Any], dict] = _no_settings
     detect: Callable[[str], int] | None = None
     path_source: Callable[[str, str | None], dict] | None = None
@@ -112,6 +114,11 @@ def get_format(name: str) -> Format:
     if fmt.name != name:
         raise TypeError(f"{REGISTRY[name]} declares data format '{fmt.name}' but is registered as '{name}'")
     return fmt
+
+
+def path_format_names() -> tuple[str, ...]:
+    """Formats that ``--data PATH`` can name (those that read from a path), in registration order."""
+    return tuple(f.name for f in formats() if f.path_source is not None)
 
 
 def formats() -> list[Format]:

@@ -170,6 +170,7 @@ def path_source(path: str, images: str | None) -> dict:
 
 FORMAT = Format(
     name="coco",
+    description="a COCO captions JSON (`annotations`) and its image folder (`images`)",
     fields=frozenset({"annotations", "images", "limit"}),
     example=EXAMPLE,
     read=read,

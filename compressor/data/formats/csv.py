@@ -204,6 +204,7 @@ def path_task(path: str) -> str:
 
 FORMAT = Format(
     name="csv",
+    description="a CSV file (`image_name,question[,answer]` or `image_name,caption`) and an image folder",
     fields=frozenset({"annotations", "images", "limit"}),
     example="{annotations: data.csv, images: images/}",
     read=read,

@@ -215,6 +215,7 @@ def path_task(path: str) -> str:
 
 FORMAT = Format(
     name="imagefolder",
+    description="Hugging Face's image-folder layout: images with `metadata.jsonl` (or `metadata.csv`) in `path`",
     fields=frozenset({"path", "limit"}),
     example="{path: images/}",
     read=read,

@@ -183,6 +183,7 @@ def path_source(path: str, images: str | None) -> dict:
 
 FORMAT = Format(
     name="karpathy",
+    description="the Karpathy split JSON of the COCO and RSICD papers (`dataset_coco.json`), one `split` of it",
     fields=frozenset({"annotations", "images", "split", "limit"}),
     example=EXAMPLE,
     read=read,
