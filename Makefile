@@ -31,11 +31,12 @@ test: install
 
 lint: install
 	$(BIN)/ruff check compressor exporters eval tests bench
-	$(BIN)/python -m compressor.recipe.docs --check || (echo "README reference is stale: run 'make docs'"; exit 1)
+	$(BIN)/python -m compressor.recipe.docs --check || (echo "generated docs (README.md tables, docs/recipe.md, docs/cli.md) are stale: run 'make docs'"; exit 1)
 
 format: install
 	$(BIN)/ruff format compressor exporters eval tests bench
 
+# Regenerate the README's stage and command tables and the references in docs/ (recipe.md, cli.md).
 docs: install
 	$(BIN)/python -m compressor.recipe.docs
 

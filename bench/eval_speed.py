@@ -35,7 +35,7 @@ def _median_ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
 def bench_batching(rounds: int) -> dict:
     """Captions/s at batch 16 vs batch 1 on tiny-blip2-opt, 20 tokens per caption (min = max)."""
     from compressor.data.synthetic import synthetic_examples
-    from compressor.generation import TorchCaptioner
+    from compressor.evaluation.captioner import TorchCaptioner
     from compressor.models.presets import build_preset
     from compressor.recipe.schema import GenerationSpec
 

@@ -362,7 +362,7 @@ def cider(preds: dict[str, str], refs: dict[str, list[str]]) -> float:
 def bench_model(name: str, args) -> dict:
     import torch
 
-    from compressor.generation import TorchCaptioner
+    from compressor.evaluation.captioner import TorchCaptioner
     from compressor.recipe.schema import GenerationSpec
     from exporters.onnx import OnnxCaptioner
 
@@ -554,7 +554,7 @@ def _tokens_equal(tc, oc, batch, prompts) -> None:
     import numpy as np
     import torch
 
-    from compressor.generation import generate_kwargs
+    from compressor.evaluation.captioner import generate_kwargs
     from compressor.models.batches import generation_inputs
 
     inputs = generation_inputs(tc.family, tc.processor, batch, prompts)

@@ -137,7 +137,7 @@ def _sync_mirrored_configs(model, family: Family) -> None:
 def selections(stage, family: Family) -> dict[str, object]:
     """The stacks a ``remove_layers`` stage names, mapped to their layer selections.
 
-    A recipe key (``vision``, ``qformer``, ``language_model`` …, declared by the families) names a
+    A recipe key (``vision``, ``language_model`` …, declared by the families) names a
     stack; ``{encoder: …, decoder: …}`` names the key's encoder and decoder stacks (an alias such
     as BLIP's ``language_model.decoder`` → ``language_model`` resolves to the stack it means).
 

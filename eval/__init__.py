@@ -1,5 +1,11 @@
 """Metrics and their file formats: captioning (COCO caption evaluation), VQA, MME, BERTScore, CLIPScore.
 
+``eval.metrics`` is the one metric table (key, display name, direction, kind, needs, who computes
+it); ``eval.characteristics`` measures parameters, GFLOPs, latency and memory; ``eval.gates``,
+``eval.reports`` and ``eval.plots`` judge and show records; ``eval.predictions`` reads and writes
+prediction and reference files. Captioning a dataset with a model and building the evaluation
+record is ``compressor.evaluation``.
+
 ``eval`` shadows a Python builtin, so import its modules, never the package itself::
 
     from eval.captioning import score_captions

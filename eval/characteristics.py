@@ -71,7 +71,7 @@ def count_gflops_by_part(
 
     FlopCounterMode attributes FLOPs to the modules it sees called. Inside ``generate`` each
     part is called on its own (``self.vision_model(...)``, ``self.language_model(...)``; T5's
-    encoder stack too), so it appears as a root named by its class (``Blip2VisionModel``,
+    encoder stack too), so it appears as a root named by its class (the vision model's class,
     ``OPTForCausalLM``, ``T5Stack``); inside a model ``forward`` the parts appear as
     ``<ModelClass>.<prefix>``. A root is given to the part whose top module has its class, else
     to the one part holding a module of that class; a root that would fit several parts is left

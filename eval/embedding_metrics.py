@@ -56,13 +56,6 @@ def _model_folder(model_dir: str | Path | None, metric: str, option: str, cli: s
     return path
 
 
-#: metric → (recipe key, CLI option, what the folder holds), named in errors.
-MODEL_OPTIONS = {
-    "bertscore_f1": ("evaluate.bertscore.model", "--bertscore-model", "model"),
-    "clipscore": ("evaluate.clipscore.model", "--clipscore-model", "CLIP model"),
-}
-
-
 def require_model_folder(model_dir: str | Path | None, metric: str) -> Path:
     """Check, before any work, that a metric's local model folder is given and looks loadable.
 
@@ -77,8 +70,10 @@ def require_model_folder(model_dir: str | Path | None, metric: str) -> Path:
         UserInputError: the folder is not given, does not exist or has no ``config.json``; the
             message names the recipe key and the CLI option to set.
     """
-    option, cli, what = MODEL_OPTIONS[metric]
-    return _model_folder(model_dir, metric, option, cli, what)
+    from eval.metrics import lookup
+
+    opt = lookup(metric).model_folder
+    return _model_folder(model_dir, metric, opt.recipe_key, opt.cli_option, opt.what)
 
 
 def _device(device: str | None) -> str:

@@ -14,18 +14,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from xml.etree import ElementTree as ET
 
+from eval.metrics import higher_is_better
+
 RULE_KINDS = ("min", "max", "max_drop", "min_recovery", "max_ratio")
 RELATIVE = ("max_drop", "min_recovery", "max_ratio")
-#: Keys where lower is better: a ``max_drop`` on them would pass every regression.
-LOWER_IS_BETTER = frozenset(
-    {"perplexity", "latency_p50_s", "latency_p95_s", "avg_inference_s", "peak_rss_mb", "peak_cuda_mb", "size_mb", "gflops"}
-)
 
 
 def lower_is_better(key: str) -> bool:
     """True for keys where a smaller value is the better one (perplexity, latency, memory, size,
-    parameters and GFLOPs, per part included)."""
-    return key in LOWER_IS_BETTER or key.startswith(("params_", "gflops_"))
+    parameters and GFLOPs, per part included): a ``max_drop`` on them would pass every regression.
+    The direction is the metric table's (:func:`eval.metrics.higher_is_better`)."""
+    return not higher_is_better(key)
 
 
 def rule_problems(key: str, rule: str, threshold: float) -> list[str]:

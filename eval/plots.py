@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from eval.reports import METRIC_ORDER, fmt_value
+from eval.metrics import display_keys, higher_is_better, part_label, part_names
+from eval.reports import fmt_value
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,6 @@ PARETO_X = {
     "params": ("params_total", "parameters (M)", 1e-6),
     "gflops": ("gflops", "GFLOPs per caption", 1.0),
 }
-PARTS = (("params_vision", "vision"), ("params_qformer", "Q-Former"), ("params_projection", "projection"),
-         ("params_language_model", "language model"))
-LOWER_BETTER_METRICS = {"perplexity"}
 #: The per-run plots, beside report.md.
 RUN_PLOTS = ("metrics.png", "characteristics.png")
 BASE_COLOR = "#8c8c8c"
@@ -87,8 +85,13 @@ def _colors(names: list[str], roles: list[str] | None = None) -> list[str]:
     return out
 
 
+def _parts() -> list[tuple[str, str]]:
+    """``(params_<part> key, display label)`` per model part (the metric table's part names)."""
+    return [(f"params_{p}", part_label(p)) for p in part_names()]
+
+
 def _metric_keys(evals: list[dict]) -> list[str]:
-    keys = [k for k in METRIC_ORDER if any(_num(e.get("metrics", {}).get(k)) is not None for e in evals)]
+    keys = [k for k in display_keys("metrics") if any(_num(e.get("metrics", {}).get(k)) is not None for e in evals)]
     extra = sorted({k for e in evals for k, v in e.get("metrics", {}).items() if k not in keys and _num(v) is not None})
     return keys + extra
 
@@ -109,8 +112,8 @@ def metric_bars(names: list[str], evals: list[dict], path: Path, title: str = ""
     keys = _metric_keys(evals)
     if not keys:
         return None
-    main = [k for k in keys if k not in LOWER_BETTER_METRICS]
-    side = [k for k in keys if k in LOWER_BETTER_METRICS]
+    main = [k for k in keys if higher_is_better(k)]
+    side = [k for k in keys if not higher_is_better(k)]
     colors = _colors(names, roles)
     n = len(evals)
     fig = _figure(min(14.0, max(4.5, 1.1 * len(main) * max(1, n / 2) + 2.0)) + (2.2 if side else 0), 3.8)
@@ -158,11 +161,12 @@ def _params_panel(ax, names, evals, colors):
     from matplotlib import colormaps
 
     xs = list(range(len(names)))
-    have_parts = all(any(_num(e.get("characteristics", {}).get(k)) is not None for k, _ in PARTS) for e in evals)
+    parts = _parts()
+    have_parts = all(any(_num(e.get("characteristics", {}).get(k)) is not None for k, _ in parts) for e in evals)
     if have_parts:
         bottom = [0.0] * len(xs)
         cmap = colormaps["Pastel1"]
-        for j, (key, label) in enumerate(PARTS):
+        for j, (key, label) in enumerate(parts):
             vals = [(_num(e.get("characteristics", {}).get(key)) or 0.0) / 1e6 for e in evals]
             ax.bar(xs, vals, 0.7, bottom=bottom, label=label, color=cmap(j), edgecolor=colors, linewidth=1.5)
             bottom = [b + v for b, v in zip(bottom, vals)]
@@ -280,7 +284,7 @@ def pareto_plot(entries: list[dict], metric: str, against: str, path: Path) -> P
     if not pts:
         ax.text(0.5, 0.5, f"no experiment has both {metric} and {xkey}", transform=ax.transAxes, ha="center")
         return save_png(fig, path)
-    front = pareto_front(pts, metric not in LOWER_BETTER_METRICS)
+    front = pareto_front(pts, higher_is_better(metric))
     colors = _colors(names, roles)
     for i, ((x, y), name, col) in enumerate(zip(pts, names, colors)):
         on = i in front
@@ -290,7 +294,7 @@ def pareto_plot(entries: list[dict], metric: str, against: str, path: Path) -> P
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="black", lw=0.8, zorder=2,
                 drawstyle="steps-post", label="Pareto front")
         ax.legend(fontsize=8, loc="best")
-    better = "higher" if metric not in LOWER_BETTER_METRICS else "lower"
+    better = "higher" if higher_is_better(metric) else "lower"
     ax.set_xlabel(f"{xlabel} (lower is better)")
     ax.set_ylabel(f"{metric} ({better} is better)")
     ax.set_title(f"{metric} against {against}: filled = not dominated", fontsize=10)

@@ -9,19 +9,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-#: Display order of metric and characteristic rows.
-METRIC_ORDER = (
-    "bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "rouge_1", "rouge_2", "cider", "spice",
-    "vqa_accuracy", "mme_acc", "mme_acc_plus", "bertscore_f1", "clipscore", "teacher_cider", "perplexity",
-)
-CHAR_ORDER = (
-    "params_total", "params_trainable", "params_vision", "params_qformer", "params_projection",
-    "params_language_model", "gflops", "gflops_vision", "gflops_qformer", "gflops_projection", "gflops_language_model",
-    "avg_inference_s", "latency_p50_s", "latency_p95_s", "tokens_per_s", "peak_rss_mb", "peak_cuda_mb", "size_mb",
-)
-#: The four figures the published RSICD study reports (Parameters, Trainable Params, GFLOPs,
-#: Avg Inference Time): a row in every table, "—" when not measured.
-HEADLINE = ("params_total", "params_trainable", "gflops", "avg_inference_s")
+from eval.metrics import display_keys, headline_keys, runs_table_columns
+
+# Row and column order, and the four headline figures of the published RSICD study (Parameters,
+# Trainable Params, GFLOPs, Avg Inference Time: a row in every table, "—" when not measured), all
+# come from the metric table (eval.metrics).
 
 
 def fmt_value(key: str, v: Any) -> str:
@@ -40,20 +32,22 @@ def fmt_value(key: str, v: Any) -> str:
 
 
 def comparison_rows(labels: list[str], evals: dict[str, dict]) -> list[tuple[str, list[Any]]]:
-    """Rows ``(key, [value per label])``: metrics, then characteristics in :data:`CHAR_ORDER`.
+    """Rows ``(key, [value per label])``: metrics, then characteristics, in the metric table's order.
 
-    The :data:`HEADLINE` characteristics always have a row when any label was measured (a
-    model evaluation, not a predictions file), ``None`` where a value is missing.
+    The headline characteristics (:func:`eval.metrics.headline_keys`) always have a row when any
+    label was measured (a model evaluation, not a predictions file), ``None`` where a value is
+    missing.
     """
     rows: list[tuple[str, list[Any]]] = []
-    for group, order in (("metrics", METRIC_ORDER), ("characteristics", CHAR_ORDER)):
+    for group in ("metrics", "characteristics"):
+        order = display_keys(group)
         keys: list[str] = []
         for lab in labels:
             for k in evals[lab].get(group, {}):
                 if k not in keys and isinstance(evals[lab][group][k], (int, float, type(None))):
                     keys.append(k)
         if group == "characteristics" and keys:
-            keys += [k for k in HEADLINE if k not in keys]
+            keys += [k for k in headline_keys() if k not in keys]
         known = [k for k in order if k in keys]
         for k in known:
             rows.append((k, [evals[lab].get(group, {}).get(k) for lab in labels]))
@@ -91,13 +85,6 @@ def comparison_text(labels: list[str], evals: dict[str, dict]) -> str:
 
 
 # ------------------------------------------------------------------------------ across runs
-
-#: Characteristics shown per experiment in the combined table (in this order, when present).
-TABLE_CHARS = (
-    "params_total", "params_vision", "params_qformer", "params_projection", "params_language_model",
-    "gflops", "latency_p50_s", "latency_p95_s", "tokens_per_s", "size_mb", "peak_rss_mb",
-)
-
 
 def _same_eval(a: dict, b: dict) -> bool:
     """Two evaluations of the same model on the same data (latency and memory may differ)."""
@@ -163,9 +150,13 @@ def experiments_from_reports(named: list[tuple[str, dict]], labels: list[str] | 
 
 
 def experiment_columns(entries: list[dict]) -> tuple[list[str], list[str]]:
-    """``(metric keys, characteristic keys)`` present in any entry, in display order."""
-    mets = [k for k in METRIC_ORDER if any(isinstance(e["eval"].get("metrics", {}).get(k), (int, float)) for e in entries)]
-    chars = [k for k in TABLE_CHARS if any(isinstance(e["eval"].get("characteristics", {}).get(k), (int, float)) for e in entries)]
+    """``(metric keys, characteristic keys)`` present in any entry, in display order.
+
+    Characteristics are the across-runs columns of the metric table
+    (:func:`eval.metrics.runs_table_columns`).
+    """
+    mets = [k for k in display_keys("metrics") if any(isinstance(e["eval"].get("metrics", {}).get(k), (int, float)) for e in entries)]
+    chars = [k for k in runs_table_columns() if any(isinstance(e["eval"].get("characteristics", {}).get(k), (int, float)) for e in entries)]
     return mets, chars
 
 

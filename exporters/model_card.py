@@ -25,15 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from eval.metrics import display_name
 from eval.reports import comparison_markdown, fmt_value
 
-#: Display names of metric keys (DESIGN.md conventions) in the card.
-METRIC_NAMES = {
-    "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR",
-    "rouge_l": "ROUGE-L", "rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2", "cider": "CIDEr", "spice": "SPICE",
-    "vqa_accuracy": "VQA accuracy", "mme_acc": "MME acc", "mme_acc_plus": "MME acc+", "bertscore_f1": "BERTScore F1",
-    "clipscore": "CLIPScore", "teacher_cider": "CIDEr against the baseline's captions", "perplexity": "Perplexity",
-}
 TASKS = {
     "caption": ("image-to-text", "Image captioning"),
     "vqa": ("visual-question-answering", "Visual question answering"),
@@ -83,7 +77,7 @@ def eval_results(report: dict, dataset_type: str, dataset_id_name: str | None = 
                     dataset_split=str(data.get("section", "eval")),
                     metric_type=key,
                     metric_value=round(float(value), 4),
-                    metric_name=f"{METRIC_NAMES.get(key, key)} ({label})",
+                    metric_name=f"{display_name(key)} ({label})",
                     metric_config=label,
                 )
             )
@@ -269,7 +263,7 @@ def _headline(b: dict, c: dict, base: str, cand: str) -> str:
     for key, x in b.get("metrics", {}).items():
         x, y = _num(x), _num(c.get("metrics", {}).get(key))
         if x is not None and y is not None:
-            parts.append(f"{METRIC_NAMES.get(key, key)} {x:.2f} → {y:.2f} ({y - x:+.2f})")
+            parts.append(f"{display_name(key)} {x:.2f} → {y:.2f} ({y - x:+.2f})")
     return f"**{base} → {cand}:** " + "; ".join(parts) + "." if parts else ""
 
 

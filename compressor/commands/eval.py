@@ -117,20 +117,19 @@ def eval_command(obj, model, data_path, data_format, task, images, limit, skip_i
     overrides = dict(prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, batch_size=batch_size)
     tgt = load_target(model, overrides, device, dtype)
-    from compressor.evaluation import evaluate_captioner
+    from compressor.evaluation import EvalOptions, evaluate
     from eval.captioning import CaptionScorer
 
+    options = EvalOptions(bertscore_model=bertscore_model, bertscore_layers=bertscore_layers,
+                          clipscore_model=clipscore_model, teacher_predictions=teacher)
     with CaptionScorer() as scorer:
-        record, preds = evaluate_captioner(
-            tgt.captioner, data, tgt.generation, metrics=names, scorer=scorer, model=tgt.model, processor=tgt.processor,
-            device=tgt.device, spec=spec, model_dir=tgt.path if tgt.kind == "torch" else None,
-            onnx_dir=tgt.path if tgt.kind == "onnx" else None, make_captioner=tgt.make_captioner,
-            bertscore_model=bertscore_model, bertscore_layers=bertscore_layers, clipscore_model=clipscore_model,
-            teacher_predictions=teacher, params_trainable=trainable_from_run(tgt.path) if tgt.kind == "torch" else None,
+        record, preds = evaluate(
+            tgt, data, metrics=names, options=options, scorer=scorer, spec=spec,
+            params_trainable=trainable_from_run(tgt.folder) if tgt.model is not None else None,
             progress=not (obj.quiet or obj.json),
         )
     record["decoding"]["settings_from"] = tgt.settings_from
-    record = {"label": label or tgt.path.name, "model": str(tgt.path), **record}
+    record = {"label": label or tgt.folder.name, "model": str(tgt.folder), **record}
     record["data"] = {"path": str(Path(data_path).resolve()), **record["data"]}
     if save_predictions is not None:
         from compressor.evaluation import write_predictions
@@ -143,12 +142,13 @@ def _score_files(predictions, references, data_path, data_format, task, images, 
                  bertscore_model, bertscore_layers, clipscore_model, teacher) -> dict[str, Any]:
     """Score a predictions file against references or data; returns the record (no label)."""
     from compressor.evaluation import (
-        MODEL_METRICS,
+        EvalOptions,
         check_data_for_metrics,
         check_metric_requirements,
         resolve_metrics,
-        teacher_cider,
     )
+    from compressor.evaluation.model_metrics import MetricJob, compute_model_metrics, model_metric_keys
+    from eval.metrics import lookup
     from eval.predictions import load_predictions, load_references
 
     if (references is None) == (data_path is None):
@@ -169,7 +169,7 @@ def _score_files(predictions, references, data_path, data_format, task, images, 
     names = resolve_metrics(metric_list, task)
     if data is not None:
         check_data_for_metrics(names, data)
-    needs_model = [m for m in names if m == "perplexity" or (m == "clipscore" and data is None)]
+    needs_model = [m for m in names if "pytorch" in lookup(m).needs or ("images" in lookup(m).needs and data is None)]
     if needs_model:
         raise UserInputError(
             f"{', '.join(needs_model)} need{'s' if len(needs_model) == 1 else ''} the model (perplexity) or the images "
@@ -177,13 +177,13 @@ def _score_files(predictions, references, data_path, data_format, task, images, 
         )
     check_metric_requirements(names, task, bertscore_model=bertscore_model, clipscore_model=clipscore_model,
                               teacher=teacher is not None, teacher_option="--teacher-predictions FILE")
+    from compressor.evaluation import score_predictions
     from eval.captioning import CaptionScorer
-    from eval.harness import score_predictions
 
     values: dict[str, Any] = {}
     notes: list[str] = []
     with CaptionScorer() as scorer:
-        plain = [m for m in names if m not in MODEL_METRICS]
+        plain = [m for m in names if m not in model_metric_keys()]
         if data is not None:
             refs = data.references()
         if not plain:
@@ -196,20 +196,10 @@ def _score_files(predictions, references, data_path, data_format, task, images, 
             notes += scored["notes"]
         else:
             values.update(_score_against(preds, refs, plain, task, scorer, notes))
-        if "teacher_cider" in names:
-            values["teacher_cider"] = teacher_cider(preds, teacher, scorer)
-    if "bertscore_f1" in names:
-        from eval.embedding_metrics import bertscore_f1
-
-        keys = list(preds)
-        values["bertscore_f1"] = bertscore_f1([preds[k] for k in keys], [refs[k] for k in keys], bertscore_model, bertscore_layers)
-    if "clipscore" in names:
-        from eval.embedding_metrics import clip_score
-        from eval.harness import example_key
-
-        values["clipscore"] = clip_score(
-            [ex.load_image() for ex in data.examples], [preds[example_key(ex, task)] for ex in data.examples], clipscore_model
-        )
+        options = EvalOptions(bertscore_model=bertscore_model, bertscore_layers=bertscore_layers,
+                              clipscore_model=clipscore_model, teacher_predictions=teacher)
+        job = MetricJob(preds, task, options, data=data, references=refs, scorer=scorer, notes=notes)
+        values.update(compute_model_metrics(job, names))
     source = {"predictions": str(predictions.resolve())}
     if references is not None:
         source["references"] = str(Path(references).resolve())

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import click
 
+from compressor.commands.targets import DATA_FORMATS
+
 log = logging.getLogger(__name__)
 
 
@@ -83,8 +85,7 @@ def describe(model) -> dict:
 
 
 def _data(data: str, data_format: str | None, limit: int):
-    from compressor.data import load_section
-    from compressor.data.loader import infer_spec
+    from compressor.data import infer_spec, load_section
     from compressor.recipe.schema import DataSpec
 
     if data == "synthetic":
@@ -129,7 +130,7 @@ def _text_report(info: dict, scores: dict | None) -> str:
 @click.option("--importance", is_flag=True, help="Score every layer on calibration data (block influence, angular distance).")
 @click.option("--data", default="synthetic", show_default=True,
               help="Calibration data: a file or folder (as `compress eval --data`), or `synthetic` (the shapes set).")
-@click.option("--data-format", type=click.Choice(["coco", "karpathy", "csv", "imagefolder"]), help="Format of --data (default: detected).")
+@click.option("--data-format", type=click.Choice(DATA_FORMATS), help="Format of --data (default: detected).")
 @click.option("--limit", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration examples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per calibration batch.")
 @click.option("--part", "parts", multiple=True, help="Stacks to score (default: every removable stack).")

@@ -36,8 +36,7 @@ def predict_command(obj, model, data_path, data_format, task, images, limit, ski
                     max_new_tokens, min_new_tokens, batch_size, device, dtype):
     """Write captions (a COCO results list) or VQA answers (a CSV) for --data. Exit 2 on bad input."""
     from compressor.errors import UserInputError
-    from compressor.evaluation import answers_rows, caption_rows, prompt_fn, write_predictions
-    from eval.harness import predict
+    from compressor.evaluation import answers_rows, caption_rows, predict, prompt_fn, write_predictions
     from eval.predictions import write_answers_csv, write_captions_csv
 
     out = check_out(out, (".json", ".csv"))

@@ -17,20 +17,19 @@ option given on the command line (``--prompt``, ``--num-beams``, ``--max-new-tok
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
+from compressor.data.formats import path_format_names
 from compressor.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-DATA_FORMATS = ("coco", "karpathy", "csv", "imagefolder")
+DATA_FORMATS = path_format_names()
 
 
 def data_options(f):
@@ -64,33 +63,6 @@ def model_options(f):
     ):
         f = dec(f)
     return f
-
-
-@dataclass
-class Target:
-    """A loaded model or ONNX export, ready to caption.
-
-    Attributes:
-        path: the folder.
-        kind: ``torch`` or ``onnx``.
-        captioner: a :class:`eval.captioner.Captioner`.
-        generation: the decoding settings in use (``GenerationSpec``).
-        settings_from: where the settings came from (recorded in reports).
-        model: the PyTorch model (None for ONNX).
-        processor: its processor (None for ONNX).
-        device: ``cpu`` or ``cuda``.
-        make_captioner: batch size → a captioner generating that many in one call.
-    """
-
-    path: Path
-    kind: str
-    captioner: Any
-    generation: Any
-    settings_from: list[str] = field(default_factory=list)
-    model: Any = None
-    processor: Any = None
-    device: str = "cpu"
-    make_captioner: Any = None
 
 
 def resolve_target_path(target: str) -> tuple[Path, str]:
@@ -161,9 +133,7 @@ def generation_for(folder: Path, overrides: dict[str, Any]):
         raise UserInputError(f"decoding settings: {exc.errors()[0]['msg']}") from None
 
 
-def load_target(
-    target: str, overrides: dict[str, Any], device: str = "auto", dtype: str | None = None
-) -> Target:
+def load_target(target: str, overrides: dict[str, Any], device: str = "auto", dtype: str | None = None):
     """Load a model folder or an ONNX export for captioning.
 
     Args:
@@ -173,12 +143,14 @@ def load_target(
         dtype: weights dtype, or None for the saved one.
 
     Returns:
-        The :class:`Target`.
+        A :class:`compressor.evaluation.EvalTarget` (``folder`` the resolved folder,
+        ``settings_from`` where the decoding settings came from).
 
     Raises:
         UserInputError: see :func:`resolve_target_path`; ``cuda`` without a GPU; an ONNX export
             while ``exporters.onnx`` cannot be imported.
     """
+    from compressor.evaluation import EvalTarget
     from compressor.models.loading import resolve_device
 
     folder, kind = resolve_target_path(target)
@@ -186,20 +158,10 @@ def load_target(
     dev = resolve_device(device)
     if kind == "onnx":
         try:
-            from exporters.onnx import OnnxCaptioner
+            from exporters.onnx import OnnxCaptioner  # noqa: F401 - checked here, used by EvalTarget.onnx
         except ImportError as exc:
             raise UserInputError(f"{folder} is an ONNX export, but its runtime cannot be imported ({exc})") from None
-        captioner = OnnxCaptioner(folder, generation)
-        return Target(
-            folder,
-            "onnx",
-            captioner,
-            generation,
-            origin,
-            device=dev,
-            make_captioner=functools.partial(_onnx_for_batch, OnnxCaptioner, folder, generation),
-        )
-    from compressor.generation import TorchCaptioner
+        return EvalTarget.onnx(folder, generation, dev, settings_from=origin)
     from compressor.models.loading import load_model
 
     model, processor = load_model(folder, dtype=dtype, device=dev)
@@ -209,12 +171,7 @@ def load_target(
         model = PeftModel.from_pretrained(model, str(folder / "adapter")).to(dev)
         model.eval()
         origin.append("LoRA adapter in adapter/ applied")
-    captioner = TorchCaptioner(model, processor, generation, dev)
-    return Target(folder, "torch", captioner, generation, origin, model, processor, dev)
-
-
-def _onnx_for_batch(cls, folder, generation, batch_size: int):
-    return cls(folder, generation.model_copy(update={"batch_size": batch_size}))
+    return EvalTarget.torch(model, processor, generation, dev, folder, settings_from=origin)
 
 
 def load_data(data_path: str, data_format: str | None, task: str | None, images: str | None, limit: int | None, skip_invalid: bool):
@@ -241,17 +198,14 @@ def trainable_from_run(folder: Path) -> int | None:
         stages = json.loads(manifest.read_text()).get("stages", [])
     except (OSError, ValueError):
         return None
+    from compressor.stages import REGISTRY, declaration
+
     found = None
     for st in stages:
-        if st.get("type") in ("lora_finetune", "finetune", "heal"):
-            summary = st.get("summary") or {}
-            for path in (("lora", "params_trainable"), ("trainable", "params_trainable"), ("params_trainable",)):
-                cur: Any = summary
-                for p in path:
-                    cur = cur.get(p) if isinstance(cur, dict) else None
-                if isinstance(cur, int):
-                    found = cur
-                    break
+        count = declaration(st["type"]).trainable_params if st.get("type") in REGISTRY else None
+        n = count(st.get("summary") or {}) if count is not None else None
+        if n is not None:
+            found = n
     return found
 
 

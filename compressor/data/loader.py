@@ -1,14 +1,10 @@
-"""Loading a section of the recipe's data: fallbacks, splitting, limits, validation, fingerprints.
+"""Loading a section of the recipe's data: reading, splitting, limits, validation, fingerprints.
 
-A section (``train``, ``val``, ``eval``, ``test``, ``calibration``) is read from, in order:
-
-1. its own key, ``data.<section>``;
-2. for ``train`` / ``val`` / ``test``: its share of ``data.source`` divided by ``data.split``
-   (by image, so all captions and questions of an image land on one side; seeded; the image
-   ids are sorted before shuffling, so the split depends only on the ids and the seed);
-3. a fallback: ``eval`` → ``test`` → ``val``, ``calibration`` → ``train`` (each through 1-2).
-
-Then the examples are sorted by image id (natural order: ``"9" < "10"``) and cut to ``limit``
+Which data a section reads (its own key, a share of ``data.source``, a fallback) is
+:mod:`compressor.data.sections`; how a format reads its files is its module, found through
+:mod:`compressor.data.formats` (this module never tests a format's name). The rows are read with
+the format's reader, divided by ``data.split`` when the section is a share of ``data.source``,
+then sorted by image id (natural order: ``"9" < "10"``) and cut to ``limit``
 (the smaller of the section's ``limit`` and the caller's), and the images of the examples kept
 are checked cheaply (the file exists and PIL can open and verify its header), once per load.
 
@@ -20,8 +16,9 @@ checked over the whole file (they cost nothing to check); images only for the ex
 Problems with the file itself (not found, not JSON, missing CSV columns) are never skippable.
 
 The fingerprint (sha256) covers the loader version, the format, the task, ``skip_invalid``, the
-section's settings after defaults (split part and fractions, limit, Karpathy split, synthetic
-seed/size/image_size and :data:`~compressor.data.synthetic.SYNTHETIC_VERSION`), the bytes of the
+section's settings after defaults (split part and fractions, limit, and the format's own
+settings: Karpathy split, synthetic seed/size/image_size and
+:data:`~compressor.data.synthetic.SYNTHETIC_VERSION`), the bytes of the
 annotation files, and, for every image of the examples loaded, its path relative to the image
 folder, its size and its mtime_ns: not its pixels, so fingerprinting a 100k-image set costs one
 ``stat`` per image. The folders' absolute locations are not part of it: a copy of the data
@@ -34,146 +31,34 @@ import hashlib
 import json
 import logging
 import os
-import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from compressor.data import formats
 from compressor.data.dataset import Dataset, Example, natural_key
-from compressor.data.formats import CORRUPT_IMAGE, MISSING_IMAGE, Parsed, Problem, Row
+from compressor.data.formats import Format, get_format
+from compressor.data.formats.common import CORRUPT_IMAGE, ESCAPE, MISSING_IMAGE, Parsed, Problem, Row
+from compressor.data.sections import Resolved, resolve_section, split_image_ids
 from compressor.errors import DataError, UserInputError
 
 if TYPE_CHECKING:
-    from compressor.recipe.schema import DataSource, DataSpec
+    from compressor.recipe.schema import DataSpec
 
 logger = logging.getLogger(__name__)
 
 #: Bump when a change in this package changes what a given spec loads (enters every fingerprint).
 DATA_LOADER_VERSION = 1
 
-SECTIONS = ("train", "val", "eval", "test", "calibration")
-#: Where a section looks for its data, in order.
-FALLBACKS: dict[str, tuple[str, ...]] = {
-    "train": ("train",),
-    "val": ("val",),
-    "eval": ("eval", "test", "val"),
-    "test": ("test",),
-    "calibration": ("calibration", "train"),
-}
-#: Seed of a synthetic section without `seed`, by the section key it was read from: sections
-#: never share images by accident.
-SYNTHETIC_DEFAULT_SEED = {"train": 0, "val": 1, "test": 2, "eval": 3, "calibration": 4, "source": 0}
-#: DataSource fields each format reads (others set in the recipe are an error).
-FORMAT_FIELDS = {
-    "coco": {"annotations", "images", "limit"},
-    "karpathy": {"annotations", "images", "split", "limit"},
-    "csv": {"annotations", "images", "limit"},
-    "imagefolder": {"path", "limit"},
-    "synthetic": {"size", "seed", "image_size", "limit"},
-}
-_EXAMPLE_SECTION = {
-    "coco": "{annotations: captions_val2017.json, images: val2017/}",
-    "karpathy": "{annotations: dataset_coco.json, images: coco/, split: test}",
-    "csv": "{annotations: data.csv, images: images/}",
-    "imagefolder": "{path: images/}",
-    "synthetic": "{size: 200, seed: 1}",
-}
 
-
-@dataclass(frozen=True)
-class Resolved:
-    """Where a section's data comes from.
-
-    Attributes:
-        name: the section key read (``test`` when ``eval`` fell back to it).
-        src: the DataSource.
-        part: ``train`` / ``val`` / ``test`` when the data is a share of ``data.source``, else None.
-    """
-
-    name: str
-    src: DataSource
-    part: str | None
-
-    @property
-    def key(self) -> str:
-        """The recipe key, e.g. ``data.test`` or ``data.source``."""
-        return "data.source" if self.part else f"data.{self.name}"
-
-    @property
-    def label(self) -> str:
-        """Human-readable origin, e.g. ``data.test`` or ``data.source[val]``."""
-        return f"data.source[{self.part}]" if self.part else f"data.{self.name}"
-
-
-def _direct(spec: DataSpec, name: str) -> Resolved | None:
-    src = getattr(spec, name, None)
-    if src is not None:
-        return Resolved(name, src, None)
-    if spec.source is not None and spec.split is not None and name in ("train", "val", "test"):
-        if getattr(spec.split, name) > 0:
-            return Resolved(name, spec.source, name)
-    return None
-
-
-def resolve_section(spec: DataSpec, section: str) -> Resolved:
-    """Find the data a section reads, following the fallbacks.
-
-    Args:
-        spec: the recipe's ``data``.
-        section: ``train``, ``val``, ``eval``, ``test`` or ``calibration``.
-
-    Returns:
-        The resolved source.
-
-    Raises:
-        UserInputError: an unknown section name, or no data for it (the message names the
-            recipe key to add).
-    """
-    if section not in FALLBACKS:
-        from compressor.errors import did_you_mean
-
-        raise UserInputError(
-            f"unknown data section '{section}'.{did_you_mean(section, SECTIONS)} Valid: {', '.join(SECTIONS)}"
-        )
-    for name in FALLBACKS[section]:
-        r = _direct(spec, name)
-        if r is not None:
-            if name != section:
-                logger.info("data.%s is not set; using %s", section, r.label)
-            return r
-    looked = ", ".join(f"data.{n}" for n in FALLBACKS[section])
-    extra = (
-        " (or a share of data.source via data.split)" if section in ("train", "val", "test", "eval") else ""
-    )
-    raise UserInputError(
-        f"the recipe has no data for section '{section}': looked for {looked}{extra}. "
-        f"Add `data.{section}: {_EXAMPLE_SECTION[spec.format]}` to the recipe."
-    )
-
-
-def available_sections(spec: DataSpec) -> list[str]:
-    """The sections :func:`load_section` can load, fallbacks included.
-
-    Args:
-        spec: the recipe's ``data``.
-
-    Returns:
-        Section names in the order ``train, val, eval, test, calibration``; e.g. a spec with only
-        ``train`` gives ``["train", "calibration"]``.
-    """
-    return [s for s in SECTIONS if any(_direct(spec, n) is not None for n in FALLBACKS[s])]
-
-
-def _check_fields(spec: DataSpec, r: Resolved) -> None:
-    allowed = FORMAT_FIELDS[spec.format]
+def _check_fields(fmt: Format, r: Resolved) -> None:
+    allowed = fmt.fields
     extra = sorted(f for f in r.src.model_fields_set if f not in allowed and getattr(r.src, f) is not None)
     if extra:
         raise UserInputError(
-            f"{r.key}: {', '.join(extra)} do(es) not apply to format {spec.format} "
-            f"(it reads {', '.join(sorted(allowed))}); e.g. `{r.key}: {_EXAMPLE_SECTION[spec.format]}`"
+            f"{r.key}: {', '.join(extra)} do(es) not apply to format {fmt.name} "
+            f"(it reads {', '.join(sorted(allowed))}); e.g. `{r.key}: {fmt.example}`"
             + (
                 ". To divide one file, use data.source with data.split: {train: 0.8, val: 0.1, test: 0.1}"
                 if "split" in extra
@@ -182,72 +67,12 @@ def _check_fields(spec: DataSpec, r: Resolved) -> None:
         )
 
 
-def _effective(spec: DataSpec, r: Resolved) -> dict:
-    """The section's settings after defaults (part of the fingerprint)."""
-    src = r.src
-    eff: dict = {"format": spec.format, "task": spec.task, "skip_invalid": spec.skip_invalid}
-    if spec.format == "karpathy":
-        eff["karpathy_split"] = (
-            src.split
-            if src.split is not None
-            else (None if r.part else formats.KARPATHY_DEFAULT_SPLIT[r.name])
-        )
-    if spec.format == "synthetic":
-        from compressor.data.synthetic import SYNTHETIC_VERSION
-
-        if src.size is None:
-            raise UserInputError(
-                f"{r.key}.size is required for format synthetic: e.g. `{r.key}: {{size: 200, seed: 1}}`"
-            )
-        eff.update(
-            size=src.size,
-            seed=src.seed if src.seed is not None else SYNTHETIC_DEFAULT_SEED["source" if r.part else r.name],
-            image_size=src.image_size,
-            synthetic_version=SYNTHETIC_VERSION,
-        )
+def _effective(spec: DataSpec, r: Resolved, settings: dict) -> dict:
+    """The section's settings after defaults (part of the fingerprint), the format's own included."""
+    eff: dict = {"format": spec.format, "task": spec.task, "skip_invalid": spec.skip_invalid, **settings}
     if r.part:
         eff["split"] = {"part": r.part, **spec.split.model_dump()}  # type: ignore[union-attr]
     return eff
-
-
-def _parse(spec: DataSpec, r: Resolved, eff: dict) -> Parsed:
-    key = r.key
-    if spec.format == "coco":
-        return formats.read_coco(r.src, key, spec.task)
-    if spec.format == "karpathy":
-        return formats.read_karpathy(r.src, key, spec.task, eff["karpathy_split"])
-    if spec.format == "csv":
-        return formats.read_csv(r.src, key, spec.task)
-    if spec.format == "imagefolder":
-        return formats.read_imagefolder(r.src, key, spec.task)
-    if spec.format == "synthetic":
-        from compressor.data.synthetic import synthetic_examples
-
-        exs = synthetic_examples(eff["seed"], eff["size"], eff["image_size"], spec.task)
-        return Parsed(rows=[Row(e, f"synthetic {e.question_id or e.image_id}") for e in exs])
-    raise UserInputError(f"unknown data format {spec.format!r}")  # pragma: no cover - the schema forbids it
-
-
-def split_image_ids(image_ids: list[str], fractions: dict[str, float], seed: int) -> dict[str, set[str]]:
-    """Divide image ids into train/val/test, seeded and deterministic.
-
-    The ids are sorted (natural order) and de-duplicated, shuffled with ``random.Random(seed)``,
-    then cut at ``round(n * train)`` and ``round(n * (train + val))``; test takes the rest.
-
-    Args:
-        image_ids: ids (repeats allowed).
-        fractions: ``{"train": f, "val": f, "test": f}`` summing to 1.
-        seed: shuffle seed.
-
-    Returns:
-        ``{"train": ids, "val": ids, "test": ids}``, disjoint, covering every id.
-    """
-    ids = sorted(set(image_ids), key=natural_key)
-    random.Random(seed).shuffle(ids)
-    n = len(ids)
-    b1 = round(n * fractions["train"])
-    b2 = max(b1, min(n, round(n * (fractions["train"] + fractions["val"]))))
-    return {"train": set(ids[:b1]), "val": set(ids[b1:b2]), "test": set(ids[b2:])}
 
 
 @dataclass
@@ -260,9 +85,11 @@ class _Collected:
 
 def _collect(spec: DataSpec, section: str, limit: int | None) -> _Collected:
     r = resolve_section(spec, section)
-    _check_fields(spec, r)
-    eff = _effective(spec, r)
-    parsed = _parse(spec, r, eff)
+    fmt = get_format(spec.format)
+    _check_fields(fmt, r)
+    settings = fmt.settings(r)
+    eff = _effective(spec, r, settings)
+    parsed = fmt.read(r.src, r.key, spec.task, settings)
     rows = parsed.rows
     if r.part:
         assert spec.split is not None
@@ -361,7 +188,7 @@ def _raise_or_skip(
     summary = "; ".join(f"{n} × {k}" for k, n in kinds.items())
     if not spec.skip_invalid:
         hint = ""
-        if formats.ESCAPE in kinds:
+        if ESCAPE in kinds:
             hint = " File names must stay inside the image folder."
         raise DataError(
             f"{len(problems)} bad row(s) in {label} (format {spec.format}): {summary}.{hint} "
@@ -450,92 +277,3 @@ def section_fingerprint(spec: DataSpec, section: str, limit: int | None = None) 
         DataError: an annotation file is missing or malformed.
     """
     return _fingerprint(_collect(spec, section, limit))
-
-
-# ------------------------------------------------------------------------------------------
-# a spec from a path (the CLI's --data PATH [--data-format F])
-# ------------------------------------------------------------------------------------------
-
-
-def infer_spec(
-    path: str,
-    data_format: str | None = None,
-    task: str | None = None,
-    images: str | None = None,
-    limit: int | None = None,
-    skip_invalid: bool = False,
-) -> DataSpec:
-    """Build a ``DataSpec`` for one data path, as ``compress eval --data PATH`` needs.
-
-    The data goes into the ``test`` section, which ``eval`` (and ``predict``'s default) read.
-
-    Detection when ``data_format`` is None: a folder is ``imagefolder``; a ``.csv`` is ``csv``
-    (images beside it unless ``images`` is given); a ``.json`` whose ``images[]`` carry
-    ``sentences`` is ``karpathy`` (its ``test`` split), any other ``.json`` is ``coco``, with
-    images in ``images``, else the sibling folder named by the file's last ``_`` part
-    (``captions_val2017.json`` → ``val2017/``) if it exists, else the file's folder.
-    ``task`` defaults to ``vqa`` when the CSV or metadata has a question column/key.
-
-    Args:
-        path: a file or folder.
-        data_format: one of the formats, or None to detect.
-        task: ``caption`` or ``vqa``, or None to detect.
-        images: image folder for coco / karpathy / csv.
-        limit: ``limit`` of the section.
-        skip_invalid: ``data.skip_invalid``.
-
-    Returns:
-        A validated DataSpec.
-
-    Raises:
-        UserInputError: the path does not exist, or its format cannot be told.
-    """
-    from compressor.recipe.schema import DataSpec
-
-    if data_format == "synthetic":
-        raise UserInputError("format synthetic has no path: put `data: {format: synthetic, ...}` in a recipe")
-    ap = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(ap):
-        raise UserInputError(f"--data: {path} does not exist (relative paths resolve against {os.getcwd()})")
-    fmt = data_format
-    if fmt is None:
-        if os.path.isdir(ap):
-            fmt = "imagefolder"
-        elif ap.lower().endswith(".csv"):
-            fmt = "csv"
-        elif ap.lower().endswith(".json"):
-            head = formats.read_json(ap, "--data")
-            ims = head.get("images") if isinstance(head, dict) else None
-            fmt = "karpathy" if ims and isinstance(ims[0], dict) and "sentences" in ims[0] else "coco"
-        else:
-            raise UserInputError(
-                f"--data: cannot tell the format of {path}: give --data-format coco|karpathy|csv|imagefolder"
-            )
-    src: dict = {"limit": limit}
-    if fmt == "imagefolder":
-        src["path"] = ap
-    else:
-        src["annotations"] = ap
-        folder = images
-        if folder is None:
-            folder = os.path.dirname(ap)
-            if fmt == "coco":
-                stem = os.path.splitext(os.path.basename(ap))[0].rsplit("_", 1)[-1]
-                if os.path.isdir(os.path.join(folder, stem)):
-                    folder = os.path.join(folder, stem)
-        src["images"] = folder
-    if task is None:
-        task = "caption"
-        if fmt == "csv":
-            with open(ap, encoding="utf-8-sig", newline="") as f:
-                header = f.readline().lower()
-            task = "vqa" if "question" in header else "caption"
-        elif fmt == "imagefolder":
-            meta = os.path.join(ap, "metadata.jsonl")
-            if os.path.isfile(meta):
-                with open(meta, encoding="utf-8") as f:
-                    first = next((ln for ln in f if ln.strip()), "")
-                task = "vqa" if '"question"' in first else "caption"
-    return DataSpec(
-        format=fmt, task=task, test={k: v for k, v in src.items() if v is not None}, skip_invalid=skip_invalid
-    )

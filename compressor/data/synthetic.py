@@ -10,6 +10,9 @@ For VQA, each image gives several questions ("what color is the circle?", "what 
 left?", "is there a square?", "how many shapes are there?"), each answered ten times as VQA's
 human answers are.
 
+As the data format ``synthetic`` (its :data:`FORMAT`, registered in :mod:`compressor.data.formats`)
+a section reads ``size`` images of ``seed``; it has no files, so ``--data PATH`` cannot name it.
+
 Bump :data:`SYNTHETIC_VERSION` whenever a change here changes any image, caption or question;
 it is part of every synthetic dataset's fingerprint.
 """
@@ -23,9 +26,15 @@ from typing import NamedTuple
 from PIL import Image, ImageDraw
 
 from compressor.data.dataset import Example
+from compressor.data.formats import Format
+from compressor.data.formats.common import Parsed, Row
+from compressor.errors import UserInputError
 
 #: Version of the generator; part of the fingerprint of every synthetic dataset.
 SYNTHETIC_VERSION = 1
+#: Seed of a synthetic section without `seed`, by the section key it was read from: sections
+#: never share images by accident.
+SYNTHETIC_DEFAULT_SEED = {"train": 0, "val": 1, "test": 2, "eval": 3, "calibration": 4, "source": 0}
 
 SHAPES = ("circle", "square", "triangle")
 #: Colour name -> RGB, saturated so they stay distinct after downscaling to 32x32.
@@ -304,3 +313,47 @@ def write_files(folder, size: int, seed: int, image_size: int = 64, task: str = 
     path = root / "captions_shapes.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations}), encoding="utf-8")
     return path
+
+
+# ------------------------------------------------------------------------------------------
+# the ``synthetic`` data format (registered in compressor.data.formats)
+# ------------------------------------------------------------------------------------------
+
+
+def _settings(resolved) -> dict:
+    """A synthetic section's settings after defaults (they enter its fingerprint).
+
+    ``size`` (required), ``seed`` (default: by section, :data:`SYNTHETIC_DEFAULT_SEED`),
+    ``image_size`` and :data:`SYNTHETIC_VERSION`.
+
+    Raises:
+        UserInputError: ``size`` is not set.
+    """
+    src, key = resolved.src, resolved.key
+    if src.size is None:
+        raise UserInputError(
+            f"{key}.size is required for format synthetic: e.g. `{key}: {{size: 200, seed: 1}}`"
+        )
+    default_seed = SYNTHETIC_DEFAULT_SEED["source" if resolved.part else resolved.name]
+    return {
+        "size": src.size,
+        "seed": src.seed if src.seed is not None else default_seed,
+        "image_size": src.image_size,
+        "synthetic_version": SYNTHETIC_VERSION,
+    }
+
+
+def _read(src, key: str, task: str, settings: dict) -> Parsed:
+    """The rows of a synthetic section: :func:`synthetic_examples` of ``settings`` (never a bad row)."""
+    exs = synthetic_examples(settings["seed"], settings["size"], settings["image_size"], task)
+    return Parsed(rows=[Row(e, f"synthetic {e.question_id or e.image_id}") for e in exs])
+
+
+FORMAT = Format(
+    name="synthetic",
+    description="the built-in coloured-shapes set, generated (`size`, `seed`, `image_size`)",
+    fields=frozenset({"size", "seed", "image_size", "limit"}),
+    example="{size: 200, seed: 1}",
+    read=_read,
+    settings=_settings,
+)

@@ -34,6 +34,7 @@ __all__ = [
     "get_config_value",
     "get_module",
     "lora_names",
+    "part_labels",
     "part_names",
     "removal_keys",
     "set_config_value",
@@ -107,6 +108,16 @@ def _union(attr: str) -> tuple[str, ...]:
 def part_names() -> tuple[str, ...]:
     """Every part name of every family (``params_<part>`` keys), in registration order."""
     return _union("PARTS")
+
+
+@functools.cache
+def part_labels() -> dict[str, str]:
+    """Part name → display label, where a family declares one (``PART_LABELS``: BLIP-2's ``Q-Former``)."""
+    out: dict[str, str] = {}
+    for mod in family_modules():
+        for part, label in getattr(mod, "PART_LABELS", {}).items():
+            out.setdefault(part, label)
+    return out
 
 
 @functools.cache

@@ -68,6 +68,8 @@ PARTS = {
     "projection": ("language_projection",),
     "language_model": ("language_model",),
 }
+#: Display labels of parts (reports, plots) where the name itself does not read well.
+PART_LABELS = {"qformer": "Q-Former"}
 #: Names ``finetune.parts`` / ``heal: {trainable: parts}`` may use.
 TRAINABLE_NAMES = (*PARTS, "language_model.encoder", "language_model.decoder", "query_tokens")
 

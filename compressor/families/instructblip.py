@@ -21,6 +21,7 @@ REMOVAL_KEYS = blip2.REMOVAL_KEYS
 ENCODER_DECODER_KEYS = blip2.ENCODER_DECODER_KEYS
 LORA_NAMES = blip2.LORA_NAMES
 PARTS = blip2.PARTS
+PART_LABELS = blip2.PART_LABELS
 TRAINABLE_NAMES = blip2.TRAINABLE_NAMES
 
 generation_inputs = blip2.generation_inputs  # the processor builds the Q-Former's instruction inputs itself

@@ -61,7 +61,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
+
 from compressor.errors import ModelSpecError, VerificationError
+from compressor.recipe.base import Strict
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,30 @@ class WheelModel:
     package: str  # import name
     relpath: str  # file or folder inside the package
     requirement: str  # pip requirement that installs it
+
+
+class AssembleParts(Strict):
+    """The parts of a BLIP-2 assembled from pretrained pieces (the real SmolLM2 and MiniLM weights of `make demo-real`)."""
+
+    language_model: str = Field(
+        description="A causal-LM folder (save_pretrained) or a GGUF file; becomes `language_model`."
+    )
+    qformer_init: str | None = Field(
+        None, description="A BERT folder whose layers initialise the Q-Former (as in BLIP-2); none: random."
+    )
+    vision: str = Field(
+        "vit-small",
+        description="A vision preset (`vit-tiny`, `vit-small`) initialised so that features differ per "
+        "image, or a folder holding a Blip2VisionModel / BlipVisionModel.",
+    )
+    num_query_tokens: int = Field(32, ge=1, description="Number of learned query tokens.")
+    qformer_num_hidden_layers: int | None = Field(
+        None, ge=1, description="Q-Former depth; default: the BERT's depth, or 4 without `qformer_init`."
+    )
+    cross_attention_frequency: int = Field(2, ge=1, description="A Q-Former layer i has cross-attention when i % this == 0.")
+    image_size: int = Field(224, ge=16, description="Input image side in pixels.")
+    seed: int = Field(0, description="Seed of every randomly initialised part.")
+
 
 
 #: Names usable for ``language_model`` / ``qformer_init`` (and ``--print-paths``).

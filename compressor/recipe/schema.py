@@ -19,51 +19,25 @@ import functools
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
+from compressor.data.formats import format_names
 from compressor.families import lora_names, part_names, trainable_names
+from compressor.models.assemble import AssembleParts
+from compressor.recipe.base import Strict
+from eval.metrics import characteristic_keys, default_metrics, metric_keys
 
 # --------------------------------------------------------------------------------------------
 # Shared vocabularies (DESIGN.md "Conventions every part shares")
 # --------------------------------------------------------------------------------------------
 
-CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
-METRIC_KEYS = (
-    *CAPTION_METRICS,
-    "rouge_1",
-    "rouge_2",
-    "spice",
-    "vqa_accuracy",
-    "bertscore_f1",
-    "clipscore",
-    "mme_acc",
-    "mme_acc_plus",
-    "perplexity",
-    "teacher_cider",
-)
-CHARACTERISTIC_KEYS = (
-    "params_total",
-    "params_trainable",
-    "params_vision",
-    "params_qformer",
-    "params_projection",
-    "params_language_model",
-    "gflops",
-    "gflops_vision",
-    "gflops_qformer",
-    "gflops_projection",
-    "gflops_language_model",
-    "latency_p50_s",
-    "latency_p95_s",
-    "tokens_per_s",
-    "avg_inference_s",
-    "peak_rss_mb",
-    "peak_cuda_mb",
-    "size_mb",
-)
-GATE_KEYS = METRIC_KEYS + CHARACTERISTIC_KEYS
 #: Part names of every registered model family (``params_<part>`` keys; compressor.families).
 PARTS = part_names()
+#: Metric and characteristic keys, from the one metric table (``eval.metrics``).
+CAPTION_METRICS = default_metrics("caption")
+METRIC_KEYS = metric_keys()
+CHARACTERISTIC_KEYS = characteristic_keys()
+GATE_KEYS = METRIC_KEYS + CHARACTERISTIC_KEYS
 DTYPES = ("float32", "float16", "bfloat16")
 #: Part-scoped LoRA target names (``parts:`` of lora_finetune / heal), over every family; each
 #: expands to an anchored module pattern of the model's own family (``compressor.families``).
@@ -72,12 +46,6 @@ LORA_PARTS = lora_names()
 TRAINABLE_PARTS = trainable_names()
 
 Dtype = Literal["float32", "float16", "bfloat16"]
-
-
-class Strict(BaseModel):
-    """Base of every recipe model: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,31 +69,9 @@ class ConfigModelSpec(Strict):
     seed: int = Field(0, description="Seed of the random initialisation.")
 
 
-class AssembleParts(Strict):
-    """The parts of a BLIP-2 assembled from pretrained pieces (real-material.md)."""
-
-    language_model: str = Field(
-        description="A causal-LM folder (save_pretrained) or a GGUF file; becomes `language_model`."
-    )
-    qformer_init: str | None = Field(
-        None, description="A BERT folder whose layers initialise the Q-Former (as in BLIP-2); none: random."
-    )
-    vision: str = Field(
-        "vit-small",
-        description="A vision preset (`vit-tiny`, `vit-small`) initialised so that features differ per "
-        "image, or a folder holding a Blip2VisionModel / BlipVisionModel.",
-    )
-    num_query_tokens: int = Field(32, ge=1, description="Number of learned query tokens.")
-    qformer_num_hidden_layers: int | None = Field(
-        None, ge=1, description="Q-Former depth; default: the BERT's depth, or 4 without `qformer_init`."
-    )
-    cross_attention_frequency: int = Field(2, ge=1, description="A Q-Former layer i has cross-attention when i % this == 0.")
-    image_size: int = Field(224, ge=16, description="Input image side in pixels.")
-    seed: int = Field(0, description="Seed of every randomly initialised part.")
-
-
 class AssembleModelSpec(Strict):
-    """`{assemble: {...}}`: a BLIP-2 built from a pretrained language model and other parts."""
+    """`{assemble: {...}}`: a model built from a pretrained language model and other parts
+    (:mod:`compressor.models.assemble` declares the parts)."""
 
     assemble: AssembleParts
 
@@ -192,7 +138,7 @@ class SplitSpec(Strict):
         return self
 
 
-DataFormat = Literal["coco", "karpathy", "csv", "imagefolder", "synthetic"]
+DataFormat = Literal[format_names()]  # the registry's formats, in its order
 SECTIONS = ("train", "val", "eval", "test", "calibration")
 
 
@@ -200,8 +146,8 @@ class DataSpec(Strict):
     """The data of the experiment, by section."""
 
     format: DataFormat = Field(
-        description="coco (captions JSON + image folder), karpathy (split JSON), csv, imagefolder "
-        "(Hugging Face layout with metadata.jsonl), synthetic (built-in coloured shapes)."
+        description="The data format, one of the registered formats (see `data formats` below): "
+        + ", ".join(f"`{name}`" for name in format_names()) + "."
     )
     task: Literal["caption", "vqa"] = Field("caption", description="Captioning or visual question answering.")
     train: DataSource | None = Field(None, description="Training data.")
@@ -433,7 +379,7 @@ def recipe_model() -> type[BaseModel]:
         name: str = Field(description="Run name; the run directory is runs/<name> unless --out is given.")
         model: ModelSpec = Field(
             description="A Hub id, a local save_pretrained folder, a preset (tiny-blip2-opt …), "
-            "{config: FILE, init: random} or {assemble: {language_model: …, qformer_init: …, vision: …}}."
+            "{config: FILE, init: random} or {assemble: {language_model: …, vision: …, …}}."
         )
         dtype: Dtype = Field("float32", description="Weights dtype while working.")
         device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")

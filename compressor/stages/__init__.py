@@ -96,7 +96,6 @@ class Declaration:
             its row (``removed``, ``params_trainable``, ``lora_matches``).
         card: ``card(record) -> StageCard``: what the model card says of one run of it
             (``record``: the report's stage entry with its summary).
-        docs: further pydantic models documented with it: ``(title, model)`` pairs.
     """
 
     config: type
@@ -117,7 +116,6 @@ class Declaration:
     check_data: Callable[[Any, Any, dict], None] | None = None
     plan: Callable[[Any, Any], dict] | None = None
     card: Callable[[dict], StageCard] | None = None
-    docs: tuple[tuple[str, type], ...] = ()
 
     @property
     def type(self) -> str:

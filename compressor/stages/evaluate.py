@@ -1,7 +1,7 @@
 """``evaluate``: score the current model (or the latest ONNX export) and measure its characteristics.
 
 Output: ``eval.json`` (label, metrics on the 0–100 scale, characteristics, decoding settings,
-data section and fingerprint, notes; the record of :func:`compressor.evaluation.evaluate_captioner`,
+data section and fingerprint, notes; the record of :func:`compressor.evaluation.evaluate`,
 the same one ``compress eval`` writes) and ``predictions.json`` (a COCO results list, or a VQA
 results list ``[{question_id, answer}]``). Baseline and candidate go through the same harness.
 """
@@ -16,8 +16,10 @@ from pydantic import Field, field_validator
 
 from compressor.errors import UserInputError
 from compressor.evaluation import (
+    EvalOptions,
+    EvalTarget,
     check_metric_requirements,
-    evaluate_captioner,
+    evaluate,
     finite,
     resolve_metrics,
     write_predictions,
@@ -27,7 +29,6 @@ from compressor.models.folders import load_working_model
 from compressor.recipe.schema import (
     METRIC_KEYS,
     CharacteristicsSpec,
-    LatencySpec,
     MetricModelSpec,
     StageBase,
     _check_names,
@@ -86,34 +87,28 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     data = ctx.data(cfg.data, cfg.limit)
     check(cfg, data.task)
     gen = ctx.recipe.generation
-    model = processor = onnx_dir = make = None
     if cfg.backend == "onnx":
         captioner, onnx_dir, make = onnx_captioner(ctx)
+        target = EvalTarget(captioner, gen, device=ctx.device, folder=onnx_dir, make_captioner=make,
+                            source=lambda: load_working_model(input_dir, ctx))
     else:
-        from compressor.generation import TorchCaptioner
-
         model, processor = load_working_model(input_dir, ctx)
-        captioner = TorchCaptioner(model, processor, gen, ctx.device)
-    record, preds = evaluate_captioner(
-        captioner,
-        data,
-        gen,
-        metrics=cfg.metrics,
-        scorer=ctx.scorer(),
-        model=model,
-        processor=processor,
-        device=ctx.device,
-        spec=cfg.characteristics,
-        model_dir=input_dir if model is not None else None,
-        onnx_dir=onnx_dir,
-        make_captioner=make,
+        target = EvalTarget.torch(model, processor, gen, ctx.device, folder=input_dir)
+    options = EvalOptions(
         bertscore_model=cfg.bertscore.model if cfg.bertscore else None,
         bertscore_layers=cfg.bertscore.num_layers if cfg.bertscore else None,
         clipscore_model=cfg.clipscore.model if cfg.clipscore else None,
         teacher_predictions=_teacher_predictions(cfg, ctx),
+    )
+    record, preds = evaluate(
+        target,
+        data,
+        metrics=cfg.metrics,
+        options=options,
+        scorer=ctx.scorer(),
+        spec=cfg.characteristics,
         params_trainable=int(ctx.last_trainable or 0),
         progress=ctx.progress,
-        source_model=(lambda: load_working_model(input_dir, ctx)) if onnx_dir is not None else None,
     )
     record = {"label": cfg.label, **record}
     record["data"] = {"section": cfg.data, **record["data"]}
@@ -184,5 +179,4 @@ STAGE = Declaration(
     output="evaluation",
     check_recipe=check_recipe,
     check_data=check_data,
-    docs=(("evaluate.characteristics", CharacteristicsSpec), ("evaluate.characteristics.latency", LatencySpec)),
 )

@@ -107,5 +107,4 @@ STAGE = Declaration(
     produces_model=False,
     needs_merged=True,
     output="export",
-    docs=(("export.onnx", OnnxSpec),),
 )

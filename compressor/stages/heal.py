@@ -221,5 +221,4 @@ STAGE = Declaration(
     check=check,
     plan=plan,
     card=card,
-    docs=(("heal.distill", DistillSpec),),
 )

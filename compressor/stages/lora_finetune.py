@@ -165,5 +165,4 @@ STAGE = Declaration(
     check=check,
     plan=plan,
     card=training_card,
-    docs=(("stages[].train", TrainSpec), ("stages[].lora", LoraSpec), ("stages[].quantization", QuantizationSpec)),
 )

@@ -13,12 +13,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from compressor.evaluation import answers_rows, caption_rows, prompt_fn, write_predictions
+from compressor.evaluation import answers_rows, caption_rows, predict, prompt_fn, write_predictions
 from compressor.models.folders import load_working_model
 from compressor.recipe.schema import StageBase
 from compressor.stages import Declaration
 from compressor.stages.evaluate import onnx_captioner
-from eval.harness import predict
 from eval.predictions import write_answers_csv, write_captions_csv
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     if cfg.backend == "onnx":
         captioner = onnx_captioner(ctx)[0]
     else:
-        from compressor.generation import TorchCaptioner
+        from compressor.evaluation import TorchCaptioner
 
         model, processor = load_working_model(input_dir, ctx)
         captioner = TorchCaptioner(model, processor, gen, ctx.device)

@@ -134,5 +134,4 @@ STAGE = Declaration(
     check=check,
     plan=plan,
     card=card,
-    docs=(("prune_width.heads / prune_width.mlp", WidthRatio),),
 )

@@ -3,7 +3,7 @@
 By position (``drop_top``, ``layers``) or by importance on calibration batches of the recipe's
 data (``count`` + ``select``: ``block_influence``, ShortGPT (Men et al. 2024); ``angular_distance``,
 Gromov et al. 2024 "The Unreasonable Ineffectiveness of the Deeper Layers"; see
-:mod:`compressor.importance`). The recipe keys (``vision``, ``qformer``, ``language_model`` …) are
+:mod:`compressor.importance`). The recipe keys (``vision``, ``language_model``, BLIP-2's Q-Former …) are
 the stacks the families declare (:func:`compressor.families.removal_keys`); which stack of this
 model each names, and what it may lose, is the family's (:mod:`compressor.surgery`). The model is
 loaded memory-mapped and saved once: no second copy of the weights is held.
@@ -211,5 +211,4 @@ STAGE = Declaration(
     check=check,
     plan=plan,
     card=card,
-    docs=(("remove_layers.<part> (a layer selection)", LayerSelection), ("remove_layers.calibration", CalibrationSpec)),
 )

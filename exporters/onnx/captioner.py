@@ -89,8 +89,8 @@ class OnnxCaptioner:
         import onnxruntime as ort
         from transformers import AutoConfig, AutoProcessor
 
+        from compressor.evaluation.captioner import generate_kwargs
         from compressor.families import family_for_config
-        from compressor.generation import generate_kwargs
         from exporters.onnx.runtime import make_session
         from exporters.onnx.topologies import by_kind
 

@@ -250,7 +250,7 @@ def test_onnx_folder_goes_through_the_onnx_runtime_captioner(files, tmp_path, mo
     from onnx import TensorProto, helper, numpy_helper
 
     import exporters.onnx
-    from compressor.generation import TorchCaptioner
+    from compressor.evaluation.captioner import TorchCaptioner
     from compressor.models.loading import load_model
     from compressor.models.presets import SHIPPED
 

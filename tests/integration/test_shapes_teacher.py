@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="module")
 def teacher_predictions():
     from compressor.data import load_section
-    from compressor.generation import TorchCaptioner
+    from compressor.evaluation.captioner import TorchCaptioner
     from compressor.models.loading import load_model, materialize
     from compressor.recipe.schema import DataSpec, GenerationSpec
 

@@ -14,16 +14,14 @@ from pathlib import Path
 import pytest
 
 from compressor.errors import DataError, StageError, UserInputError
-from eval.captioning import (
-    DEFAULT_CAPTION_METRICS,
+from eval.captioning import DEFAULT_CAPTION_METRICS, CaptionScorer, score_captions
+from eval.coco_tools import (
     PTB_JAR,
-    CaptionScorer,
     check_java,
     find_pycocoevalcap_dir,
     meteor_safe,
     ptb_tokenize,
     run_spice,
-    score_captions,
     spice_status,
 )
 
@@ -387,6 +385,6 @@ def test_ptb_jar_name_is_pycocoevalcaps():
     from pycocoevalcap.tokenizer import ptbtokenizer
 
     assert ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR == PTB_JAR
-    from eval.captioning import PTB_PUNCTUATIONS
+    from eval.coco_tools import PTB_PUNCTUATIONS
 
     assert list(PTB_PUNCTUATIONS) == ptbtokenizer.PUNCTUATIONS

@@ -41,7 +41,7 @@ def test_preset_is_deterministic_and_reloads(name, tmp_path):
 
 @pytest.mark.parametrize("name", TINY)
 def test_preset_captions_depend_on_the_image(name):
-    from compressor.generation import TorchCaptioner
+    from compressor.evaluation.captioner import TorchCaptioner
     from compressor.recipe.schema import GenerationSpec
 
     model, processor = build_preset(name)

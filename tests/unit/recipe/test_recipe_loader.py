@@ -163,8 +163,67 @@ def test_lora_keys_are_peft_lora_config_fields():
     assert set(LoraSpec.model_fields) <= peft_fields
 
 
-def test_readme_reference_is_current():
-    from compressor.recipe.docs import README, render_readme
+def test_generated_docs_are_current():
+    from compressor.recipe.docs import TARGETS, stale
 
-    text = README.read_text()
-    assert render_readme(text) == text, "README reference is stale: run `make docs`"
+    assert set(TARGETS) == {"README.md", "docs/recipe.md", "docs/cli.md"}
+    assert stale() == [], "generated docs are stale: run `make docs`"
+
+
+def _copy_generated_docs(dst):
+    from compressor.recipe.docs import ROOT, TARGETS
+
+    for rel in TARGETS:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dst / rel).write_text((ROOT / rel).read_text(encoding="utf-8"), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "rel,block",
+    [("README.md", "stage-table"), ("README.md", "command-table"), ("docs/recipe.md", "recipe-reference"),
+     ("docs/cli.md", "cli-reference")],
+)
+def test_the_staleness_check_fails_on_a_drifted_copy(tmp_path, rel, block):
+    from compressor.recipe.docs import main, stale, write
+
+    _copy_generated_docs(tmp_path)
+    assert stale(tmp_path) == []
+    path = tmp_path / rel
+    current = path.read_text(encoding="utf-8")
+    start = current.index(f"<!-- {block}:start -->")
+    end = current.index(f"<!-- {block}:end -->")
+    lines = current[start:end].splitlines(keepends=True)
+    assert len(lines) > 3, f"the {block} block of {rel} is empty"
+    lines[len(lines) // 2] = lines[len(lines) // 2].rstrip("\n") + " (drifted)\n"  # one generated line changed
+    path.write_text(current[:start] + "".join(lines) + current[end:], encoding="utf-8")
+    assert stale(tmp_path) == [rel]
+    assert write(tmp_path) == [rel] and path.read_text(encoding="utf-8") == current
+    assert stale(tmp_path) == [] and main(["--check"]) == 0  # the repository's own files are current
+
+
+def test_stage_table_and_reference_come_from_stage_sections(monkeypatch):
+    from pydantic import BaseModel
+
+    from compressor.recipe import docs
+
+    class ThrowAwayStage(BaseModel):
+        """Does nothing, for this test."""
+
+    sections = [docs.StageSection("throw_away", ThrowAwayStage, "Does nothing, for this test.")]
+    monkeypatch.setattr(docs, "stage_sections", lambda: sections)
+    assert docs.stage_table().splitlines()[2:] == [
+        "| [`throw_away`](docs/recipe.md#stages-type-throw_away) | Does nothing, for this test. |"
+    ]
+    assert "#### stages: type: throw_away" in docs.recipe_reference()
+    assert "#### stages: type: heal" not in docs.recipe_reference()
+
+
+def test_stage_sections_cover_every_stage_type_with_its_docstring():
+    from compressor.recipe.docs import stage_sections
+    from compressor.recipe.schema import STAGE_TYPES
+
+    sections = stage_sections()
+    assert [s.type for s in sections] == list(STAGE_TYPES)
+    for s in sections:
+        assert s.config.model_fields["type"].annotation.__args__ == (s.type,)
+        assert s.description and s.description == s.config.__doc__.strip().splitlines()[0]

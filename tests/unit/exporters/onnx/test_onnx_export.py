@@ -25,8 +25,8 @@ def _torch_tokens(model, proc, images, prompts, gen):
     """``model.generate`` exactly as TorchCaptioner calls it, and its inputs as numpy."""
     import torch
 
+    from compressor.evaluation.captioner import generate_kwargs
     from compressor.families import family_for_model
-    from compressor.generation import generate_kwargs
     from compressor.models.batches import generation_inputs
 
     inputs = generation_inputs(family_for_model(model), proc, images, prompts)
@@ -89,7 +89,7 @@ def test_greedy_tokens_equal_pytorch_generate(onnx_export, images, name):
     # the padding of finished rows), different captions across the batch
     assert sum(len(set(row.tolist())) >= 3 for row in new) >= 3, new
     assert len({tuple(r) for r in new.tolist()}) >= 3
-    from compressor.generation import TorchCaptioner, generate_kwargs
+    from compressor.evaluation.captioner import TorchCaptioner, generate_kwargs
 
     rows = determined_rows(model, proc, images, PROMPTS, generate_kwargs(gen))
     assert rows.sum() >= 2, rows  # at least half the rows are numerically determined
@@ -108,7 +108,7 @@ def test_beam_search_equals_pytorch_beam_search(onnx_export, images, name):
     model, proc, out = onnx_export(name)
     gen = _gen(num_beams=3, max_new_tokens=8)
     ref, inputs = _torch_tokens(model, proc, images[:3], PROMPTS[:3], gen)
-    from compressor.generation import generate_kwargs
+    from compressor.evaluation.captioner import generate_kwargs
 
     rows = determined_rows(model, proc, images[:3], PROMPTS[:3], generate_kwargs(gen))
     assert rows.sum() >= 2, rows
@@ -128,7 +128,7 @@ def test_beam_search_equals_pytorch_beam_search(onnx_export, images, name):
 )
 def test_logits_processors_match_generate(onnx_export, images, settings):
     """Repetition penalty, no-repeat n-grams, min new tokens and length penalty as transformers applies them."""
-    from compressor.generation import generate_kwargs
+    from compressor.evaluation.captioner import generate_kwargs
     from exporters.onnx import OnnxCaptioner
 
     model, proc, out = onnx_export("tiny-blip2-llama")
@@ -236,7 +236,7 @@ def test_dynamo_exporter(tmp_path, images, name):
 
     import onnx
 
-    from compressor.generation import generate_kwargs
+    from compressor.evaluation.captioner import generate_kwargs
     from exporters.onnx import DYNAMO_OPSET, OnnxCaptioner, OnnxOptions, export_model_onnx
 
     model, proc = build(name)

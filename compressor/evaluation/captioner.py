@@ -1,15 +1,51 @@
-"""PyTorch implementation of the :class:`eval.captioner.Captioner` protocol (transformers generate)."""
+"""The one protocol evaluation scores through (images + prompts in, captions out) and its PyTorch implementation.
+
+:class:`Captioner` is implemented by :class:`TorchCaptioner` (transformers ``generate``) and by
+``exporters.onnx.OnnxCaptioner`` (ONNX Runtime); evaluation never cares which it scores
+(DESIGN.md). :func:`generate_kwargs` turns the recipe's decoding settings into ``generate``
+arguments, shared by both so they decode alike.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from compressor.families import family_for_model
-from compressor.models.batches import caption_batch, decode, generation_inputs
+from compressor.models.batches import build_prompt, caption_batch, decode, generation_inputs
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """Generates one caption (or answer) per image.
+
+    Attributes:
+        settings: what produced the captions, recorded in reports: backend (``torch`` /
+            ``onnxruntime``), decoding settings (``num_beams``, ``max_new_tokens``,
+            ``min_new_tokens``, ``prompt``), batch size, device, dtype.
+    """
+
+    settings: dict[str, Any]
+
+    def caption(self, images: Sequence[Any], prompts: Sequence[str] | None = None) -> list[str]:
+        """Caption a batch.
+
+        Args:
+            images: PIL images, length ``batch``.
+            prompts: one prompt per image (``""`` for none), or None for plain captioning.
+
+        Returns:
+            ``batch`` strings, prompt and special tokens stripped.
+        """
+        ...
+
+
+def prompt_fn(generation):
+    """Example → prompt text: the recipe's prompt, or the VQA template filled with the question."""
+    return lambda ex: build_prompt(generation.prompt, ex.question)
 
 
 def generate_kwargs(generation) -> dict[str, Any]:
@@ -62,7 +98,7 @@ class TorchCaptioner:
         }
 
     def caption(self, images: Sequence[Any], prompts: Sequence[str] | None = None) -> list[str]:
-        """Caption ``images`` (see :class:`eval.captioner.Captioner`); batches of ``generation.batch_size``.
+        """Caption ``images`` (see :class:`Captioner`); batches of ``generation.batch_size``.
 
         BLIP batches with prompts of different token lengths run as sub-batches
         (:func:`compressor.models.batches.caption_batch`).

@@ -46,7 +46,7 @@ def _specials(processor) -> set[str]:
 
 @pytest.mark.parametrize("prompt", [None, PROMPT])
 def test_captions_have_no_prompt_and_no_special_tokens(preset, images, prompt):
-    from compressor.generation import TorchCaptioner
+    from compressor.evaluation.captioner import TorchCaptioner
     from compressor.recipe.schema import GenerationSpec
 
     name, model, processor = preset
@@ -79,7 +79,7 @@ def test_captions_have_no_prompt_and_no_special_tokens(preset, images, prompt):
 
 def test_batched_captions_equal_one_by_one(preset, images):
     """Left padding (causal LMs) / right padding (T5): a caption does not depend on its batch."""
-    from compressor.generation import TorchCaptioner
+    from compressor.evaluation.captioner import TorchCaptioner
     from compressor.recipe.schema import GenerationSpec
 
     name, model, processor = preset
