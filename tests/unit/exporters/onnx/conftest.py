@@ -36,8 +36,9 @@ def onnx_export(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def images():
-    """Four different random 32×32 RGB images."""
+    """Four different random 32×32 RGB images (seed 2: on them every preset's float32 tokens are numerically
+    determined, also on CPUs whose kernels leave 3 of 4 tiny-T5 rows undetermined with seed 0)."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(2)
     return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
