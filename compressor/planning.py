@@ -103,6 +103,7 @@ def meta_model(config):
 
     from compressor.families import family_for_config
     from compressor.models.shapes import meta_skeleton
+    from compressor.tokens import apply_token_options
 
     family = family_for_config(config)
     model = meta_skeleton(config)
@@ -110,6 +111,7 @@ def meta_model(config):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    apply_token_options(model)  # a folder's recorded token options (per-image query selection, merging)
     return model, family
 
 
@@ -265,6 +267,7 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
         UserInputError: unknown architecture without ``--config``, invalid layer choices,
             LoRA parts this model does not have (all exit 2).
     """
+    from compressor.families import family_for_config
     from compressor.models.batches import build_prompt
     from compressor.stages import declaration
     from eval.characteristics import count_parameters
@@ -283,10 +286,17 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
     if task == "vqa":
         notes.append(f"VQA prompt sized with the question {PLAN_QUESTION!r}")
 
+    lengths: list[int] = []
+
     def measure() -> dict:
-        out: dict[str, Any] = dict(count_parameters(model, family.parts))
+        # the family and the prompt length as the model now is: stages may change the image tokens
+        # the language model reads (fewer queries), and token options live in the config
+        fam = family_for_config(model.config)
+        lm, qt, _ = prompt_lengths(fam, model.config, pm.processor, prompt)
+        lengths.append(lm)
+        out: dict[str, Any] = dict(count_parameters(model, fam.parts))
         if gflops:
-            out["gflops"] = meta_gflops(model, family, lm_tokens, q_tokens, new_tokens, gen.num_beams)
+            out["gflops"] = meta_gflops(model, fam, lm, qt, new_tokens, gen.num_beams)
         return out
 
     before = measure()
@@ -299,14 +309,17 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
         row["params_total"] = sum(p.numel() for p in model.parameters())
         stages.append(row)
     after = measure()
+    settings = {"images": 1, "new_tokens": new_tokens, "num_beams": gen.num_beams,
+                "lm_input_tokens": lm_tokens, "image_text_tokens": q_tokens}
+    if lengths[-1] != lengths[0]:
+        settings["lm_input_tokens_after"] = lengths[-1]
     return {
         "recipe": recipe.name,
         "model": {"source": pm.source, "family": family.name, "language_model": family.lm_model_type},
         "before": before,
         "after": after,
         "stages": stages,
-        "gflops_settings": {"images": 1, "new_tokens": new_tokens, "num_beams": gen.num_beams,
-                            "lm_input_tokens": lm_tokens, "image_text_tokens": q_tokens},
+        "gflops_settings": settings,
         "notes": notes,
     }
 
@@ -339,8 +352,9 @@ def format_plan(plan: dict) -> str:
     if "gflops" in b:
         d = a["gflops"] - b["gflops"]
         lines.append(f"{'gflops':24}{b['gflops']:>16.3f}{a['gflops']:>16.3f}{d:>+16.3f}{100 * d / b['gflops']:>+8.2f}%")
+        after_tokens = f" ({g['lm_input_tokens_after']} after)" if "lm_input_tokens_after" in g else ""
         lines.append(f"  GFLOPs of one caption: 1 image, {g['new_tokens']} new tokens, {g['num_beams']} beam(s), "
-                     f"{g['lm_input_tokens']} language-model input tokens")
+                     f"{g['lm_input_tokens']} language-model input tokens{after_tokens}")
     lines.append("")
     lines.append("stages:")
     for s in plan["stages"]:
@@ -349,6 +363,8 @@ def format_plan(plan: dict) -> str:
             extra = "  removed " + ", ".join(f"{p} {r}" for p, r in s["removed"].items())
         if "params_trainable" in s:
             extra += f"  trainable {fmt(s['params_trainable'])}"
+        if "effect" in s:
+            extra += f"  {s['effect']}"
         label = f" [{s['label']}]" if s["label"] else ""
         lines.append(f"  {s['index']:2d} {s['type']}{label}: {fmt(s['params_total'])} params{extra}")
     for n in plan["notes"]:

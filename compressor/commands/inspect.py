@@ -74,11 +74,20 @@ def describe(model) -> dict:
         for n in matched:
             by_part[part_of(family, n)] = by_part.get(part_of(family, n), 0) + 1
         lora[entry] = by_part
+    from compressor.tokens import describe_options
+
     return {
         "family": family.name,
         "language_model": family.lm_model_type,
         "parameters": params,
         "stacks": stacks,
+        "tokens": {
+            "learned_queries": family.num_queries,
+            "image_tokens_per_image": family.image_tokens,
+            "vision_tokens": family.vision_tokens,
+            "vision_output_tokens": family.vision_output_tokens,
+            "options": describe_options(family),
+        },
         "lora_targets": lora,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
@@ -106,6 +115,11 @@ def _text_report(info: dict, scores: dict | None) -> str:
         extra = f"; cross-attention at {st['cross_attention']}" if "cross_attention" in st else ""
         per = st["params_per_layer"]
         lines.append(f"  {part:<24} {st['layers']:>3} layers, {per[0] if per else 0:,} parameters per layer{extra}")
+    tok = info["tokens"]
+    lines += ["", f"tokens per image: vision encoder {tok['vision_tokens']} → {tok['vision_output_tokens']}"
+              + (f"; {tok['learned_queries']} learned queries, {tok['image_tokens_per_image']} reach the language model"
+                 if tok["learned_queries"] else "")]
+    lines += [f"  {line}" for line in tok["options"]]
     lines += ["", "LoRA part names (modules matched per part):"]
     for name, by_part in info["lora_targets"].items():
         shown = ", ".join(f"{p} {n}" for p, n in by_part.items()) or "nothing"

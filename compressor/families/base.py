@@ -108,8 +108,17 @@ class Family:
             or None when the text side is the family's own.
         decoder_only: whether generation output repeats the prompt (causal LM).
         width: prunable widths (heads, MLP units) of the language model's stacks (``prune_width``).
-        num_queries: image tokens per image that reach the language model (BLIP-2's
-            ``num_query_tokens``; 0 when the text side cross-attends to the image instead).
+        num_queries: learned query tokens the image path runs (BLIP-2's ``num_query_tokens``:
+            the query positions of its Q-Former's stacks); 0 when the model has none.
+        image_tokens: image tokens per image that reach the language model: ``num_queries``, or
+            fewer when a per-image query selection is recorded (``select_queries``); 0 when the
+            text side cross-attends to the image instead.
+        vision_tokens: tokens entering the vision encoder per image (patches + class token): what
+            token merging (``merge_tokens``) works on; 0 when the family cannot merge them.
+        vision_output_tokens: tokens leaving the vision encoder per image: ``vision_tokens``, or
+            fewer when token merging is recorded.
+        token_options: the inference-time token options recorded in the config
+            (:data:`compressor.tokens.RECORD_KEY`: ``query_tokens``, ``token_merging``).
         config_mirrors: module path → config path whose layer counts must be copied to the
             module's own ``config`` after a removal when the two are different objects.
         plan_checks: functions ``check(depths: {stack: layers after removal}, changed stacks)`` raising
@@ -134,6 +143,10 @@ class Family:
     aliases: dict[str, str] = field(default_factory=dict)
     width: tuple[Width, ...] = ()
     num_queries: int = 0
+    image_tokens: int = 0
+    vision_tokens: int = 0
+    vision_output_tokens: int = 0
+    token_options: dict[str, Any] = field(default_factory=dict)
     config_mirrors: dict[str, str] = field(default_factory=dict)
     plan_checks: tuple[Callable[[dict[str, int], set[str]], None], ...] = ()
     onnx_topology: str = "decoder_only"
@@ -206,3 +219,41 @@ class Family:
         path's wrapper and inputs, the language model or its wrappers, facts for ``export.json``
         (the ``Parts`` of :mod:`exporters.onnx.topologies`)."""
         return self.impl.onnx_graph_parts(self, model)
+
+    # ------------------------------------------------------------------ token reduction (compressor.tokens)
+    def _token_impl(self, name: str, what: str):
+        fn = getattr(self.impl, name, None)
+        if fn is None:
+            raise ModelSpecError(f"{self.describe_model()}: {what} is not available for this family")
+        return fn
+
+    def query_scores(self, model, batch: dict):
+        """CATP votes of every learned query for every image of ``batch``: ``(batch, num_queries)``
+        (:func:`compressor.tokens.catp_votes` over the family's cross-attention).
+
+        Raises:
+            ModelSpecError: the family has no learned queries.
+        """
+        return self._token_impl("query_scores", "query scoring (CATP)")(self, model, batch)
+
+    def mask_query(self, model, batch: dict, index: int) -> dict:
+        """``batch`` with the image token of query ``index`` masked out of the language model's input (ablation)."""
+        return self._token_impl("mask_query", "query ablation")(self, model, batch, index)
+
+    def reduce_queries(self, model, processor, keep: Sequence[int]) -> None:
+        """Keep only the learned queries ``keep`` (old indices, ascending), for good: weights, config
+        and processor (``processor`` may be None), in place; works on the meta device.
+
+        Raises:
+            ModelSpecError: the family has no learned queries.
+        """
+        self._token_impl("reduce_queries", "query reduction")(self, model, processor, list(keep))
+
+    def apply_token_options(self, model) -> None:
+        """Make ``model`` run the options of ``token_options`` (per-image query selection, token
+        merging), in place and idempotently; the weights and their names do not change.
+
+        Raises:
+            ModelSpecError: an option this family cannot run.
+        """
+        self._token_impl("apply_token_options", "inference-time token options")(self, model)

@@ -6,6 +6,9 @@ Understanding and Generation". Parts ``vision`` (``vision_model``) and ``languag
 cross-attention). Generation starts from ``[DEC]`` (the tokenizer's BOS) followed by the prompt;
 ``BlipForConditionalGeneration.generate`` overwrites the first input column with ``[DEC]`` and
 drops the trailing ``[SEP]`` itself, and its output repeats the prompt.
+
+Token merging (ToMe, ``merge_tokens``) runs in the ViT (:func:`vit_token_merging`, shared with
+BLIP-2 and InstructBLIP, whose vision encoders are BLIP's); BLIP has no learned queries.
 """
 
 from __future__ import annotations
@@ -39,8 +42,35 @@ PARTS = {"vision": ("vision_model",), "language_model": ("text_decoder",)}
 TRAINABLE_NAMES = tuple(PARTS)
 
 
+def vision_tokens(vision_config) -> int:
+    """Tokens the ViT works on per image: ``(image_size / patch_size)²`` patches + the class token."""
+    return (int(vision_config.image_size) // int(vision_config.patch_size)) ** 2 + 1
+
+
+def vision_output_tokens(config, options: dict) -> int:
+    """Tokens leaving the ViT per image under the recorded token merging (``options``: the record).
+
+    Raises:
+        ModelSpecError: a recorded ``r`` the ViT's tokens cannot take.
+    """
+    from compressor.errors import ModelSpecError, UserInputError
+    from compressor.tokens import merge_schedule
+
+    tokens = vision_tokens(config.vision_config)
+    merging = options.get("token_merging")
+    if not merging:
+        return tokens
+    try:
+        return merge_schedule(tokens, int(config.vision_config.num_hidden_layers), int(merging["r"]))[-1]
+    except UserInputError as exc:
+        raise ModelSpecError(f"the recorded token merging does not fit this model: {exc}") from None
+
+
 def describe(config) -> Family:
     """The :class:`Family` of a BLIP config."""
+    from compressor.tokens import token_record
+
+    options = token_record(config)
     return Family(
         name="blip",
         model_type="blip",
@@ -69,6 +99,9 @@ def describe(config) -> Family:
                   (("num_attention_heads", "heads"), ("all_head_size", "width"))),
         ),
         onnx_topology="blip",
+        vision_tokens=vision_tokens(config.vision_config),
+        vision_output_tokens=vision_output_tokens(config, options),
+        token_options=options,
         extra={"text_model_type": "bert"},
     )
 
@@ -188,6 +221,85 @@ def gflops_replay(family: Family, model, lm_tokens: int, text_tokens: int, new_t
 
 
 # --------------------------------------------------------------------------------------------
+# Token merging (ToMe) in the ViT: BLIP's, and BLIP-2's / InstructBLIP's (the same encoder layers)
+# --------------------------------------------------------------------------------------------
+
+
+def _tome_encoder_forward(self, inputs_embeds, **kwargs):
+    """The ViT encoder's forward with ToMe (Bolya et al. 2023) between attention and MLP of every layer.
+
+    Each layer runs as ``BlipEncoderLayer`` does (pre-norm attention, residual, pre-norm MLP,
+    residual) with two changes: attention adds ``log(size)`` of the key tokens to its logits
+    (proportional attention: a merged token counts as the patches it stands for), and after the
+    attention residual the ``r = self._vlmc_merge_r`` most similar token pairs merge
+    (:func:`compressor.tokens.bipartite_soft_matching` on the keys averaged over heads,
+    size-weighted average). The class token (position 0) is never merged and stays first.
+    With ``r = 0`` it computes the unmerged encoder (eager attention).
+
+    Args:
+        inputs_embeds: ``(batch, tokens, hidden)`` patch + class embeddings.
+
+    Returns:
+        ``BaseModelOutput`` with ``last_hidden_state (batch, tokens - layers·r, hidden)``.
+    """
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from compressor.tokens import bipartite_soft_matching, merge_wavg
+
+    x = inputs_embeds
+    size = torch.ones_like(x[..., :1])
+    r = int(self._vlmc_merge_r)
+    for layer in self.layers:
+        attn = layer.self_attn
+        b, t, c = x.shape
+        heads = int(attn.num_heads)
+        qkv = attn.qkv(layer.layer_norm1(x)).reshape(b, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        logits = (q @ k.transpose(-1, -2)) * attn.scale + size.log()[:, None, None, :, 0].to(q.dtype)
+        out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, t, c)
+        x = x + attn.projection(out)
+        if r:
+            x, size = merge_wavg(bipartite_soft_matching(k.mean(1), r), x, size)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return BaseModelOutput(last_hidden_state=x)
+
+
+def vit_token_merging(encoder, r: int | None) -> None:
+    """Switch ToMe on (``r ≥ 1``) or off (None / 0) in a BLIP-style ViT encoder, in place.
+
+    The encoder's ``forward`` is replaced on the instance (its weights, their names and the
+    class's code stay as they are; a deep copy carries the switch).
+
+    Args:
+        encoder: the ViT's ``encoder`` module (``layers``: BLIP / BLIP-2 / InstructBLIP encoder layers).
+        r: tokens merged per layer.
+    """
+    import types
+
+    if r:
+        encoder._vlmc_merge_r = int(r)
+        encoder.forward = types.MethodType(_tome_encoder_forward, encoder)
+    elif "forward" in vars(encoder):
+        del encoder.forward
+        vars(encoder).pop("_vlmc_merge_r", None)
+
+
+def apply_token_options(family: Family, model) -> None:
+    """BLIP: token merging in the ViT (BLIP has no learned queries to select).
+
+    Raises:
+        ModelSpecError: a recorded per-image query selection.
+    """
+    from compressor.errors import ModelSpecError
+
+    if family.token_options.get("query_tokens"):
+        raise ModelSpecError(f"{family.describe_model()} has no learned query tokens; its recorded query selection cannot run")
+    merging = family.token_options.get("token_merging") or {}
+    vit_token_merging(model.vision_model.encoder, merging.get("r"))
+
+
+# --------------------------------------------------------------------------------------------
 # Token ids
 # --------------------------------------------------------------------------------------------
 
@@ -291,7 +403,7 @@ def onnx_graph_parts(family: Family, model):
     L = len(layers)
     size = int(vc.image_size)
     vh = int(vc.hidden_size)
-    patches = (size // int(vc.patch_size)) ** 2 + 1
+    patches = family.vision_output_tokens  # patches + 1, fewer under token merging
     image = ImageGraph(
         module=W["BlipVisionEncoder"](model),
         inputs=(TensorSpec("pixel_values", ("batch", 3, size, size), "float32"),),

@@ -11,7 +11,13 @@ Large Language Models"; transformers 5.x attribute paths (shared/notes/stack-fac
   model's (:mod:`compressor.families.language_models`);
 * batches: the language model reads ``[<image>×N, bos, prompt, target, eos]`` (causal) or the
   encoder reads ``[<image>×N, prompt, </s>]`` and the decoder learns the target (T5); the model
-  ``masked_scatter``s the projected query outputs into the ``<image>`` positions.
+  ``masked_scatter``s the projected query outputs into the ``<image>`` positions;
+* token reduction (:mod:`compressor.tokens`): the learned ``query_tokens`` (``reduce_queries``
+  slices them; ``num_query_tokens`` lives in the config and in the processor), CATP's votes from
+  the Q-Former's cross-attention ``query`` / ``key`` projections (:func:`query_scores`; at
+  inference, :func:`apply_token_options` makes the Q-Former return only the k best query outputs
+  per image, so the prompt carries k ``<image>`` tokens), and ToMe in the ViT (BLIP's encoder:
+  :func:`compressor.families.blip.vit_token_merging`).
 
 :mod:`compressor.families.instructblip` reuses everything here and adds the instruction that its
 Q-Former reads.
@@ -19,6 +25,7 @@ Q-Former reads.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -146,6 +153,10 @@ def describe(
     """
     import sys
 
+    from compressor.families.blip import vision_output_tokens, vision_tokens
+    from compressor.tokens import token_record
+
+    options = token_record(config)
     text_type = config.text_config.model_type
     try:
         lm = language_model_kind(text_type)
@@ -185,6 +196,10 @@ def describe(
         impl=impl or sys.modules[__name__],
         width=lm.width,
         num_queries=int(config.num_query_tokens),
+        image_tokens=int((options.get("query_tokens") or {}).get("keep", config.num_query_tokens)),
+        vision_tokens=vision_tokens(config.vision_config),
+        vision_output_tokens=vision_output_tokens(config, options),
+        token_options=options,
         config_mirrors={"language_model": "text_config"},
         plan_checks=lm.plan_checks,
         onnx_topology="decoder_only" if lm.decoder_only else "encoder_decoder",
@@ -207,9 +222,29 @@ def generation_inputs(family: Family, processor, images: Sequence, prompts: Sequ
     """
     tok = processor.tokenizer
     tok.padding_side = "left" if family.decoder_only else "right"
-    enc = processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt")
+    with image_tokens_of(family, processor):
+        enc = processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt")
     tok.padding_side = "right"
     return {k: v.to(device) for k, v in enc.items()}
+
+
+@contextlib.contextmanager
+def image_tokens_of(family: Family, processor):
+    """The processor prepends ``family.image_tokens`` ``<image>`` tokens while inside.
+
+    A model folder with a per-image query selection keeps the processor of all ``N`` queries
+    (so plain transformers runs it unchanged); the toolchain's batches carry the ``k`` image
+    tokens its language model reads. Other models: the processor's own count, unchanged.
+    """
+    old = getattr(processor, "num_query_tokens", None)
+    if old is None or not family.image_tokens or old == family.image_tokens:
+        yield processor
+        return
+    processor.num_query_tokens = family.image_tokens
+    try:
+        yield processor
+    finally:
+        processor.num_query_tokens = old
 
 
 def decode(family: Family, processor, sequences, inputs: dict, prompts: Sequence[str]) -> list[str]:
@@ -236,6 +271,11 @@ def training_batch(family: Family, processor, images: Sequence, targets: Sequenc
     Returns:
         Tensors for ``model(**batch)``, ``labels (batch, seq)`` with -100 where no loss is taken.
     """
+    with image_tokens_of(family, processor):
+        return _training_batch(family, processor, images, targets, prompts)
+
+
+def _training_batch(family: Family, processor, images: Sequence, targets: Sequence[str], prompts: Sequence[str]) -> dict:
     import torch
 
     tok = processor.tokenizer
@@ -286,7 +326,7 @@ def prompt_lengths(family: Family, config, processor, prompt: str) -> tuple[int,
         return int(enc["input_ids"].shape[1]), q, True
     words = len(prompt.split())
     qtext = 2 + words if family.extra.get("qformer_text") else 0
-    return family.num_queries + 1 + words, qtext, False
+    return family.image_tokens + 1 + words, qtext, False
 
 
 def gflops_replay(family: Family, model, lm_tokens: int, qformer_tokens: int, new_tokens: int, num_beams: int = 1) -> float:
@@ -318,6 +358,129 @@ def gflops_replay(family: Family, model, lm_tokens: int, qformer_tokens: int, ne
         total += f + flops_of(lambda: model.language_projection(q_out))[0]
         total += language_model_flops(model.language_model, family.decoder_only, lm_tokens, new_tokens, num_beams)
     return total / 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# Token reduction: CATP votes, query ablation, static query reduction, inference-time options
+# --------------------------------------------------------------------------------------------
+
+
+def _cross_attentions(qformer) -> list:
+    """The Q-Former's cross-attention modules (``crossattention.attention``: ``query``, ``key``, ``scaling``)."""
+    return [layer.crossattention.attention for layer in qformer.encoder.layer if getattr(layer, "has_cross_attention", False)]
+
+
+def _voting_forward(qformer, *args, **kwargs):
+    """The Q-Former's own forward (never a patched one), and CATP's votes of its queries.
+
+    Forward hooks on every cross-attention's ``query`` and ``key`` projections keep their outputs
+    (the queries ``(batch, N, heads·d)``, the image keys ``(batch, patches, heads·d)``); the
+    votes are :func:`compressor.tokens.catp_votes` of them, so the attention itself runs as
+    configured (sdpa or eager) and only the logits ``q kᵀ`` are computed a second time.
+
+    Returns:
+        ``(output, votes (batch, N))``.
+    """
+    from compressor.tokens import catp_votes
+
+    mods = _cross_attentions(qformer)
+    caught: dict = {}
+    handles = []
+
+    def keep(key):
+        def hook(module, args, output):
+            caught[key] = output
+
+        return hook
+
+    for i, m in enumerate(mods):
+        handles += [m.query.register_forward_hook(keep((i, "q"))), m.key.register_forward_hook(keep((i, "k")))]
+    try:
+        out = type(qformer).forward(qformer, *args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    layers = [(caught[(i, "q")], caught[(i, "k")], float(m.scaling)) for i, m in enumerate(mods)]
+    return out, catp_votes(layers, int(mods[0].num_attention_heads))
+
+
+def _catp_qformer_forward(self, *args, **kwargs):
+    """The Q-Former's forward, returning only the ``self._vlmc_keep`` query outputs with the highest
+    CATP vote per image, in their original order: ``last_hidden_state (batch, k, hidden)`` (an
+    InstructBLIP instruction's positions are dropped: only query outputs reach the language model)."""
+    from compressor.tokens import gather_tokens, select_top
+
+    out, votes = _voting_forward(self, *args, **kwargs)
+    hidden = out[0]
+    selected = gather_tokens(hidden[:, : votes.shape[1]], select_top(votes, int(self._vlmc_keep)))
+    if isinstance(out, tuple):
+        return (selected, *out[1:])
+    out.last_hidden_state = selected
+    return out
+
+
+def query_scores(family: Family, model, batch: dict):
+    """CATP votes ``(batch, num_queries)`` of every learned query for the images of ``batch``
+    (vision encoder + Q-Former only; InstructBLIP's Q-Former also reads ``qformer_input_ids``)."""
+    import torch
+
+    pixel = batch["pixel_values"].to(next(model.vision_model.parameters()).dtype)
+    image = model.vision_model(pixel_values=pixel, return_dict=True).last_hidden_state
+    mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
+    query = model.query_tokens.expand(image.shape[0], -1, -1)
+    kw: dict = {"query_embeds": query, "encoder_hidden_states": image, "encoder_attention_mask": mask, "return_dict": True}
+    if family.extra.get("qformer_text"):
+        qmask = torch.ones(query.shape[:-1], dtype=torch.long, device=image.device)
+        kw.update(input_ids=batch["qformer_input_ids"], attention_mask=torch.cat([qmask, batch["qformer_attention_mask"]], 1))
+    return _voting_forward(model.qformer, **kw)[1]
+
+
+def mask_query(family: Family, model, batch: dict, index: int) -> dict:
+    """``batch`` with the ``index``-th ``<image>`` token of every row masked in ``attention_mask``:
+    the language model no longer sees that query's output (query ablation)."""
+    cfg = model.config
+    image_token = cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None else cfg.image_token_index
+    where = batch["input_ids"] == int(image_token)
+    target = where & (where.long().cumsum(1) == index + 1)
+    mask = batch["attention_mask"].clone()
+    mask[target] = 0
+    return {**batch, "attention_mask": mask}
+
+
+def reduce_queries(family: Family, model, processor, keep: list[int]) -> None:
+    """Keep the learned queries ``keep`` for good: ``query_tokens (1, k, hidden)``,
+    ``config.num_query_tokens`` and the processor's ``num_query_tokens`` become k (the saved folder
+    loads with plain transformers: ``AutoProcessor`` gives k ``<image>`` tokens)."""
+    import torch
+    from torch import nn
+
+    old = model.query_tokens
+    with torch.no_grad():
+        new = nn.Parameter(old[:, list(keep)].clone(), requires_grad=old.requires_grad)
+    model.query_tokens = new
+    model.config.num_query_tokens = len(keep)
+    if processor is not None:
+        processor.num_query_tokens = len(keep)
+
+
+def apply_token_options(family: Family, model) -> None:
+    """Run the recorded options: CATP selection after the Q-Former (``query_tokens``: the Q-Former's
+    ``forward`` is replaced on the instance by :func:`_catp_qformer_forward`) and ToMe in the ViT
+    (``token_merging``). Options absent from the record are switched off."""
+    import types
+
+    from compressor.families.blip import vit_token_merging
+
+    opts = family.token_options
+    qformer = model.qformer
+    keep = (opts.get("query_tokens") or {}).get("keep")
+    if keep and int(keep) < family.num_queries:
+        qformer._vlmc_keep = int(keep)
+        qformer.forward = types.MethodType(_catp_qformer_forward, qformer)
+    elif "forward" in vars(qformer):
+        del qformer.forward
+        vars(qformer).pop("_vlmc_keep", None)
+    vit_token_merging(model.vision_model.encoder, (opts.get("token_merging") or {}).get("r"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,10 +535,12 @@ def _onnx_wrappers():
         """BLIP-2 / InstructBLIP: pixels (+ instruction) → language-model inputs.
 
         ``(batch, 3, H, W)`` float32 [+ ``qformer_input_ids`` / ``qformer_attention_mask``
-        ``(batch, q)``] → ``image_embeds (batch, num_query_tokens, lm_hidden)``: the vision
+        ``(batch, q)``] → ``image_embeds (batch, image_tokens, lm_hidden)``: the vision
         encoder, the Q-Former over the learned queries (and the instruction), the projection,
         as ``get_image_features`` / ``generate`` of transformers 5.x compute them. Only those
-        parts are registered: the dynamo exporter keeps every registered parameter.
+        parts are registered: the dynamo exporter keeps every registered parameter. Recorded
+        token options run inside (they are applied to the model's modules): ToMe in the vision
+        encoder, and CATP's TopK + Gather after the Q-Former (``image_tokens`` = its k).
         """
 
         def __init__(self, model, with_text: bool):
@@ -446,7 +611,7 @@ def onnx_graph_parts(family: Family, model):
 
     cfg = model.config
     size = int(cfg.vision_config.image_size)
-    nq = int(cfg.num_query_tokens)
+    nq = family.image_tokens  # num_query_tokens, or the k of a per-image query selection
     instruction = bool(family.extra.get("qformer_text"))
     inputs = [TensorSpec("pixel_values", ("batch", 3, size, size), "float32")]
     if instruction:

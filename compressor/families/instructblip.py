@@ -30,6 +30,12 @@ caption_batch = blip2.caption_batch
 prompt_lengths = blip2.prompt_lengths
 gflops_replay = blip2.gflops_replay
 token_ids = blip2.token_ids
+# token reduction: the same learned queries, Q-Former cross-attention and ViT as BLIP-2's
+# (query_scores feeds the instruction to the Q-Former: ``extra["qformer_text"]``)
+query_scores = blip2.query_scores
+mask_query = blip2.mask_query
+reduce_queries = blip2.reduce_queries
+apply_token_options = blip2.apply_token_options
 
 
 def describe(config) -> Family:

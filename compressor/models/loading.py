@@ -257,7 +257,9 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
         with_processor: also load the processor (None if the folder has none).
 
     A folder with ``shape_plan.json`` (a width-pruned model) is loaded through
-    :func:`compressor.models.shapes.load_planned`, exactly.
+    :func:`compressor.models.shapes.load_planned`, exactly. Token options recorded in its config
+    (a per-image query selection, token merging: :mod:`compressor.tokens`) are applied to the
+    model; the processor is returned as saved.
 
     Returns:
         ``(model, processor_or_None)``, the model in eval mode.
@@ -269,6 +271,7 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
 
     from compressor.families import family_for_config
     from compressor.models.shapes import SHAPE_PLAN, load_planned
+    from compressor.tokens import apply_token_options
 
     path = Path(path)
     if not is_model_dir(path):
@@ -276,6 +279,7 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
     if (path / SHAPE_PLAN).is_file():  # width-pruned: shapes the config cannot express
         model = load_planned(path, torch_dtype(dtype) if dtype is not None else None)
         model.to(device)
+        apply_token_options(model)
         return model, (load_processor(path) if with_processor else None)
     config = AutoConfig.from_pretrained(str(path))
     family = family_for_config(config)
@@ -285,6 +289,7 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
     model = family.model_cls().from_pretrained(str(path), **kwargs)
     model.to(device)
     model.eval()
+    apply_token_options(model)
     processor = load_processor(path) if with_processor else None
     return model, processor
 
@@ -293,7 +298,7 @@ def load_skeleton(path: Path | str):
     """The model a folder holds, on the meta device: its shapes without its weights.
 
     Built from ``config.json`` (and ``shape_plan.json`` when the model is width-pruned), with the
-    folder's ``generation_config.json``: parameter counts, export plans and graph signatures come
+    folder's ``generation_config.json`` and its recorded token options: parameter counts, export plans and graph signatures come
     out as :func:`load_model`'s would, in about a second at real size, and no weight file is read.
 
     Returns:
@@ -305,6 +310,7 @@ def load_skeleton(path: Path | str):
     from transformers import AutoConfig, GenerationConfig
 
     from compressor.models.shapes import SHAPE_PLAN, apply_shape_plan, meta_skeleton
+    from compressor.tokens import apply_token_options
 
     path = Path(path)
     if not is_model_dir(path):
@@ -314,6 +320,7 @@ def load_skeleton(path: Path | str):
         apply_shape_plan(model, json.loads((path / SHAPE_PLAN).read_text()))
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
+    apply_token_options(model)
     return model.eval()
 
 

@@ -39,6 +39,9 @@ REGISTRY: dict[str, str] = {
     "merge_adapters": "compressor.stages.merge_adapters",
     "remove_layers": "compressor.stages.remove_layers",
     "prune_width": "compressor.stages.prune_width",
+    "reduce_queries": "compressor.stages.reduce_queries",
+    "select_queries": "compressor.stages.select_queries",
+    "merge_tokens": "compressor.stages.merge_tokens",
     "heal": "compressor.stages.heal",
     "export": "compressor.stages.export",
     "evaluate": "compressor.stages.evaluate",
@@ -93,7 +96,8 @@ class Declaration:
         check_data: ``check_data(cfg, recipe, datasets)`` once the data is loaded.
         plan: ``plan(cfg, pc) -> dict``: its effect on the meta-device model of ``compress plan``
             (``pc.model``, ``pc.family``, ``pc.notes``, ``pc.index``), returning the extras of
-            its row (``removed``, ``params_trainable``, ``lora_matches``).
+            its row (``removed``, ``params_trainable``, ``lora_matches``, ``effect``: a short
+            text of what it changed).
         card: ``card(record) -> StageCard``: what the model card says of one run of it
             (``record``: the report's stage entry with its summary).
     """
