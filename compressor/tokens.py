@@ -125,8 +125,9 @@ def apply_token_options(model) -> dict[str, Any]:
     from compressor.families import family_for_config
 
     rec = token_record(model.config)
-    if rec:
-        family_for_config(model.config).apply_token_options(model)
+    family = family_for_config(model.config)
+    if rec or getattr(family.impl, "apply_token_options", None) is not None:  # also switches removed options off
+        family.apply_token_options(model)
         log.debug("token options applied: %s", rec)
     return rec
 

@@ -240,6 +240,15 @@ class Family:
         """``batch`` with the image token of query ``index`` masked out of the language model's input (ablation)."""
         return self._token_impl("mask_query", "query ablation")(self, model, batch, index)
 
+    def with_image_tokens(self, model, batch: dict, tokens: int) -> dict:
+        """``batch`` (built for this family's model) rewritten to carry ``tokens`` image tokens per row
+        in the language model's input: what another model of the same layout but another number
+        of image tokens reads (a distillation teacher with all its queries). Unchanged when the
+        counts agree or the family has no image tokens in its language model's input."""
+        if not self.image_tokens:
+            return batch
+        return self._token_impl("with_image_tokens", "image-token relayout")(self, model, batch, tokens)
+
     def reduce_queries(self, model, processor, keep: Sequence[int]) -> None:
         """Keep only the learned queries ``keep`` (old indices, ascending), for good: weights, config
         and processor (``processor`` may be None), in place; works on the meta device.

@@ -438,13 +438,50 @@ def query_scores(family: Family, model, batch: dict):
 def mask_query(family: Family, model, batch: dict, index: int) -> dict:
     """``batch`` with the ``index``-th ``<image>`` token of every row masked in ``attention_mask``:
     the language model no longer sees that query's output (query ablation)."""
-    cfg = model.config
-    image_token = cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None else cfg.image_token_index
-    where = batch["input_ids"] == int(image_token)
+    where = batch["input_ids"] == _image_token_id(model)
     target = where & (where.long().cumsum(1) == index + 1)
     mask = batch["attention_mask"].clone()
     mask[target] = 0
     return {**batch, "attention_mask": mask}
+
+
+def _image_token_id(model) -> int:
+    cfg = model.config
+    return int(cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None else cfg.image_token_index)
+
+
+def with_image_tokens(family: Family, model, batch: dict, tokens: int) -> dict:
+    """The batch with ``tokens`` ``<image>`` tokens per row (the processor puts them first in every
+    row, before any padding): image columns are added at the front (attention 1, label -100) or
+    the first ones dropped; ``labels`` of a causal LM follow (T5's labels are the decoder's).
+
+    Raises:
+        ModelSpecError: the batch's rows do not start with their image tokens.
+    """
+    import torch
+
+    ids = batch["input_ids"]
+    image = _image_token_id(model)
+    have = int((ids[0] == image).sum())
+    if have == tokens:
+        return batch
+    if not bool((ids[:, :have] == image).all()):
+        raise ModelSpecError("the batch's rows do not start with their <image> tokens; cannot change their number")
+    out = dict(batch)
+    if tokens > have:
+        extra = tokens - have
+        out["input_ids"] = torch.cat([torch.full((ids.shape[0], extra), image, dtype=ids.dtype, device=ids.device), ids], 1)
+        mask = batch["attention_mask"]
+        out["attention_mask"] = torch.cat([torch.ones((ids.shape[0], extra), dtype=mask.dtype, device=mask.device), mask], 1)
+        if "labels" in batch and batch["labels"].shape == ids.shape:
+            lab = batch["labels"]
+            out["labels"] = torch.cat([torch.full((ids.shape[0], extra), -100, dtype=lab.dtype, device=lab.device), lab], 1)
+        return out
+    drop = have - tokens
+    out["input_ids"], out["attention_mask"] = ids[:, drop:], batch["attention_mask"][:, drop:]
+    if "labels" in batch and batch["labels"].shape == ids.shape:
+        out["labels"] = batch["labels"][:, drop:]
+    return out
 
 
 def reduce_queries(family: Family, model, processor, keep: list[int]) -> None:

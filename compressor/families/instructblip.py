@@ -34,6 +34,7 @@ token_ids = blip2.token_ids
 # (query_scores feeds the instruction to the Q-Former: ``extra["qformer_text"]``)
 query_scores = blip2.query_scores
 mask_query = blip2.mask_query
+with_image_tokens = blip2.with_image_tokens
 reduce_queries = blip2.reduce_queries
 apply_token_options = blip2.apply_token_options
 

@@ -73,12 +73,18 @@ def distill_loss(teacher, family, temperature: float, kl_weight: float, ce_weigh
     """A ``loss_fn(model, batch)`` mixing caption cross-entropy with KL to the teacher's distributions.
 
     Token positions: those with a label (``labels != -100``); for causal LMs the logits at
-    position t predict token t+1, so logits ``[:, :-1]`` pair with labels ``[:, 1:]``.
+    position t predict token t+1, so logits ``[:, :-1]`` pair with labels ``[:, 1:]``. A teacher
+    that reads more (or fewer) image tokens than the student (the unreduced model of a query
+    reduction) gets the batch with its own number of image tokens; the text positions align
+    from the end.
     """
     import torch
     import torch.nn.functional as F
 
+    from compressor.families import family_for_model
+
     shift = family.decoder_only
+    teacher_family = family_for_model(teacher)
 
     def loss_fn(model, batch):
         out = model(**batch)
@@ -87,7 +93,8 @@ def distill_loss(teacher, family, temperature: float, kl_weight: float, ce_weigh
         if next(teacher.parameters()).device != labels.device:  # one device per process under accelerate
             teacher.to(labels.device)
         with torch.no_grad():
-            t = teacher(**batch).logits[:, -labels.shape[1]:, :]
+            t_batch = family.with_image_tokens(model, batch, teacher_family.image_tokens)
+            t = teacher(**t_batch).logits[:, -labels.shape[1]:, :]
         lab = labels
         if shift:
             s, t, lab = s[:, :-1], t[:, :-1], labels[:, 1:]
