@@ -39,7 +39,7 @@ def _fresh(tiny):
 
 def _generate(model, proc, images, n=8):
     from compressor.families import family_for_model
-    from compressor.models.batches import decode, generation_inputs
+    from compressor.models.batches import generation_inputs
 
     fam = family_for_model(model)
     inputs = generation_inputs(fam, proc, images, PROMPTS[: len(images)])
