@@ -81,10 +81,11 @@ def distill_loss(teacher, family, temperature: float, kl_weight: float, ce_weigh
     import torch
     import torch.nn.functional as F
 
-    from compressor.families import family_for_model
+    from compressor.families import family_for_config
 
     shift = family.decoder_only
-    teacher_family = family_for_model(teacher)
+    config = getattr(teacher, "config", None)  # a wrapper around a model reads the student's batch
+    teacher_tokens = family_for_config(config).image_tokens if config is not None else family.image_tokens
 
     def loss_fn(model, batch):
         out = model(**batch)
@@ -93,7 +94,7 @@ def distill_loss(teacher, family, temperature: float, kl_weight: float, ce_weigh
         if next(teacher.parameters()).device != labels.device:  # one device per process under accelerate
             teacher.to(labels.device)
         with torch.no_grad():
-            t_batch = family.with_image_tokens(model, batch, teacher_family.image_tokens)
+            t_batch = family.with_image_tokens(model, batch, teacher_tokens)
             t = teacher(**t_batch).logits[:, -labels.shape[1]:, :]
         lab = labels
         if shift:
