@@ -241,6 +241,26 @@ def meta_gflops(model, family, lm_tokens: int, image_text_tokens: int, new_token
     return family.gflops_replay(model, lm_tokens, image_text_tokens, new_tokens, num_beams)
 
 
+def meta_gflops_by_part(model, family, lm_tokens: int, image_text_tokens: int, new_tokens: int, num_beams: int = 1) -> dict:
+    """:func:`meta_gflops` in total and per part (``gflops``, ``gflops_<part>``).
+
+    The replay runs under an outer ``FlopCounterMode`` that attributes what it sees to the parts
+    (:func:`eval.characteristics.count_gflops_by_part`); the decode steps the replay sums in
+    closed form (:func:`decode_flops`) are never run, and they are all the language model's, so
+    ``gflops_language_model`` also gets the difference between the total and what was seen.
+    """
+    from eval.characteristics import count_gflops_by_part
+
+    box: dict[str, float] = {}
+    out = count_gflops_by_part(lambda: box.setdefault("total", meta_gflops(model, family, lm_tokens, image_text_tokens,
+                                                                             new_tokens, num_beams)), model, family.parts)
+    seen = sum(v for k, v in out.items() if k != "gflops")
+    out["gflops"] = box["total"]
+    if "gflops_language_model" in out:
+        out["gflops_language_model"] += box["total"] - seen
+    return out
+
+
 @dataclass
 class PlanContext:
     """What a stage's ``plan`` hook sees: the meta model (changed in place), its family, notes, the stage index."""
@@ -261,7 +281,7 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
 
     Returns:
         ``{"recipe", "model", "before", "after", "stages", "notes", "gflops_settings"}``; before and
-        after hold ``params_total``, ``params_<part>`` and ``gflops``.
+        after hold ``params_total``, ``params_<part>``, ``gflops`` and ``gflops_<part>``.
 
     Raises:
         UserInputError: unknown architecture without ``--config``, invalid layer choices,
@@ -296,7 +316,7 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
         lengths.append(lm)
         out: dict[str, Any] = dict(count_parameters(model, fam.parts))
         if gflops:
-            out["gflops"] = meta_gflops(model, fam, lm, qt, new_tokens, gen.num_beams)
+            out.update(meta_gflops_by_part(model, fam, lm, qt, new_tokens, gen.num_beams))
         return out
 
     before = measure()
@@ -350,8 +370,10 @@ def format_plan(plan: dict) -> str:
                  f"{'(' + fmt(a['params_total'] - b['params_total']) + ')':>16}")
     g = plan["gflops_settings"]
     if "gflops" in b:
-        d = a["gflops"] - b["gflops"]
-        lines.append(f"{'gflops':24}{b['gflops']:>16.3f}{a['gflops']:>16.3f}{d:>+16.3f}{100 * d / b['gflops']:>+8.2f}%")
+        for k in [k for k in b if k.startswith("gflops_") and k in a] + ["gflops"]:
+            d = a[k] - b[k]
+            pct = f"{100 * d / b[k]:>+8.2f}%" if b[k] else ""
+            lines.append(f"{k:24}{b[k]:>16.3f}{a[k]:>16.3f}{d:>+16.3f}{pct}")
         after_tokens = f" ({g['lm_input_tokens_after']} after)" if "lm_input_tokens_after" in g else ""
         lines.append(f"  GFLOPs of one caption: 1 image, {g['new_tokens']} new tokens, {g['num_beams']} beam(s), "
                      f"{g['lm_input_tokens']} language-model input tokens{after_tokens}")

@@ -172,21 +172,25 @@ def test_ablation_and_the_teacher_batch(tiny, images):
 
 
 def test_plan_counts_what_evaluate_measures(tiny, images):
+    """Per part: the offline plan's replay on the meta model = FlopCounterMode around the real generate."""
     from compressor.evaluation.characteristics import count_gflops
-    from compressor.planning import meta_gflops, meta_model, prompt_lengths
+    from compressor.planning import meta_gflops_by_part, meta_model, prompt_lengths
     from compressor.recipe.schema import GenerationSpec
 
     def planned(config, proc):
         meta, fam = meta_model(copy.deepcopy(config))
         lm, qt, _ = prompt_lengths(fam, meta.config, proc, "a photo")
-        return meta_gflops(meta, fam, lm, qt, 2)
+        return meta_gflops_by_part(meta, fam, lm, qt, 3)
 
     full = planned(tiny[0].config, tiny[1])
-    for opts in ({"query_tokens": {"keep": 3, "select": "catp"}}, {"token_merging": {"r": 3}}):
+    for opts, smaller in (({"query_tokens": {"keep": 3, "select": "catp"}}, ("projection", "language_model")),
+                          ({"token_merging": {"r": 3}}, ("vision", "qformer"))):
         model, proc = _fresh(tiny)
         _options(model, **opts)
-        measured = count_gflops(model, proc, (images[0], "a photo"), GenerationSpec(), "cpu", 2)["gflops"]
-        assert planned(model.config, proc) == pytest.approx(measured, rel=1e-9) and measured < full, (opts, measured, full)
+        measured = count_gflops(model, proc, (images[0], "a photo"), GenerationSpec(), "cpu", 3)
+        plan = planned(model.config, proc)
+        assert {k: pytest.approx(measured[k], rel=1e-9) for k in plan} == plan, (opts, plan, measured)
+        assert all(plan[f"gflops_{p}"] < full[f"gflops_{p}"] for p in smaller), (opts, plan, full)
 
 
 RECIPE = """\
