@@ -224,7 +224,7 @@ def timing(archs: dict[str, Path], images, new_tokens: int, rounds: int, onnx_ro
     import numpy as np
     import torch
 
-    from compressor.evaluation.captioner import TorchCaptioner
+    from compressor.evaluation.captioner import TorchCaptioner, generate_kwargs
     from compressor.evaluation.characteristics import count_gflops
     from compressor.models.loading import load_model
     from compressor.recipe.schema import GenerationSpec
@@ -251,11 +251,10 @@ def timing(archs: dict[str, Path], images, new_tokens: int, rounds: int, onnx_ro
             from compressor.models.batches import generation_inputs
 
             inputs = generation_inputs(family_for_model(model), proc, images[:3], [""] * 3)
-            with torch.inference_mode():
-                ref = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False).numpy()
+            with torch.inference_mode():  # the captioner's own decoding settings (min_new_tokens, ids)
+                ref = model.generate(**inputs, **generate_kwargs(full)).numpy()
             got = oc[0].generate({k: v.numpy() for k, v in inputs.items()})
-            n = min(ref.shape[1], got.shape[1])
-            extra[arch]["ort_tokens_equal"] = bool(np.array_equal(ref[:, :n], got[:, :n]))
+            extra[arch]["ort_tokens_equal"] = bool(np.array_equal(got[:, : ref.shape[1]], ref))
     calls = {"b1": lambda c: c[0].caption(images[:1]), "b8": lambda c: c[0].caption(images[:8]),
              "prefill_b8": lambda c: c[1].caption(images[:8])}
     times: dict[tuple, list[float]] = {}
