@@ -184,7 +184,7 @@ def run_setting(mb: ModelBench, s: Setting, run_dir: Path, out: Path, eval_size:
         stage_type = s.stage.split("type: ")[1].split()[0]
         folder = next(r.folder for r in runner.records if r.type == stage_type)
         row["model_dir"] = str(run_dir / "stages" / folder / "model")
-        row["teacher_dir"] = str(_teacher_dir(runner, run_dir))
+        row["teacher_dir"] = str(_teacher_dir(runner, run_dir, stage_type))
         queries = run_dir / "stages" / folder / "queries.json"
         if queries.is_file():
             row["kept"] = json.loads(queries.read_text())["kept"]
@@ -194,10 +194,12 @@ def run_setting(mb: ModelBench, s: Setting, run_dir: Path, out: Path, eval_size:
     return row
 
 
-def _teacher_dir(runner, run_dir: Path) -> Path:
+def _teacher_dir(runner, run_dir: Path, stage_type: str) -> Path:
+    """The unreduced model: the merge before the reduction stage (SmolLM2), else the shipped teacher."""
     from compressor.models.presets import SHIPPED
 
-    merged = [r.folder for r in runner.records if r.type == "merge_adapters"]
+    at = next(r.index for r in runner.records if r.type == stage_type)
+    merged = [r.folder for r in runner.records if r.type == "merge_adapters" and r.index < at]
     if merged:
         return run_dir / "stages" / merged[0] / "model"
     return Path(SHIPPED["shapes-teacher"])
