@@ -29,7 +29,7 @@ Ratios are against the unreduced model.
 
 Usage::
 
-    python -m bench.tokens --quick --coco ../shared/data/coco-mini          # ~20-30 min on 2 busy cores
+    python -m bench.tokens --quick --coco ../shared/data/coco-mini          # shapes half: 30 min at load 17 on 2 cores
     python -m bench.tokens --coco ../shared/data/coco-mini                  # the full table
     python -m bench.tokens --models shapes --quick                          # shapes teacher only
 
