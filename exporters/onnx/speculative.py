@@ -91,10 +91,8 @@ class SpecStats:
         acc, tpc = self.acceptance, self.tokens_per_target_call
         return {
             "spec_acceptance": None if acc is None else round(acc, 4),
-            "spec_tokens_per_target_call": None if tpc is None else round(tpc, 3),
+            "spec_tokens_per_call": None if tpc is None else round(tpc, 3),
             "spec_target_calls_per_caption": round(self.target_calls / self.captions, 2) if self.captions else None,
-            "spec_proposed": self.proposed,
-            "spec_accepted": self.accepted,
         }
 
 
@@ -235,6 +233,24 @@ def image_tokens_in_prompt(cap) -> int:
     return int((np.asarray(inputs["input_ids"]) == int(cap.meta["image_token_id"])).sum())
 
 
+#: Text whose token ids two tokenizers must agree on (special tokens added as for a prompt).
+PROBE_TEXT = "A photo of 2 cats: one is sleeping, the other one isn't."
+
+
+def tokenizer_difference(a, b) -> str | None:
+    """How tokenizer ``b`` differs from ``a`` (token → id maps, then the ids of :data:`PROBE_TEXT`
+    with special tokens, which also catches another BOS/EOS convention), or None when they agree."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        only_a = sorted(set(va.items()) - set(vb.items()), key=lambda x: x[1])[:3]
+        only_b = sorted(set(vb.items()) - set(va.items()), key=lambda x: x[1])[:3]
+        return f"{len(vb)} against {len(va)} tokens; only in the first: {only_a}, only in the second: {only_b}"
+    ia, ib = a(PROBE_TEXT).input_ids, b(PROBE_TEXT).input_ids
+    if list(ia) != list(ib):
+        return f"the same vocabulary, but {PROBE_TEXT!r} encodes to {list(ib)[:6]}… against {list(ia)[:6]}…"
+    return None
+
+
 def check_pair(target, draft, draft_name: str) -> None:
     """Refuse a draft that cannot draft for ``target`` (before anything is captioned).
 
@@ -248,14 +264,10 @@ def check_pair(target, draft, draft_name: str) -> None:
             raise UserInputError(
                 f"{who} ({cap.dir}) is a {cap.kind} model; speculative decoding runs decoder-only models (kind causal)"
             )
-    tv, dv = target.processor.tokenizer.get_vocab(), draft.processor.tokenizer.get_vocab()
-    if tv != dv:
-        only_t = sorted(set(tv.items()) - set(dv.items()), key=lambda x: x[1])[:3]
-        only_d = sorted(set(dv.items()) - set(tv.items()), key=lambda x: x[1])[:3]
-        raise UserInputError(
-            f"draft {draft_name}: its tokenizer differs from the target's ({len(dv)} against {len(tv)} tokens; "
-            f"target only: {only_t}, draft only: {only_d}); a draft must share the target's tokenizer"
-        )
+    problem = tokenizer_difference(target.processor.tokenizer, draft.processor.tokenizer)
+    if problem:
+        raise UserInputError(f"draft {draft_name}: its tokenizer differs from the target's ({problem}); a draft must share "
+                             "the target's tokenizer")
     if int(target.meta["vocab_size"]) != int(draft.meta["vocab_size"]):
         raise UserInputError(
             f"draft {draft_name}: its vocabulary has {draft.meta['vocab_size']} logits against the target's "
@@ -382,15 +394,149 @@ def _np(v):
 # ------------------------------------------------------------------------------ opening drafts
 
 
-def bundled_draft(onnx_dir: Path | str) -> tuple[Path, int] | None:
-    """``(draft folder, num_draft_tokens)`` of a draft bundled in an export (``export.json``'s
-    ``draft`` entry), or None."""
+@dataclass(frozen=True)
+class DraftSpec:
+    """Which draft a captioner uses (``compress eval --draft``, the ``evaluate`` stage's ``speculative``).
+
+    Attributes:
+        path: the draft's folder (an ONNX export, a model folder, or a run folder holding
+            ``onnx/``); None: the target export's bundled draft, if it has one and ``bundled``.
+        num_draft_tokens: ``k`` (None: the bundled draft's recorded value, else
+            :data:`DEFAULT_DRAFT_TOKENS`).
+        variant: the draft export's variant (``plain`` / ``optimized`` / ``int8``; None: its default).
+        bundled: use an export's bundled draft when ``path`` is None (``--no-draft``: False).
+    """
+
+    path: str | None = None
+    num_draft_tokens: int | None = None
+    variant: str | None = None
+    bundled: bool = True
+
+
+@dataclass
+class OpenDraft:
+    """An opened draft: its captioner, ``k`` and the name settings record."""
+
+    captioner: Any
+    num_draft_tokens: int
+    name: str
+
+
+def resolve_draft(spec: DraftSpec | None, generation, target_dir=None, device: str = "cpu", dtype: str | None = None,
+                  threads: int | None = None) -> OpenDraft | None:
+    """Open the draft ``spec`` names, or the bundled draft of the export ``target_dir``.
+
+    A bundled draft is not used for beam search (its captions keep their own path); a draft
+    given explicitly with beam search is refused.
+
+    Returns:
+        The opened draft, or None (no draft).
+
+    Raises:
+        UserInputError: beam search with an explicit draft, ``num_draft_tokens < 1``, or a draft
+            folder that is neither an export nor a model folder (exit 2).
+    """
+    from exporters.onnx.metadata import is_onnx_dir
+
+    spec = spec or DraftSpec()
+    path, k = spec.path, spec.num_draft_tokens
+    if k is not None and int(k) < 1:
+        raise UserInputError(f"num_draft_tokens {k}: expected at least 1")
+    if path is None:
+        found = bundled_draft(target_dir) if spec.bundled and target_dir is not None and is_onnx_dir(target_dir) else None
+        if found is None:
+            if k is not None or spec.variant is not None:
+                raise UserInputError(
+                    f"num_draft_tokens / draft variant given, but there is no draft: {target_dir or 'the model'} bundles "
+                    "none; name one (--draft DIR)"
+                )
+            return None
+        if int(generation.num_beams) > 1:
+            log.info("%s: its bundled draft is not used with beam search (num_beams %s)", target_dir, generation.num_beams)
+            return None
+        path, k = found[0], k or found[1]
+        spec = DraftSpec(path=str(path), num_draft_tokens=k, variant=spec.variant or found[2])
+    elif int(generation.num_beams) > 1:
+        raise UserInputError(
+            f"beam search (num_beams {generation.num_beams}) with draft {path}: speculative decoding is greedy only; "
+            "set num_beams: 1 or leave the draft out"
+        )
+    draft = open_draft(path, generation, spec.variant, threads, device, dtype)
+    return OpenDraft(draft, int(k or DEFAULT_DRAFT_TOKENS), str(path))
+
+
+def onnx_captioner(onnx_dir, generation, draft: OpenDraft | None = None, **kwargs):
+    """The captioner of an export: an :class:`~exporters.onnx.captioner.OnnxCaptioner`, or with
+    ``draft`` a :class:`SpeculativeCaptioner` whose target is the export opened with ``scoring``.
+
+    Args:
+        onnx_dir: the export folder.
+        generation: decoding settings.
+        draft: an opened draft (:func:`resolve_draft`), or None.
+        **kwargs: :class:`~exporters.onnx.captioner.OnnxCaptioner` options (variant, threads …).
+    """
+    from exporters.onnx.captioner import OnnxCaptioner
+
+    if draft is None:
+        return OnnxCaptioner(onnx_dir, generation, **kwargs)
+    target = OnnxCaptioner(onnx_dir, generation, scoring=True, **kwargs)
+    return SpeculativeCaptioner(target, draft.captioner, draft.num_draft_tokens, draft.name)
+
+
+def bundled_draft(onnx_dir: Path | str) -> tuple[Path, int, str | None] | None:
+    """``(draft folder, num_draft_tokens, variant)`` of a draft bundled in an export
+    (``export.json``'s ``draft`` entry, :func:`exporters.onnx.export.export_onnx_with_draft`), or None."""
     from exporters.onnx.metadata import read_export_json
 
     entry = read_export_json(onnx_dir).get(DRAFT_KEY)
     if not entry:
         return None
-    return Path(onnx_dir) / entry["folder"], int(entry.get("num_draft_tokens") or DEFAULT_DRAFT_TOKENS)
+    return Path(onnx_dir) / entry["folder"], int(entry.get("num_draft_tokens") or DEFAULT_DRAFT_TOKENS), entry.get("variant")
+
+
+def _folder_facts(path: Path) -> dict[str, Any]:
+    """What :func:`check_folders` compares, read from a folder without its weights."""
+    from transformers import AutoProcessor
+
+    from compressor.families import family_for_config
+    from compressor.models.loading import is_model_dir, load_config
+    from exporters.onnx.metadata import is_onnx_dir, read_export_json
+    from exporters.onnx.topologies import by_kind, topology
+
+    facts: dict[str, Any] = {"path": path}
+    if is_onnx_dir(path):
+        meta = read_export_json(path)
+        facts["causal"] = bool(getattr(by_kind(meta["kind"]), "SPECULATIVE", False))
+        facts["kind"] = meta["kind"]
+        facts["meta"] = meta
+    elif is_model_dir(path):
+        family = family_for_config(load_config(str(path)))
+        facts["causal"] = bool(getattr(topology(family.onnx_topology), "SPECULATIVE", False))
+        facts["kind"] = family.describe_model()
+    else:
+        raise UserInputError(f"{path}: neither an ONNX export (a folder with export.json) nor a model folder")
+    try:
+        facts["tokenizer"] = AutoProcessor.from_pretrained(str(path)).tokenizer
+    except Exception as exc:  # noqa: BLE001 - any load failure means no usable tokenizer
+        raise UserInputError(f"{path}: its processor (tokenizer) cannot be loaded ({str(exc).splitlines()[0]})") from None
+    return facts
+
+
+def check_folders(target_dir: Path | str, draft_dir: Path | str) -> None:
+    """The checks of :func:`check_pair` that need no weights, on two folders (model or export):
+    decoder-only kinds and the same tokenizer; run before an export bundles a draft.
+
+    Raises:
+        UserInputError: naming the folder and what differs (exit 2).
+    """
+    t, d = _folder_facts(Path(target_dir)), _folder_facts(Path(draft_dir))
+    for f, who in ((t, "the model"), (d, "the draft")):
+        if not f["causal"]:
+            raise UserInputError(f"{who} ({f['path']}) is {f['kind']}; speculative decoding runs decoder-only models")
+    problem = tokenizer_difference(t["tokenizer"], d["tokenizer"])
+    if problem:
+        raise UserInputError(f"draft {draft_dir}: its tokenizer differs from the model's ({problem}); a draft must share "
+                             "the model's tokenizer")
 
 
 def open_draft(path: Path | str, generation, variant: str | None = None, threads: int | None = None, device: str = "cpu",
