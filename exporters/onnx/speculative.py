@@ -475,20 +475,23 @@ def onnx_captioner(onnx_dir, generation, draft: OpenDraft | None = None, **kwarg
         draft: an opened draft (:func:`resolve_draft`), or None.
         **kwargs: :class:`~exporters.onnx.captioner.OnnxCaptioner` options (variant, threads …).
     """
-    from exporters.onnx.captioner import OnnxCaptioner
+    import exporters.onnx
 
     if draft is None:
-        return OnnxCaptioner(onnx_dir, generation, **kwargs)
-    target = OnnxCaptioner(onnx_dir, generation, scoring=True, **kwargs)
+        return exporters.onnx.OnnxCaptioner(onnx_dir, generation, **kwargs)
+    target = exporters.onnx.OnnxCaptioner(onnx_dir, generation, scoring=True, **kwargs)
     return SpeculativeCaptioner(target, draft.captioner, draft.num_draft_tokens, draft.name)
 
 
 def bundled_draft(onnx_dir: Path | str) -> tuple[Path, int, str | None] | None:
     """``(draft folder, num_draft_tokens, variant)`` of a draft bundled in an export
     (``export.json``'s ``draft`` entry, :func:`exporters.onnx.export.export_onnx_with_draft`), or None."""
-    from exporters.onnx.metadata import read_export_json
+    import json
 
-    entry = read_export_json(onnx_dir).get(DRAFT_KEY)
+    try:
+        entry = json.loads((Path(onnx_dir) / "export.json").read_text()).get(DRAFT_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None  # the captioner itself reports an unreadable export.json
     if not entry:
         return None
     return Path(onnx_dir) / entry["folder"], int(entry.get("num_draft_tokens") or DEFAULT_DRAFT_TOKENS), entry.get("variant")
