@@ -40,8 +40,11 @@ log = logging.getLogger(__name__)
 
 
 class SpeculativeSpec(Strict):
-    """Speculative decoding: a draft proposes tokens and the evaluated model checks them, so the
-    captions are the evaluated model's own greedy captions (greedy only)."""
+    """Speculative decoding: a draft proposes tokens, the model checks them; its own greedy captions, faster.
+
+    Greedy only (``generation.num_beams: 1``); the draft must share the model's tokenizer
+    (:mod:`exporters.onnx.speculative`).
+    """
 
     draft: str = Field(
         description="The draft: the label of an earlier stage (its ONNX export when it wrote one, else its model) "
