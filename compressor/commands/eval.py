@@ -290,6 +290,11 @@ def _finish(obj, out: Path, record: dict) -> None:
     dec = record.get("decoding")
     if dec:
         click.echo("decoding: " + ", ".join(f"{k}={dec[k]}" for k in ("backend", "num_beams", "max_new_tokens", "min_new_tokens", "prompt", "batch_size", "device", "dtype") if k in dec))
+    spec = (dec or {}).get("speculative")
+    if spec:
+        ch = record.get("characteristics", {})
+        click.echo(f"speculative decoding: draft {spec['draft']}, {spec['num_draft_tokens']} tokens per call; "
+                   f"acceptance {ch.get('spec_acceptance')}, {ch.get('spec_tokens_per_call')} tokens per target call")
     for note in record.get("notes", []):
         click.echo(f"note: {note}")
     click.echo(f"wrote {out}")

@@ -81,6 +81,9 @@ class OnnxCaptioner:
         VerificationError: a file does not match ``SHA256SUMS``.
     """
 
+    #: the decoder graph run as its scoring graph (``scoring``), else None
+    scoring_graph: str | None = None
+
     def __init__(
         self,
         onnx_dir: Path | str,
@@ -136,8 +139,7 @@ class OnnxCaptioner:
         self.sessions: dict[str, Any] = {}
         #: graph name → the file this captioner runs (the variant's choice)
         self.graph_files: dict[str, str] = {}
-        #: the decoder graph run as its scoring graph (``scoring``), else None
-        self.scoring_graph: str | None = None
+        self.scoring_graph = None
         if scoring:
             if not getattr(self.topology, "SPECULATIVE", False):
                 raise ModelSpecError(
