@@ -415,7 +415,8 @@ def export_onnx_with_draft(
         else:
             export_onnx(draft_dir, tmp / "draft", opts, device=device)
         meta[DRAFT_KEY] = {"folder": "draft", "num_draft_tokens": k, "variant": draft_variant, "source": str(draft_dir)}
-        md.write_json(tmp / md.EXPORT_JSON, meta)
+        md.write_json(tmp / ".export.json.new", meta)
+        os.replace(tmp / ".export.json.new", tmp / md.EXPORT_JSON)  # a new file: never writes through a hard link
         write_checksums(tmp)
         from exporters.onnx.captioner import OnnxCaptioner
 

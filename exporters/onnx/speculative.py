@@ -302,15 +302,30 @@ class _SharedImage:
         return self._out
 
 
+def _file_sums(folder) -> dict[str, str]:
+    """``{relative path: sha256}`` of an export's ``SHA256SUMS`` (empty when it has none)."""
+    path = Path(str(folder)) / "SHA256SUMS"
+    if not path.is_file():
+        return {}
+    return {rel: digest for digest, rel in (line.split("  ", 1) for line in path.read_text().splitlines() if line.strip())}
+
+
 def _share_image_graph(target, draft) -> bool:
-    """Let ``draft`` reuse ``target``'s image session when both run the same file of the same export."""
+    """Let ``draft`` reuse ``target``'s image session when both run the same graph: the same file
+    of the same export (a variant drafting for its export), or files with the same SHA-256 (a
+    candidate whose image path was not changed, e.g. only language-model layers removed)."""
     from exporters.onnx.topologies import image_tokens
 
     name = image_tokens.IMAGE_GRAPH
-    tf, df = getattr(target, "graph_files", {}), getattr(draft, "graph_files", {})
-    if not tf or not df or tf.get(name) != df.get(name):
+    tf, df = getattr(target, "graph_files", {}).get(name), getattr(draft, "graph_files", {}).get(name)
+    if not tf or not df:
         return False
-    if Path(str(target.dir)).resolve() != Path(str(draft.dir)).resolve():
+    same = tf == df and Path(str(target.dir)).resolve() == Path(str(draft.dir)).resolve()
+    if not same:
+        ts, ds = _file_sums(target.dir), _file_sums(draft.dir)
+        same = all(ts.get(f) is not None and ts.get(f) == ds.get(g) for f, g in ((tf, df), (tf + ".data", df + ".data"))
+                   if f in ts or g in ds)
+    if not same:
         return False
     shared = _SharedImage(target.sessions[name])
     target.sessions[name] = draft.sessions[name] = shared

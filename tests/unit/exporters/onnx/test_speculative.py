@@ -257,3 +257,21 @@ def test_export_bundles_a_draft_that_captioning_uses(pair, images, tmp_path, mon
     assert isinstance(EvalTarget.onnx(out, _gen(num_beams=2)).captioner, OnnxCaptioner)  # beams: their own path
     same = EvalTarget.onnx(out, gen, draft=DraftSpec(path=str(out))).captioner  # its own export drafts: one image path
     assert same.shared_image and same.caption(images, PROMPTS) == ref and same.stats.acceptance == 1.0
+
+
+def test_an_unchanged_image_path_runs_once(pair, images):
+    """The noisy draft's image graph is byte-identical to the target's (only decoder weights
+    changed): it runs once per batch for both models, and the captions stay the target's."""
+    from exporters.onnx import OnnxCaptioner
+    from exporters.onnx.speculative import SpeculativeCaptioner
+
+    gen = _gen()
+    target = OnnxCaptioner(pair["target"], gen, variant="plain", scoring=True)
+    sc = SpeculativeCaptioner(target, _onnx(pair, pair["dirs"]["near"], gen), 3, "near")
+    assert sc.shared_image
+    shared = target.sessions["image_encoder"]
+    calls = []
+    inner = shared.session.run
+    shared.session.run = lambda names, feed: calls.append(1) or inner(names, feed)
+    assert sc.caption(images, PROMPTS) == _onnx(pair, pair["target"], gen).caption(images, PROMPTS)
+    assert len(calls) == 1  # one batch of 4: the draft's prefill reused the target's image features
