@@ -9,7 +9,7 @@ Models (each a target with its drafts):
   folder with ``--run runs/smollm2_coco``; without it, ``--prepare`` builds the same chain (without
   its evaluations; ``--lora-steps`` / ``--heal-steps`` as in the recipe unless lowered) into ``--work``.
 * ``shapes``: the shipped shapes teacher, drafted by its demo candidate (``runs/demo/final`` of
-  ``make demo``: ``--shapes-draft``) and by its own int8 decoder.
+  ``make demo``: ``--shapes-draft``) and by its own int8 decoder, on the synthetic shapes set.
 
 For each model, in one process, 2 ONNX Runtime threads (``--threads``), greedy:
 
@@ -111,7 +111,7 @@ def prepare(coco: Path, work: Path, lora_steps: int, heal_steps: int) -> Path:
 
     recipe = work / "smollm2_coco_spec.yaml"
     recipe.write_text(PREP_RECIPE.format(coco=coco.resolve(), lora_steps=lora_steps, heal_steps=heal_steps))
-    run = work / f"run-l{lora_steps}-h{heal_steps}"
+    run = work / "run"  # one run folder: the runner reuses what is unchanged (the assembled model)
     if not (run / "final" / "config.json").is_file():
         t0 = time.perf_counter()
         repo = Path(__file__).resolve().parents[1]
@@ -123,13 +123,18 @@ def prepare(coco: Path, work: Path, lora_steps: int, heal_steps: int) -> Path:
     return run
 
 
+EXPORTER = "dynamo"
+
+
 def export(model_dir: Path, out: Path) -> Path:
-    """fp32 + int8 ONNX export of ``model_dir`` (dynamo, the default opset; cached)."""
+    """fp32 + int8 ONNX export of ``model_dir`` (:data:`EXPORTER`, its default opset; cached)."""
     from exporters.onnx import OnnxOptions, export_onnx
 
+    if EXPORTER != "dynamo":
+        out = out.with_name(f"{out.name}-{EXPORTER}")
     if not (out / "export.json").is_file():
         t0 = time.perf_counter()
-        export_onnx(model_dir, out, OnnxOptions(quantize="int8"))
+        export_onnx(model_dir, out, OnnxOptions(quantize="int8", exporter=EXPORTER))
         log.info("exported %s in %.1f s", out, time.perf_counter() - t0)
     return out
 
@@ -144,10 +149,15 @@ def draft_export(folder: Path, target_dir: Path, target_onnx: Path, work: Path) 
     return export(folder, work / f"{folder.parent.name}-{folder.name}-onnx")
 
 
-def val_images(coco: Path | None, n: int, size: int = 224):
-    """``n`` images of ``coco``'s val2017 (random images without a folder)."""
+def val_images(coco: Path | None, n: int, size: int = 224, synthetic: bool = False):
+    """``n`` images of ``coco``'s val2017 (random images without a folder), or of the synthetic
+    shapes set (``synthetic``: what the shapes teacher captions)."""
     from PIL import Image
 
+    if synthetic:
+        from compressor.data.synthetic import synthetic_examples
+
+        return [ex.load_image() for ex in synthetic_examples(2000, n, 64, "caption")]
     if coco is None:
         import numpy as np
 
@@ -270,7 +280,8 @@ def bench_model(name: str, target_dir: Path, drafts: dict[str, tuple[Path, str |
 
     # ---- exactness at batch 8 on the longest captions
     gen = GenerationSpec(max_new_tokens=longest, batch_size=8)
-    images = val_images(args.images, args.exact_images, size)
+    synthetic = name == "shapes"
+    images = val_images(args.images, args.exact_images, size, synthetic)
     plain = OnnxCaptioner(t_onnx, gen, variant="optimized", **kw)
     target = OnnxCaptioner(t_onnx, gen, variant="optimized", scoring=True, **kw)
     draft_caps = {label: OnnxCaptioner(d, gen, variant=v or "optimized", **kw) for label, (d, v) in d_onnx.items()}
@@ -301,7 +312,7 @@ def bench_model(name: str, target_dir: Path, drafts: dict[str, tuple[Path, str |
             assert equal == len(images), f"{name}: {label} k={k}: {equal}/{len(images)} rows identical to plain fp32 ORT"
 
     # ---- latency at batch 1
-    timed = val_images(args.images, args.images_timed, size)
+    timed = val_images(args.images, args.images_timed, size, synthetic)
     floor = None
     from bench.onnx_speed import CACHE_RESIDENT_BYTES, read_bandwidth
 
@@ -334,7 +345,8 @@ def bench_model(name: str, target_dir: Path, drafts: dict[str, tuple[Path, str |
         med = {k: statistics.median(v) for k, v in times.items()}
         rows = {}
         for k, s in med.items():
-            row = {"s": round(s, 4), "x_torch": round(med["torch"] / s, 2), "x_ort_fp32": round(med["ort_fp32"] / s, 2)}
+            row = {"s": round(s, 4), "x_torch": round(med["torch"] / s, 2), "x_ort_fp32": round(med["ort_fp32"] / s, 2),
+                   "x_ort_int8": round(med["ort_int8"] / s, 2)}
             if k in specs:
                 sc = specs[k]
                 row.update(sc.stats.record())
@@ -373,14 +385,14 @@ def print_results(results: list[dict], args) -> None:
             print(f"  fp32 decoder {r['decoder_mb']} MB: bandwidth floor of one step {r['step_floor_ms']} ms")
         for tokens, rows in r["latency"].items():
             print(f"  batch 1, {tokens} new tokens, {args.images_timed} images, median of {args.rounds} alternating rounds:")
-            print(f"    {'side':22s} {'s/caption':>9s} {'x torch':>8s} {'x ORT':>6s} {'accept':>7s} {'calls':>6s} "
+            print(f"    {'side':22s} {'s/caption':>9s} {'x torch':>8s} {'x ORT':>6s} {'x int8':>7s} {'accept':>7s} {'calls':>6s} "
                   f"{'img+pre':>8s} {'ms/tok':>7s}")
             for k, v in rows.items():
                 acc = v.get("spec_acceptance")
                 calls = v.get("spec_target_calls_per_caption")
                 share = v.get("image_prefill_share")
                 mpt = v.get("ms_per_token_after_prefill")
-                print(f"    {k:22s} {v['s']:9.3f} {v['x_torch']:8.2f} {v['x_ort_fp32']:6.2f} "
+                print(f"    {k:22s} {v['s']:9.3f} {v['x_torch']:8.2f} {v['x_ort_fp32']:6.2f} {v['x_ort_int8']:7.2f} "
                       f"{'' if acc is None else f'{acc:7.2f}':>7s} {'' if calls is None else f'{calls:6.1f}':>6s} "
                       f"{'' if share is None else f'{share:8.0%}':>8s} {'' if mpt is None else f'{mpt:7.1f}':>7s}")
 
@@ -401,11 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exact-images", type=int, default=64)
     ap.add_argument("--images-timed", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"],
+                    help="ONNX exporter of the bench's exports (legacy: faster to export, slower graphs)")
     ap.add_argument("--prepare-only", action="store_true", help="build (and export) the models, measure nothing")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     args.new_tokens = [int(x) for x in args.new_tokens.split(",")]
     args.k = [int(x) for x in args.k.split(",")]
+    global EXPORTER
+    EXPORTER = args.exporter
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "onnx_ir", "onnxscript", "torch", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
