@@ -213,6 +213,18 @@ class TrainSpec(Strict):
     )
     eval_limit: int | None = Field(None, ge=1, description="Validation examples per in-training evaluation.")
     resume_from: str | None = Field(None, description="Adapter folder to continue training from.")
+    # Checkpoints change no result (a resumed stage ends byte-identical): they are not part of the stage key.
+    save_every: int | None = Field(
+        None, ge=1, description="Save the training state every N optimizer steps (`compress apply --resume` continues from it).",
+        json_schema_extra={"cache_key": False},
+    )
+    save_every_minutes: float | None = Field(
+        30.0, gt=0, description="Also save it every N minutes of training (null = off).", json_schema_extra={"cache_key": False},
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Saved training states kept (the newest); deleted when the stage completes.",
+        json_schema_extra={"cache_key": False},
+    )
     log_every: int = Field(10, ge=1, description="Log the loss every N steps.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     data: Literal["train", "val", "eval", "test", "calibration"] = Field("train", description="Data section to train on.")
