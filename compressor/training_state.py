@@ -181,7 +181,8 @@ class Checkpoints:
                 link_tree(path / "best", best)
         self.acc.wait_for_everyone()
         self.last_step = state["step"]
-        log.info("resuming training at step %d of %d from the checkpoint %s", state["step"], self.total, path)
+        if self.acc.is_main_process:
+            log.info("resuming training at step %d of %d from the checkpoint %s", state["step"], self.total, path)
         return state
 
 
