@@ -136,12 +136,13 @@ def _state_dict_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_planned(folder: Path | str, dtype=None):
+def load_planned(folder: Path | str, dtype=None, config=None):
     """Load a model folder that has a shape plan, exactly (no missing or unexpected keys).
 
     Args:
         folder: a save_pretrained folder with ``shape_plan.json``.
         dtype: a ``torch.dtype`` to cast to, or None for the saved dtype.
+        config: the folder's config as loaded (completed) by the caller, or None to read it.
 
     Returns:
         The model on the CPU, in eval mode.
@@ -151,7 +152,7 @@ def load_planned(folder: Path | str, dtype=None):
     """
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     from compressor.errors import ModelSpecError
     from compressor.families import family_for_config
@@ -163,7 +164,10 @@ def load_planned(folder: Path | str, dtype=None):
 
     folder = Path(folder)
     plan = json.loads((folder / SHAPE_PLAN).read_text())
-    config = AutoConfig.from_pretrained(str(folder))
+    if config is None:
+        from compressor.models.loading import folder_config
+
+        config = folder_config(folder)
     family = family_for_config(config)
     state: dict[str, torch.Tensor] = {}
     for f in _state_dict_files(folder):

@@ -150,8 +150,10 @@ class OnnxCaptioner:
             except Exception as exc:  # onnxruntime raises its own exception types for bad files
                 raise VerificationError(f"{self.dir / file}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
         self.config = AutoConfig.from_pretrained(str(self.dir))
-        self.family = family_for_config(self.config)
         self.processor = AutoProcessor.from_pretrained(str(self.dir))
+        # an older-style processor config (no num_query_tokens …) is completed from the model config
+        family_for_config(self.config).reconcile(self.config, self.dir, self.processor)
+        self.family = family_for_config(self.config)
         ids = self.meta["token_ids"]
         self.eos = [int(e) for e in ids["eos_token_id"]]
         pad = ids.get("pad_token_id")
@@ -183,6 +185,7 @@ class OnnxCaptioner:
 
         def run(imgs: list, prm: list[str]) -> list[str]:
             inputs = {k: v.numpy() for k, v in generation_inputs(self.family, self.processor, imgs, prm, "cpu").items()}
+            self.family.check_inputs(self.config, inputs)  # never caption without the image tokens
             return decode(self.family, self.processor, self.generate(inputs), inputs, prm)
 
         prompts = list(prompts) if prompts is not None else [self.generation.prompt or ""] * len(images)
