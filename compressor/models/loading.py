@@ -196,7 +196,9 @@ def load_config(spec_or_path: Any):
         return model.config
     p = Path(str(spec_or_path)).expanduser()
     if p.is_file() and p.suffix == ".json":
-        return AutoConfig.from_pretrained(str(p))
+        config = AutoConfig.from_pretrained(str(p))
+        refuse_quantized(config, p)
+        return config
     if p.is_dir() and (p / "config.json").is_file():
         return folder_config(p)
     raise ModelSpecError(f"{spec_or_path}: no config.json found (expected a model folder or a config file)")
@@ -303,8 +305,34 @@ def folder_config(path: Path | str, processor=None):
     from compressor.families import family_for_config
 
     config = AutoConfig.from_pretrained(str(path))
+    refuse_quantized(config, Path(path) / "config.json")
     family_for_config(config).reconcile(config, Path(path), processor)
     return config
+
+
+def refuse_quantized(config, where) -> None:
+    """Refuse (exit 2) a config whose weights are stored quantized (a ``quantization_config``:
+    bitsandbytes 4/8-bit, GPTQ, AWQ …), before anything is loaded or written.
+
+    Every stage rewrites full-precision weights (LoRA merges, layer removal, pruning, export), and
+    loading a bitsandbytes checkpoint needs bitsandbytes and a GPU; QLoRA keeps the base in full
+    precision on disk and quantises it while training (``lora_finetune.quantization``).
+
+    Raises:
+        ModelSpecError: naming the quantisation and what to use instead.
+    """
+    q = getattr(config, "quantization_config", None)
+    if not q:
+        return
+    q = q if isinstance(q, dict) else (q.to_dict() if hasattr(q, "to_dict") else vars(q))
+    method = q.get("quant_method", "unknown")
+    bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else (f"{q['bits']}-bit" if q.get("bits") else "")
+    raise ModelSpecError(
+        f"{where} carries a {method} quantization_config ({bits or 'quantized'} weights); vlm-compress works on "
+        "full-precision weights (LoRA merges, layer removal, pruning and export rewrite them) and cannot load or "
+        "change these. Start from the full-precision checkpoint of the same model (without quantization_config); "
+        "for QLoRA keep that base and set `quantization: {bits: 4}` on the lora_finetune stage."
+    )
 
 
 def load_skeleton(path: Path | str):

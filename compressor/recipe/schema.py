@@ -158,7 +158,13 @@ class DataSpec(Strict):
     source: DataSource | None = Field(None, description="One file without splits, divided by `split`.")
     split: SplitSpec | None = Field(None, description="How to divide `source` into train/val/test.")
     skip_invalid: bool = Field(
-        False, description="Skip bad rows (missing/corrupt image, empty caption …) and count them, instead of exit 2."
+        False, description="Skip bad rows (missing/corrupt image, empty caption …) and count them, instead of exit 2; "
+        "an image that fails to decode later, while a stage reads it, is skipped and counted too."
+    )
+    verify_images: Literal["auto", "decode"] = Field(
+        "auto", description="How pre-flight checks images: `auto` decodes every image of a section of up to 1000 "
+        "images and, above that, checks each file's header and end (a truncated JPEG or PNG is found; other damage "
+        "inside a file only when a stage decodes it); `decode` decodes every image.",
     )
 
     @model_validator(mode="after")

@@ -48,7 +48,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     pairs = data.training_pairs()
     result = train(
         model,
-        batch_maker(model, processor, ctx.recipe.generation.prompt),
+        batch_maker(model, processor, ctx.recipe.generation.prompt, data),
         pairs,
         cfg.train,
         seed=ctx.recipe.seed,

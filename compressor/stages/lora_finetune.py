@@ -95,7 +95,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     data = ctx.data(cfg.train.data)
     result = train(
         model,
-        batch_maker(model, processor, ctx.recipe.generation.prompt),
+        batch_maker(model, processor, ctx.recipe.generation.prompt, data),
         data.training_pairs(),
         cfg.train,
         seed=ctx.recipe.seed,
