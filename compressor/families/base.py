@@ -223,6 +223,22 @@ class Family:
         if fn is not None:
             fn(self, config, inputs)
 
+    def layer_kv_heads(self, model, part: str = "language_model") -> tuple[int, ...] | None:
+        """Key/value heads of each self-attention of stack ``part`` as the weights are (width pruning
+        gives every layer its own), or None when the stack's heads are not described (T5).
+
+        Args:
+            model: a model of this family (not a peft wrapper; the meta device is enough).
+            part: the stack.
+        """
+        from compressor.families import get_module
+        from compressor.pruning import head_layout
+
+        w = next((w for w in self.width if w.part == part and w.k is not None), None)
+        if w is None or part not in self.stacks:
+            return None
+        return tuple(head_layout(layer, w)["kv_heads"] for layer in get_module(model, self.stack(part).layers))
+
     def onnx_graph_parts(self, model):
         """What this family's ONNX topology (``onnx_topology``) needs of a loaded model: the image
         path's wrapper and inputs, the language model or its wrappers, facts for ``export.json``

@@ -326,4 +326,5 @@ def onnx_graph_parts(family: Family, model):
         hidden_size=int(text.hidden_size),
         vocab_size=int(model.text_decoder.cls.predictions.decoder.weight.shape[0]),
         meta={"image_size": size, "num_patches": patches},
+        layer_heads=family.layer_kv_heads(model),
     )

@@ -615,7 +615,8 @@ def onnx_graph_parts(family: Family, model):
     if family.decoder_only:
         from exporters.onnx.topologies.decoder_only import Parts
 
-        return Parts(image=image, language_model=lm, text_config=cfg.text_config, meta=meta)
+        return Parts(image=image, language_model=lm, text_config=cfg.text_config, meta=meta,
+                     kv_heads=family.layer_kv_heads(model))
     from compressor.families.language_models import onnx_text_graphs
     from exporters.onnx.topologies.encoder_decoder import Parts as EncoderDecoderParts
 

@@ -25,6 +25,24 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SHAPE_PLAN = "shape_plan.json"
+#: How a model card tells to load a folder with a shape plan (``{repo_id}``, ``{cls}``, ``{text_arg}``,
+#: ``{beams}``, ``{new}`` filled in): transformers' ``from_pretrained`` refuses its weights.
+LOADING = """\
+Width pruning gave its layers shapes that `config.json` cannot express (per-layer head counts and MLP widths,
+recorded in `shape_plan.json`), so `{cls}.from_pretrained` refuses these weights (size mismatch). vlm-compress's
+loader rebuilds the layers from the plan (`pip install vlm-compress`):
+
+```python
+from PIL import Image
+from huggingface_hub import snapshot_download
+from compressor.models.loading import load_model
+
+model, processor = load_model(snapshot_download("{repo_id}"))
+inputs = processor(images=Image.open("photo.jpg"){text_arg}, return_tensors="pt")
+out = model.generate(**inputs, num_beams={beams}, max_new_tokens={new})
+print(processor.batch_decode(out, skip_special_tokens=True)[0].strip())
+```
+"""
 #: Attribute a pruned module carries: ``{attribute: value}`` to restore on reload.
 MARKER = "_vlmc_shape_attrs"
 PLAN_VERSION = 1

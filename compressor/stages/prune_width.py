@@ -127,9 +127,13 @@ def plan(cfg, pc) -> dict:
 
 
 def card(record: dict) -> StageCard:
-    return StageCard(limitations=[
-        f"Width pruning changed layer shapes (stage {record.get('index')}); the model needs vlm-compress's shape plan to load."
-    ])
+    from compressor.models.shapes import LOADING
+
+    return StageCard(
+        limitations=[f"Width pruning changed layer shapes (stage {record.get('index')}); the model needs vlm-compress's "
+                     "shape plan to load."],
+        loading=LOADING,
+    )
 
 
 STAGE = Declaration(

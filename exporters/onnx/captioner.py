@@ -254,12 +254,14 @@ class OnnxCaptioner:
         return feed
 
     def empty_past(self, batch: int) -> list:
-        """``2 × num_layers`` empty key/value arrays ``(batch, kv_heads, 0, head_dim)`` in the export dtype."""
+        """``2 × num_layers`` empty key/value arrays ``(batch, kv_heads, 0, head_dim)`` in the export dtype
+        (a width-pruned model's layers have their own ``kv_heads``)."""
         import numpy as np
 
+        from exporters.onnx.graphs import layer_kv_heads
+
         m = self.meta
-        shape = (batch, m["num_kv_heads"], 0, m["head_dim"])
-        return [np.zeros(shape, dtype=self.np_dtype) for _ in range(2 * m["num_layers"])]
+        return [np.zeros((batch, h, 0, m["head_dim"]), dtype=self.np_dtype) for h in layer_kv_heads(m) for _ in "kv"]
 
     def past_feed(self, past: list, cross: list | None = None) -> dict:
         """``past.{i}.key/value`` (and ``cross.{i}.key/value``) feed entries from per-layer lists."""

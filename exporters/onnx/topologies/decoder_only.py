@@ -29,6 +29,7 @@ from exporters.onnx.graphs import (
     ImageGraph,
     TensorSpec,
     generation_position_ids,
+    kv_heads_meta,
     kv_specs,
     past_names,
 )
@@ -55,12 +56,15 @@ class Parts:
             they differ from the defaults, ``num_key_value_heads`` and ``head_dim``.
         meta: facts for ``export.json``, written after ``hidden_size`` and ``vocab_size``; must
             hold ``image_token_id`` (the placeholder the image embeddings replace).
+        kv_heads: key/value heads of each layer when they are not the config's (width pruning
+            gives every layer its own), else None.
     """
 
     image: ImageGraph
     language_model: Any
     text_config: Any
     meta: dict[str, Any] = field(default_factory=dict)
+    kv_heads: tuple[int, ...] | None = None
 
 
 @functools.cache
@@ -107,7 +111,7 @@ def build_plan(parts: Parts) -> ExportPlan:
     text = parts.text_config
     L = int(text.num_hidden_layers)
     heads = int(text.num_attention_heads)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    kv_heads = list(parts.kv_heads) if parts.kv_heads else [int(getattr(text, "num_key_value_heads", None) or heads)] * L
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
     dec = GraphSpec(
         DECODER,
@@ -120,7 +124,8 @@ def build_plan(parts: Parts) -> ExportPlan:
         valid={n: (2, "attention_mask") for n in past_names("present", L)},
     )
     graphs.append(GraphDef(dec, wrappers().CausalDecoder(parts.language_model, L)))
-    meta = {"hidden_size": hidden, "vocab_size": vocab, **parts.meta, "num_layers": L, "num_kv_heads": kv_heads, "head_dim": head_dim}
+    meta = {"hidden_size": hidden, "vocab_size": vocab, **parts.meta, "num_layers": L, **kv_heads_meta(kv_heads),
+            "head_dim": head_dim}
     return ExportPlan(KIND, graphs, meta)
 
 
