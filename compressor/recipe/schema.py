@@ -99,7 +99,9 @@ ModelSpec = Annotated[
 
 
 class DataSource(Strict):
-    """One section of the data (train, val, eval, test, calibration, or the single `source`)."""
+    """One section of the data (train, val, eval, test, calibration, or the single `source`). Relative paths
+    (`annotations`, `images`, `path`) resolve against the working folder `compress` runs in, not the recipe's folder
+    (as `--set` and the command line do); write absolute paths to run a recipe from anywhere."""
 
     annotations: str | None = Field(
         None,

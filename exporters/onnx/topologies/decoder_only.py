@@ -69,11 +69,36 @@ class Parts:
     kv_heads: tuple[int, ...] | None = None
 
 
+def full_length_cache(config):
+    """A ``DynamicCache`` whose every layer keeps every position, even a sliding-window layer's.
+
+    transformers' cache for a config with ``layer_types`` holding ``sliding_attention`` (Qwen2/3
+    with ``use_sliding_window``, Gemma 2/3, Mistral) keeps only the last ``sliding_window - 1``
+    positions in those layers, so their ``present`` tensors would be shorter than the attention
+    mask and than the other layers' (the exported graph's one ``past`` length per call breaks once a
+    caption grows past the window). A cache of full layers keeps them all, and the model's own
+    sliding-window mask (``masking_utils.create_sliding_window_causal_mask``, built from
+    ``config.layer_types`` whatever the cache) limits what each sliding layer attends to: the same
+    keys as transformers' generation, at the cost of cache memory beyond the window.
+
+    Args:
+        config: the language model's config.
+
+    Returns:
+        ``DynamicCache``: built from ``config`` when no layer slides (unchanged), else lazily of full layers.
+    """
+    from transformers import DynamicCache
+
+    types = getattr(config.get_text_config(decoder=True), "layer_types", None) or ()
+    if "sliding_attention" in types:
+        return DynamicCache()
+    return DynamicCache(config=config)
+
+
 @functools.cache
 def wrappers() -> SimpleNamespace:
     """The decoder wrapper class, built on first use (this module imports without torch)."""
     from torch import nn
-    from transformers import DynamicCache
 
     class CausalDecoder(nn.Module):
         """Decoder-only LM with past: one graph for prefill (past 0) and each decode step.
@@ -89,7 +114,7 @@ def wrappers() -> SimpleNamespace:
             self.layers = layers
 
         def forward(self, inputs_embeds, attention_mask, *past):
-            cache = DynamicCache(config=self.lm.config)
+            cache = full_length_cache(self.lm.config)
             for i in range(self.layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             pos = generation_position_ids(attention_mask, inputs_embeds.shape[1])
@@ -115,7 +140,7 @@ def wrappers() -> SimpleNamespace:
 
         def forward(self, inputs_embeds, attention_mask, *past, num_logits: int = 1):
             d = self.decoder
-            cache = DynamicCache(config=d.lm.config)
+            cache = full_length_cache(d.lm.config)
             for i in range(d.layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             pos = generation_position_ids(attention_mask, inputs_embeds.shape[1])
