@@ -37,6 +37,8 @@ mask_query = blip2.mask_query
 with_image_tokens = blip2.with_image_tokens
 reduce_queries = blip2.reduce_queries
 apply_token_options = blip2.apply_token_options
+reconcile = blip2.reconcile
+check_inputs = blip2.check_inputs
 
 
 def describe(config) -> Family:
