@@ -116,7 +116,10 @@ def prepare(coco: Path, work: Path, lora_steps: int, heal_steps: int) -> Path:
         t0 = time.perf_counter()
         repo = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        rc = subprocess.call([sys.executable, "-m", "compressor.cli", "apply", str(recipe), "--out", str(run)], cwd=repo, env=env)
+        cmd = [sys.executable, "-m", "compressor.cli", "apply", str(recipe), "--out", str(run)]
+        if (run / "manifest.json").is_file():
+            cmd.append("--resume")  # an earlier preparation was stopped: continue it (cached stages kept)
+        rc = subprocess.call(cmd, cwd=repo, env=env)
         if rc != 0:
             sys.exit(f"preparing the demo-real models failed (exit {rc})")
         log.info("prepared %s in %.0f s", run, time.perf_counter() - t0)
