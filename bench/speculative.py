@@ -116,7 +116,10 @@ def prepare(coco: Path, work: Path, lora_steps: int, heal_steps: int) -> Path:
         t0 = time.perf_counter()
         repo = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        rc = subprocess.call([sys.executable, "-m", "compressor.cli", "apply", str(recipe), "--out", str(run)], cwd=repo, env=env)
+        cmd = [sys.executable, "-m", "compressor.cli", "apply", str(recipe), "--out", str(run)]
+        if (run / "manifest.json").is_file():
+            cmd.append("--resume")  # an earlier preparation was stopped: continue it (cached stages kept)
+        rc = subprocess.call(cmd, cwd=repo, env=env)
         if rc != 0:
             sys.exit(f"preparing the demo-real models failed (exit {rc})")
         log.info("prepared %s in %.0f s", run, time.perf_counter() - t0)
@@ -403,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=Path, default=None, help="a COCO-layout folder (coco-mini); random images without")
     ap.add_argument("--run", type=Path, default=None, help="a `make demo-real` run folder (runs/smollm2_coco)")
     ap.add_argument("--prepare", action="store_true", help="without --run: build the demo-real baseline and candidate")
+    ap.add_argument("--demo-target", type=Path, default=None,
+                    help="instead of a run: this model folder is the demo's target (e.g. the assembled SmolLM2 "
+                         "BLIP-2 of --prepare's inputs/), drafted by its int8 decoder")
+    ap.add_argument("--demo-draft", type=Path, default=None, help="with --demo-target: a model folder that drafts too")
     ap.add_argument("--lora-steps", type=int, default=50)
     ap.add_argument("--heal-steps", type=int, default=60)
     ap.add_argument("--shapes-draft", type=Path, default=Path("runs/demo/final"), help="the demo candidate (make demo)")
@@ -432,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     plans = []
     for m in args.models.split(","):
         if m == "demo":
+            if args.demo_target is not None:  # a model folder drafted by its int8 decoder (and --demo-draft)
+                drafts = {"int8": (args.demo_target, "int8")}
+                if args.demo_draft is not None:
+                    drafts = {"candidate": (args.demo_draft, None), **drafts,
+                              "candidate-int8": (args.demo_draft, "int8")}
+                plans.append(("demo", args.demo_target, drafts))
+                continue
             run = args.run
             if run is None:
                 if not (args.prepare and args.images):
