@@ -27,7 +27,7 @@ class ImageCache:
         self._d: OrderedDict[tuple, Any] = OrderedDict()
 
     def get(self, ex):
-        key = (ex.image_id, ex.image_path, ex.render)
+        key = (ex.image_id, ex.image_path, ex.render, ex.fetch)
         img = self._d.get(key)
         if img is None:
             img = ex.load_image()
