@@ -63,13 +63,19 @@ m.save_pretrained(sys.argv[2])
 """
 
 
-def write_checkpoint(out: Path, seed: int = 0) -> int:
-    """Write the random bf16 checkpoint (shards + index + config); returns its bytes."""
+def write_checkpoint(out: Path, seed: int = 0, config=None) -> int:
+    """Write the random bf16 checkpoint (shards + index + config); returns its bytes.
+
+    Args:
+        out: the folder to create.
+        seed: seed of the random weights.
+        config: a ``Blip2Config`` (default: the shipped published BLIP-2 OPT-2.7B config).
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, Blip2ForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(str(CONFIG))
+    config = config if config is not None else AutoConfig.from_pretrained(str(CONFIG))
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(config)
     seen: set[int] = set()

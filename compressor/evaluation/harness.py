@@ -47,6 +47,28 @@ from eval.metrics import default_metrics, headline_keys, keys_of, lookup
 log = logging.getLogger(__name__)
 
 
+def shard_batches(n: int, batch_size: int, rank: int, world: int) -> list[tuple[int, int]]:
+    """The batches (``(start, stop)`` of the example list) one process captions when ``world`` share the work.
+
+    The batches are the single process's batches (``batch_size`` consecutive examples each, the last
+    one shorter), dealt out in contiguous runs, so every image is captioned in the same batch as
+    in one process (same padding, same captions) and the runs of ranks 0, 1, … concatenate back to
+    the original order.
+
+    Args:
+        n: number of examples.
+        batch_size: examples per batch.
+        rank: this process's index.
+        world: number of processes (1: every batch).
+
+    Returns:
+        ``(start, stop)`` of each batch of this process, in order.
+    """
+    starts = list(range(0, n, batch_size))
+    per = -(-len(starts) // max(world, 1))
+    return [(i, min(i + batch_size, n)) for i in starts[rank * per : (rank + 1) * per]]
+
+
 def predict(
     captioner,
     examples: Sequence,
@@ -55,6 +77,7 @@ def predict(
     batch_size: int,
     progress: bool = False,
     load_image: Callable[[Any], Any] | None = None,
+    shards=None,
 ) -> dict[str, str]:
     """Run ``captioner`` over ``examples``.
 
@@ -66,6 +89,11 @@ def predict(
         batch_size: examples per call.
         progress: show a tqdm bar.
         load_image: example → image (default ``example.load_image()``).
+        shards: the processes of a multi-process run, every one of which calls this together
+            (``world``, ``rank``, ``gather(list) -> list`` concatenating every process's list in
+            rank order: :class:`compressor.pipeline.distributed.Dist`); each captions its share of
+            the batches (:func:`shard_batches`) and every process gets all captions. None or one
+            process: every batch here.
 
     Returns:
         key → caption (see :func:`~compressor.evaluation.outputs.example_key`), in dataset order.
@@ -73,16 +101,19 @@ def predict(
     from tqdm.auto import tqdm
 
     load = load_image or (lambda ex: ex.load_image())
-    out: dict[str, str] = {}
-    bar = tqdm(total=len(examples), desc="caption", unit="img", disable=not progress, leave=False)
-    for i in range(0, len(examples), batch_size):
-        chunk = list(examples[i : i + batch_size])
+    world, rank = (shards.world, shards.rank) if shards is not None else (1, 0)
+    mine = shard_batches(len(examples), batch_size, rank, world)
+    pairs: list[tuple[str, str]] = []
+    bar = tqdm(total=sum(b - a for a, b in mine), desc="caption", unit="img", disable=not progress, leave=False)
+    for a, b in mine:
+        chunk = list(examples[a:b])
         caps = captioner.caption([load(ex) for ex in chunk], [prompt_for(ex) for ex in chunk])
-        for ex, cap in zip(chunk, caps):
-            out[example_key(ex, task)] = cap
+        pairs.extend((example_key(ex, task), cap) for ex, cap in zip(chunk, caps))
         bar.update(len(chunk))
     bar.close()
-    return out
+    if world > 1:
+        pairs = [tuple(p) for p in shards.gather(pairs)]
+    return dict(pairs)
 
 
 def _caption_scorer(predictions, dataset, refs, keys, scorer, out) -> None:
@@ -198,7 +229,8 @@ def evaluate(
     spec=None,
     params_trainable: int | None = None,
     progress: bool = False,
-) -> tuple[dict[str, Any], dict[str, str]]:
+    shards=None,
+) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """Caption a dataset, score it and measure the model: one ``eval.json`` record.
 
     Args:
@@ -214,6 +246,10 @@ def evaluate(
         spec: a ``CharacteristicsSpec`` (None: defaults).
         params_trainable: parameters trained to make this model (None: unknown, noted).
         progress: show a progress bar while captioning.
+        shards: the processes of a multi-process run, all calling this together (see
+            :func:`predict`): each captions its share; the main process (rank 0) then scores the
+            gathered captions once and measures the characteristics alone; the others return
+            ``(None, predictions)``.
 
     Returns:
         ``(record, predictions)``: the record (``task``, ``metrics``, ``characteristics``,
@@ -237,10 +273,19 @@ def evaluate(
     # A teacher's captions, when given, are always scored against.
     with_teacher = keys_of(need="teacher") if options.teacher_predictions is not None else ()
 
+    world = shards.world if shards is not None else 1
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        preds = predict(target.captioner, data.examples, task, prompt_fn(generation), generation.batch_size, progress)
+        preds = predict(target.captioner, data.examples, task, prompt_fn(generation), generation.batch_size, progress,
+                        shards=shards)
         predict_s = time.perf_counter() - t0
+        if world > 1 and shards.rank != 0:
+            return None, preds
+        if world > 1:
+            notes.append(
+                f"captions from {world} processes (each its share of the batches, gathered in order); scored once; "
+                "latency, GFLOPs and peak memory measured on the main process alone"
+            )
         scored = score_predictions(preds, data, [m for m in names if m not in model_keys], scorer)
         values: dict[str, Any] = dict(scored["metrics"])
         notes += scored["notes"]
@@ -256,6 +301,8 @@ def evaluate(
         notes.append("params_trainable is unknown: no training record comes with this model")
     chars["avg_inference_s"] = predict_s / len(data)
     chars["avg_inference_batch_size"] = generation.batch_size
+    if world > 1:
+        chars["avg_inference_processes"] = world
     chars["peak_rss_mb"] = mem.rss_mb
     if mem.cuda_mb is not None:
         chars["peak_cuda_mb"] = mem.cuda_mb

@@ -12,6 +12,12 @@ from compressor.errors import StageError
 log = logging.getLogger(__name__)
 
 
+def _one_process():
+    from compressor.pipeline.distributed import Dist
+
+    return Dist()
+
+
 @dataclass
 class StageContext:
     """What a stage may read besides its input folder.
@@ -27,6 +33,8 @@ class StageContext:
         progress: whether to draw progress bars.
         last_trainable: parameters trained by the latest training stage (reported as
             ``params_trainable``).
+        dist: this process's place in a multi-process run
+            (:class:`~compressor.pipeline.distributed.Dist`; one process by default).
     """
 
     recipe: Any
@@ -38,6 +46,7 @@ class StageContext:
     exports: list[Path] = field(default_factory=list)
     progress: bool = True
     last_trainable: int = 0
+    dist: Any = field(default_factory=lambda: _one_process())
     _data_cache: dict = field(default_factory=dict)
     _scorer: Any = None
 
