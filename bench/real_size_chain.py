@@ -56,26 +56,26 @@ STACKS = (
     ("language_model.model.decoder.layers.", ("text_config", "num_hidden_layers"), 4),
 )
 #: --shrink: layer counts of the development model (same widths as the real one).
-SHRINK = {("vision_config", "num_hidden_layers"): 6, ("qformer_config", "num_hidden_layers"): 6,
+SHRINK = {("vision_config", "num_hidden_layers"): 2, ("qformer_config", "num_hidden_layers"): 6,
           ("text_config", "num_hidden_layers"): 6}
 MODEL_FILES = ("config.json", "model.safetensors.index.json")
 
 
-def _config(config_dir: Path, shrink: bool):
+def _config(config_dir: Path, shrink: bool, dtype: str):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(config_dir))
     for sub in (config.text_config, config.vision_config, config.qformer_config):
-        sub.dtype = "bfloat16"
+        sub.dtype = dtype
     if shrink:
         for (sub, attr), n in SHRINK.items():
             setattr(getattr(config, sub), attr, n)
     return config
 
 
-def write_model(config_dir: Path, out: Path, shrink: bool) -> None:
-    """The random bf16 checkpoint with the published processor files beside it."""
-    write_checkpoint(out, config=_config(config_dir, shrink))
+def write_model(config_dir: Path, out: Path, shrink: bool, dtype: str = "bfloat16") -> None:
+    """The random checkpoint (bf16 unless asked) with the published processor files beside it."""
+    write_checkpoint(out, config=_config(config_dir, shrink, dtype), dtype=dtype)
     for f in sorted(config_dir.iterdir()):
         if f.is_file() and f.name not in MODEL_FILES and not f.name.endswith(".safetensors"):
             shutil.copyfile(f, out / f.name)
@@ -113,13 +113,13 @@ def saved_names(folder: Path) -> set[str]:
     return out
 
 
-def run_variant(name: str, ckpt: Path, coco: Path, out: Path, env: dict) -> dict:
+def run_variant(name: str, ckpt: Path, coco: Path, out: Path, env: dict, dtype: str) -> dict:
     run_dir = out / f"run-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     data = (f"data={{format: coco, train: {{annotations: {coco}/captions_train2017.json, images: {coco}/train2017}}, "
             f"val: {{annotations: {coco}/captions_val2017.json, images: {coco}/val2017}}, "
             f"eval: {{annotations: {coco}/captions_val2017.json, images: {coco}/val2017}}}}")
-    sets = [f"model={ckpt}", data, "device=cpu"]
+    sets = [f"model={ckpt}", data, "device=cpu", f"dtype={dtype}"]
     if name == "distill":
         sets += ["stages.4.loss=distill", "stages.4.distill={teacher: baseline}"]
     cmd = [sys.executable, "-m", "compressor.cli", "apply", str(RECIPE), "--fast-dev-run", "--out", str(run_dir)]
@@ -170,31 +170,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--coco", type=Path, required=True, help="COCO captions layout: captions_*2017.json, train2017/, val2017/")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "real_size_chain")
     ap.add_argument("--variants", default="ce,distill", help="comma-separated: ce (the recipe's heal), distill")
-    ap.add_argument("--shrink", action="store_true", help="development: the same widths with 6 layers per stack")
+    ap.add_argument("--shrink", action="store_true", help="development: the same widths with 2 vision and 6 Q-Former "
+                    "and OPT layers")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="development: float32 runs several times faster on CPUs without bf16 instructions "
+                    "(memory ratios alike)")
     ap.add_argument("--keep", action="store_true", help="keep the run folders (about 30 GB at real size)")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    out: Path = args.out.resolve() / ("shrunk" if args.shrink else "real")
+    out: Path = args.out.resolve() / (("shrunk" if args.shrink else "real") + ("" if args.dtype == "bfloat16" else "-fp32"))
     config_dir, coco = args.config.resolve(), args.coco.resolve()
     ckpt = out / "input"
     if args.write_only:
-        write_model(config_dir, ckpt, args.shrink)
+        write_model(config_dir, ckpt, args.shrink, args.dtype)
         return 0
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
     if not (ckpt / "model.safetensors.index.json").is_file():
         print("writing the random bf16 checkpoint with the published processor (untimed) ...", flush=True)
         t0 = time.perf_counter()
         cmd = [sys.executable, __file__, "--config", str(config_dir), "--coco", str(coco), "--out", str(args.out),
-               "--write-only", *(["--shrink"] if args.shrink else [])]
+               "--write-only", "--dtype", args.dtype, *(["--shrink"] if args.shrink else [])]
         subprocess.run(cmd, check=True, env=env)
         print(f"  written in {time.perf_counter() - t0:.0f} s", flush=True)
     size = checkpoint_bytes(ckpt)
     load = os.getloadavg()[0]
-    print(f"checkpoint {size / 1e9:.2f} GB ({'shrunk' if args.shrink else 'real size'}); 1-minute load {load:.1f} "
+    print(f"checkpoint {size / 1e9:.2f} GB {args.dtype} ({'shrunk' if args.shrink else 'real size'}); 1-minute load {load:.1f} "
           f"on {os.cpu_count()} cores", flush=True)
     results = {}
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        results[name] = run_variant(name, ckpt, coco, out, env)
+        results[name] = run_variant(name, ckpt, coco, out, env, args.dtype)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if not any("stages" in r for r in results.values()):
         print("every variant failed")

@@ -331,6 +331,7 @@ class Runner:
 
         tmp = make_tmp_dir(folder.parent, folder.name)
         log.info("stage %d %s: running into %s", ctx.index, st.type, folder.name)
+        release_memory()  # what earlier stages left must not count as this stage's memory (nor stay resident)
         seed_everything(self.recipe.seed + ctx.index)
         t0 = time.perf_counter()
         try:
@@ -366,6 +367,7 @@ class Runner:
         for the main one."""
         if decl.trains or decl.sharded:
             scratch = self.dist.scratch_dir(self.run_dir, folder.name)
+            release_memory()
             try:
                 seed_everything(self.recipe.seed + ctx.index)
                 decl.run(st, ctx, input_dir, scratch)
@@ -421,6 +423,27 @@ class Runner:
             "stages": [dataclasses.asdict(r) for r in self.records],
         }
         atomic_write_json(self.run_dir / "manifest.json", manifest)
+
+
+def release_memory() -> None:
+    """Give back what finished stages left: unreachable objects (a model kept alive by a reference
+    cycle through its hooks would keep its weights' pages mapped), CUDA's cached blocks, and the C
+    heap's free pages (glibc ``malloc_trim``)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def seed_everything(seed: int) -> None:
