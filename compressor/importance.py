@@ -228,7 +228,8 @@ def select_layers(scores: StackScores, count: int, select: str, family: Family) 
     raise UserInputError(f"unknown selection '{select}'; expected one of {', '.join(SELECTORS)}")
 
 
-def calibration_batches(model, processor, dataset, calibration, prompt_template: str | None, device: str) -> list[dict]:
+def calibration_batches(model, processor, dataset, calibration, prompt_template: str | None, device: str,
+                        num_workers: int = 0) -> list[dict]:
     """``calibration.batches`` labelled batches of ``calibration.batch_size`` (image, caption) pairs.
 
     Args:
@@ -238,6 +239,8 @@ def calibration_batches(model, processor, dataset, calibration, prompt_template:
         calibration: the recipe's ``CalibrationSpec`` (or anything with ``batches``/``batch_size``).
         prompt_template: the recipe's ``generation.prompt``.
         device: where the tensors go.
+        num_workers: loader worker processes decoding and preprocessing the batches
+            (:func:`compressor.data.workers.ordered_loader`; same batches, same order).
 
     Raises:
         UserInputError: the dataset has no captions or answers to build batches from.
@@ -257,16 +260,22 @@ def calibration_batches(model, processor, dataset, calibration, prompt_template:
         (rest if ex.image_id in seen else first).append((ex, t))
         seen.add(ex.image_id)
     chosen = (first + rest)[:want]
-    out = []
-    for i in range(0, len(chosen), calibration.batch_size):
-        chunk = chosen[i : i + calibration.batch_size]
-        batch = training_batch(
+    starts = list(range(0, len(chosen), calibration.batch_size))
+
+    def make(j: int) -> dict:
+        chunk = chosen[starts[j] : starts[j] + calibration.batch_size]
+        return training_batch(
             family,
             processor,
             [ex.load_image() for ex, _ in chunk],
             [t for _, t in chunk],
             [build_prompt(prompt_template, ex.question) for ex, _ in chunk],
         )
+
+    from compressor.data.workers import ordered_loader
+
+    out = []
+    for batch in ordered_loader(make, len(starts), num_workers, pin_memory=str(device).startswith("cuda")):
         batch = {k: v.to(device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         out.append(batch)
@@ -283,7 +292,8 @@ def choose_layers(model, processor, family: Family, part: str, selection, ctx, c
         ``(removed, scores_json)``.
     """
     data = ctx.data(calibration.data)
-    batches = calibration_batches(model, processor, data, calibration, ctx.recipe.generation.prompt, ctx.device)
+    batches = calibration_batches(model, processor, data, calibration, ctx.recipe.generation.prompt, ctx.device,
+                                  ctx.num_workers)
     scores = stack_scores(model, family, [part], batches)[part]
     return select_layers(scores, selection.count, selection.select, family), scores.to_json()
 

@@ -87,6 +87,7 @@ def train(
     evaluate: Callable[[Any], dict[str, float]] | None = None,
     save_checkpoint: Callable[[Any, Path], None] | None = None,
     progress: bool = True,
+    num_workers: int = 0,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place.
 
@@ -103,6 +104,9 @@ def train(
         save_checkpoint: ``(model, folder)`` saving what trains (adapter or weights), used for
             best-checkpoint selection by ``train_spec.select_best_by``.
         progress: show a tqdm bar.
+        num_workers: loader worker processes calling ``make_batch`` (decoding and preprocessing)
+            ahead of the model (:func:`compressor.data.workers.ordered_loader`): the same batches in
+            the same order as with 0.
 
     Returns:
         A :class:`TrainResult`; with ``select_best_by`` the best checkpoint is in
@@ -118,6 +122,8 @@ def train(
     from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
+
+    from compressor.data.workers import ordered_loader
 
     if not pairs:
         raise ValueError("no training examples")
@@ -159,7 +165,12 @@ def train(
     best_value: float | None = None
     higher_is_better = train_spec.select_best_by not in (None, "perplexity")
     world = acc.num_processes
-    batches = _batches(pairs, train_spec.batch_size * world, seed)
+    groups = _batches(pairs, train_spec.batch_size * world, seed)
+    rank = acc.process_index
+    micro = [g[rank::world] or g[:1] for g in (next(groups) for _ in range(total * train_spec.gradient_accumulation_steps))]
+    batches = iter(ordered_loader(lambda i: make_batch(micro[i]), len(micro), num_workers,
+                                  pin_memory=acc.device.type == "cuda"))
+    data_s = 0.0
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress or not acc.is_main_process, leave=False)
     t0 = time.perf_counter()
     step = 0
@@ -167,9 +178,9 @@ def train(
         micro_losses = []
         micro_logs: dict[str, list[float]] = {}
         for _ in range(train_spec.gradient_accumulation_steps):
-            group = next(batches)
-            mine = group[acc.process_index :: world] or group[:1]
-            batch = {k: v.to(acc.device) for k, v in make_batch(mine).items()}
+            t_data = time.perf_counter()
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(batches).items()}
+            data_s += time.perf_counter() - t_data
             with acc.accumulate(model):
                 loss, logs = loss_fn(model, batch)
                 acc.backward(loss)
@@ -211,6 +222,7 @@ def train(
     bar.close()
     result.steps = step
     result.seconds = time.perf_counter() - t0
+    result.extra["data_seconds"] = data_s  # waiting for batches (decoding, preprocessing), of result.seconds
     model.eval()
     acc.wait_for_everyone()
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):

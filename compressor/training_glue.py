@@ -79,7 +79,8 @@ def eval_hook(ctx, processor, train_spec, metrics: list[str] | None = None):
 
     def evaluate(model) -> dict[str, float]:
         result = score_model(
-            model, processor, data, ctx.recipe.generation, ctx.device, metrics=wanted, scorer=ctx.scorer(), progress=False
+            model, processor, data, ctx.recipe.generation, ctx.device, metrics=wanted, scorer=ctx.scorer(), progress=False,
+            num_workers=ctx.num_workers,
         )
         return result["metrics"]
 
@@ -102,6 +103,7 @@ def summary_of(result) -> dict[str, Any]:
         "loss_last": round(sum(losses[-k:]) / k, 4) if losses else None,
         "best_step": result.best_step,
         "train_seconds": round(result.seconds, 2),
+        "data_seconds": round(result.extra.get("data_seconds", 0.0), 2),
     }
 
 

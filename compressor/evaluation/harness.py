@@ -84,6 +84,7 @@ def predict(
     progress: bool = False,
     load_image: Callable[[Any], Any] | None = None,
     shards=None,
+    num_workers: int | None = None,
 ) -> dict[str, str]:
     """Run ``captioner`` over ``examples``.
 
@@ -100,20 +101,27 @@ def predict(
             rank order: :class:`compressor.pipeline.distributed.Dist`); each captions its share of
             the batches (:func:`shard_batches`) and every process gets all captions. None or one
             process: every batch here.
+        num_workers: loader worker processes decoding each batch's images ahead of the captioner
+            (:func:`compressor.data.workers.ordered_loader`; same images, same order); None: the
+            default share of the CPUs (:func:`~compressor.data.workers.default_workers`).
 
     Returns:
         key → caption (see :func:`~compressor.evaluation.outputs.example_key`), in dataset order.
     """
     from tqdm.auto import tqdm
 
+    from compressor.data.workers import ordered_loader, resolve_workers
+
     load = load_image or (lambda ex: ex.load_image())
     world, rank = (shards.world, shards.rank) if shards is not None else (1, 0)
     mine = shard_batches(len(examples), batch_size, rank, world)
     pairs: list[tuple[str, str]] = []
     bar = tqdm(total=sum(b - a for a, b in mine), desc="caption", unit="img", disable=not progress, leave=False)
-    for a, b in mine:
+    images = ordered_loader(lambda i: [load(ex) for ex in examples[mine[i][0] : mine[i][1]]], len(mine),
+                            resolve_workers(num_workers))
+    for (a, b), imgs in zip(mine, images):
         chunk = list(examples[a:b])
-        caps = captioner.caption([load(ex) for ex in chunk], [prompt_for(ex) for ex in chunk])
+        caps = captioner.caption(imgs, [prompt_for(ex) for ex in chunk])
         pairs.extend((example_key(ex, task), cap) for ex, cap in zip(chunk, caps))
         bar.update(len(chunk))
     bar.close()
@@ -198,7 +206,8 @@ def score_predictions(
     return out
 
 
-def score_model(model, processor, dataset, generation, device: str, metrics=None, scorer=None, progress=False) -> dict:
+def score_model(model, processor, dataset, generation, device: str, metrics=None, scorer=None, progress=False,
+                num_workers: int | None = None) -> dict:
     """Caption ``dataset`` with a PyTorch model and score it (no characteristics).
 
     Used for in-training evaluation on ``val``.
@@ -212,6 +221,7 @@ def score_model(model, processor, dataset, generation, device: str, metrics=None
         metrics: metric keys (model-based ones are skipped), or None for the task's defaults.
         scorer: an open ``CaptionScorer`` to reuse.
         progress: show a progress bar.
+        num_workers: loader worker processes decoding the images (see :func:`predict`).
 
     Returns:
         ``{"metrics", "notes", "predictions", "settings"}`` (0-100 scale).
@@ -219,7 +229,8 @@ def score_model(model, processor, dataset, generation, device: str, metrics=None
     from compressor.evaluation.captioner import TorchCaptioner
 
     captioner = TorchCaptioner(model, processor, generation, device)
-    preds = predict(captioner, dataset.examples, dataset.task, prompt_fn(generation), generation.batch_size, progress)
+    preds = predict(captioner, dataset.examples, dataset.task, prompt_fn(generation), generation.batch_size, progress,
+                    num_workers=num_workers)
     wanted = None if metrics is None else [m for m in metrics if m not in model_metric_keys()]
     scored = score_predictions(preds, dataset, wanted, scorer)
     return {"metrics": scored["metrics"], "notes": scored["notes"], "predictions": preds, "settings": captioner.settings}
@@ -236,6 +247,7 @@ def evaluate(
     params_trainable: int | None = None,
     progress: bool = False,
     shards=None,
+    num_workers: int | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """Caption a dataset, score it and measure the model: one ``eval.json`` record.
 
@@ -256,6 +268,7 @@ def evaluate(
             :func:`predict`): each captions its share; the main process (rank 0) then scores the
             gathered captions once and measures the characteristics alone; the others return
             ``(None, predictions)``.
+        num_workers: loader worker processes decoding the images (see :func:`predict`).
 
     Returns:
         ``(record, predictions)``: the record (``task``, ``metrics``, ``characteristics``,
@@ -286,7 +299,7 @@ def evaluate(
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         preds = predict(target.captioner, data.examples, task, prompt_fn(generation), generation.batch_size, progress,
-                        shards=shards)
+                        shards=shards, num_workers=num_workers)
         predict_s = time.perf_counter() - t0
         if world > 1 and shards.rank != 0:
             return None, preds

@@ -75,5 +75,12 @@ class StageContext:
         return self._data_cache[key]
 
     @property
+    def num_workers(self) -> int:
+        """Loader worker processes (``data.num_workers``, or the default share of the CPUs)."""
+        from compressor.data.workers import resolve_workers
+
+        return resolve_workers(self.recipe.data.num_workers if self.recipe.data is not None else None)
+
+    @property
     def dtype(self) -> str:
         return self.recipe.dtype

@@ -191,6 +191,10 @@ class DataSpec(Strict):
     skip_invalid: bool = Field(
         False, description="Skip bad rows (missing/corrupt image, empty caption …) and count them, instead of exit 2."
     )
+    num_workers: int | None = Field(
+        None, ge=0, description="Loader worker processes decoding and preprocessing images for training, evaluation "
+        "and prediction (same batches, same order as 0). Default: a quarter of the CPUs, at most 4 (0 below 4 CPUs).",
+    )
 
     @model_validator(mode="after")
     def _sections(self) -> DataSpec:

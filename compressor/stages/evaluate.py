@@ -136,6 +136,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         params_trainable=int(ctx.last_trainable or 0),
         progress=ctx.progress,
         shards=ctx.dist if ctx.dist.enabled else None,
+        num_workers=ctx.num_workers,
     )
     if record is None:  # another process of a multi-process run: it captioned its share, the main one writes
         return {}

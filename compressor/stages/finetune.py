@@ -57,6 +57,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         evaluate=eval_hook(ctx, processor, cfg.train),
         save_checkpoint=lambda m, d: save_model(m, processor, d),
         progress=ctx.progress,
+        num_workers=ctx.num_workers,
     )
     best = out_dir / "best"
     if result.best_step is not None and best.is_dir():
