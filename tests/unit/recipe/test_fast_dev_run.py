@@ -66,11 +66,14 @@ def test_user_overrides_come_first_and_n_is_checked(tmp_path):
         load_fast_dev_run(path, n=0)
 
 
-def test_cli_option_takes_an_optional_count_after_the_recipe(cli, tmp_path):
+def test_cli_option_takes_an_optional_count_after_the_recipe(tmp_path, monkeypatch):
+    from tests.integration.inprocess import run_inprocess
+
+    monkeypatch.chdir(tmp_path)
     rec = REPO / "recipes" / "demo.yaml"
-    r = cli("apply", str(rec), "--fast-dev-run", "3", "--dry-run", cwd=tmp_path)
+    r = run_inprocess("apply", str(rec), "--fast-dev-run", "3", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "runs/demo-fast-dev-run" in r.stdout
-    r = cli("apply", "--fast-dev-run", str(rec), cwd=tmp_path)
+    r = run_inprocess("apply", "--fast-dev-run", str(rec))
     assert r.returncode == 2 and "write the option after the recipe" in r.stderr
     assert not (tmp_path / "runs").exists()
