@@ -63,13 +63,20 @@ m.save_pretrained(sys.argv[2])
 """
 
 
-def write_checkpoint(out: Path, seed: int = 0) -> int:
-    """Write the random bf16 checkpoint (shards + index + config); returns its bytes."""
+def write_checkpoint(out: Path, seed: int = 0, config=None, dtype: str = "bfloat16") -> int:
+    """Write the random bf16 checkpoint (shards + index + config); returns its bytes.
+
+    Args:
+        out: the folder to create.
+        seed: seed of the random weights.
+        config: a ``Blip2Config`` (default: the shipped published BLIP-2 OPT-2.7B config).
+        dtype: ``bfloat16`` (the published recipes' working dtype) or ``float32``.
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, Blip2ForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(str(CONFIG))
+    config = config if config is not None else AutoConfig.from_pretrained(str(CONFIG))
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(config)
     seen: set[int] = set()
@@ -98,12 +105,12 @@ def write_checkpoint(out: Path, seed: int = 0) -> int:
             index[k] = fname
         shard, size = {}, 0
 
-    for name, shape, dtype in shapes:
-        if dtype.is_floating_point:
-            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+    for name, shape, tdtype in shapes:
+        if tdtype.is_floating_point:
+            t = (torch.randn(shape, generator=gen) * 0.02).to(getattr(torch, dtype))
         else:
-            t = torch.zeros(shape, dtype=dtype)
-        nbytes = t.numel() * 2
+            t = torch.zeros(shape, dtype=tdtype)
+        nbytes = t.numel() * t.element_size()
         if size + nbytes > SHARD_BYTES:
             flush()
         shard[name] = t
@@ -118,7 +125,7 @@ def write_checkpoint(out: Path, seed: int = 0) -> int:
                 index[k] = new
     total = sum((tmp / f).stat().st_size for f in os.listdir(tmp))
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
-    config.dtype = "bfloat16"
+    config.dtype = dtype
     config.save_pretrained(str(tmp))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

@@ -228,7 +228,8 @@ def select_layers(scores: StackScores, count: int, select: str, family: Family) 
     raise UserInputError(f"unknown selection '{select}'; expected one of {', '.join(SELECTORS)}")
 
 
-def calibration_batches(model, processor, dataset, calibration, prompt_template: str | None, device: str) -> list[dict]:
+def calibration_batches(model, processor, dataset, calibration, prompt_template: str | None, device: str,
+                        num_workers: int = 0) -> list[dict]:
     """``calibration.batches`` labelled batches of ``calibration.batch_size`` (image, caption) pairs.
 
     Args:
@@ -238,6 +239,8 @@ def calibration_batches(model, processor, dataset, calibration, prompt_template:
         calibration: the recipe's ``CalibrationSpec`` (or anything with ``batches``/``batch_size``).
         prompt_template: the recipe's ``generation.prompt``.
         device: where the tensors go.
+        num_workers: loader worker processes decoding and preprocessing the batches
+            (:func:`compressor.data.workers.ordered_loader`; same batches, same order).
 
     Raises:
         UserInputError: the dataset has no captions or answers to build batches from.
@@ -257,20 +260,37 @@ def calibration_batches(model, processor, dataset, calibration, prompt_template:
         (rest if ex.image_id in seen else first).append((ex, t))
         seen.add(ex.image_id)
     chosen = (first + rest)[:want]
-    out = []
-    for i in range(0, len(chosen), calibration.batch_size):
+    starts = list(range(0, len(chosen), calibration.batch_size))
+
+    def build(j: int, load) -> dict | None:
         # with skip_invalid, a pair whose image cannot be decoded leaves the batch (counted by the dataset)
-        loaded = [(ex, t, dataset.load_image(ex)) for ex, t in chosen[i : i + calibration.batch_size]]
-        chunk = [(ex, t) for ex, t, img in loaded if img is not None]
+        loaded = [(ex, t, load(ex)) for ex, t in chosen[starts[j] : starts[j] + calibration.batch_size]]
+        chunk = [(ex, t, img) for ex, t, img in loaded if img is not None]
         if not chunk:
-            continue
-        batch = training_batch(
+            return None
+        return training_batch(
             family,
             processor,
-            [img for _, _, img in loaded if img is not None],
-            [t for _, t in chunk],
-            [build_prompt(prompt_template, ex.question) for ex, _ in chunk],
+            [img for _, _, img in chunk],
+            [t for _, t, _ in chunk],
+            [build_prompt(prompt_template, ex.question) for ex, _, _ in chunk],
         )
+
+    def make(j: int) -> dict | None:  # in a loader worker: a batch with an undecodable image is built again here
+        try:
+            return build(j, lambda ex: ex.load_image())
+        except Exception:  # noqa: BLE001 - decided by ``build(j, dataset.load_image)`` in this process
+            return None
+
+    from compressor.data.workers import ordered_loader
+
+    out = []
+    for j, batch in enumerate(ordered_loader(make, len(starts), num_workers,
+                                             pin_memory=str(device).startswith("cuda"))):
+        if batch is None:
+            batch = build(j, dataset.load_image)  # raises, or skips and counts the image
+            if batch is None:
+                continue
         batch = {k: v.to(device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         out.append(batch)
@@ -287,7 +307,8 @@ def choose_layers(model, processor, family: Family, part: str, selection, ctx, c
         ``(removed, scores_json)``.
     """
     data = ctx.data(calibration.data)
-    batches = calibration_batches(model, processor, data, calibration, ctx.recipe.generation.prompt, ctx.device)
+    batches = calibration_batches(model, processor, data, calibration, ctx.recipe.generation.prompt, ctx.device,
+                                  ctx.num_workers)
     scores = stack_scores(model, family, [part], batches)[part]
     return select_layers(scores, selection.count, selection.select, family), scores.to_json()
 

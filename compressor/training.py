@@ -91,6 +91,7 @@ def train(
     save_checkpoint: Callable[[Any, Path], None] | None = None,
     progress: bool = True,
     checkpoint_dir: Path | None = None,
+    num_workers: int = 0,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place.
 
@@ -110,6 +111,9 @@ def train(
         checkpoint_dir: where the loop saves its state (``train_spec.save_every`` /
             ``save_every_minutes``) and from whose newest complete state it continues; None: no
             checkpoints. The same path in every process.
+        num_workers: loader worker processes calling ``make_batch`` (decoding and preprocessing)
+            ahead of the model (:func:`compressor.data.workers.ordered_loader`): the same batches in
+            the same order as with 0.
 
     Returns:
         A :class:`TrainResult`; with ``select_best_by`` the best checkpoint is in
@@ -125,6 +129,8 @@ def train(
     from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
+
+    from compressor.data.workers import ordered_loader
 
     if not pairs:
         raise ValueError("no training examples")
@@ -169,18 +175,21 @@ def train(
     best_value: float | None = None
     higher_is_better = train_spec.select_best_by not in (None, "perplexity")
     world = acc.num_processes
-    batches = _batches(pairs, train_spec.batch_size * world, seed)
-    step, seconds_before = 0, 0.0
+    groups = _batches(pairs, train_spec.batch_size * world, seed)
+    rank = acc.process_index
+    micro = [g[rank::world] or g[:1] for g in (next(groups) for _ in range(total * train_spec.gradient_accumulation_steps))]
+    step, seconds_before, done = 0, 0.0, 0
     ckpt = Checkpoints(checkpoint_dir, acc, train_spec, total, out_dir) if checkpoint_dir is not None else None
     saved = ckpt.restore() if ckpt is not None else None
     if saved is not None:  # continue where the saved state left off: same weights, optimizer, schedule, RNG, data
-        step, seconds_before = saved["step"], saved.get("seconds", 0.0)
+        step, seconds_before, done = saved["step"], saved.get("seconds", 0.0), saved["batches"]
         result.losses = [tuple(x) for x in saved["losses"]]
         result.parts = [tuple(x) for x in saved.get("parts", [])]
         result.evals = [tuple(x) for x in saved.get("evals", [])]
         result.best_step, best_value = saved.get("best_step"), saved.get("best_value")
-        for _ in range(saved["batches"]):
-            next(batches)
+    batches = iter(ordered_loader(lambda i: make_batch(micro[done + i]), len(micro) - done, num_workers,
+                                  pin_memory=acc.device.type == "cuda"))
+    data_s = 0.0
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress or not acc.is_main_process,
                leave=False)
     speed = Speed(step, total)
@@ -190,9 +199,9 @@ def train(
         micro_losses = []
         micro_logs: dict[str, list[float]] = {}
         for _ in range(train_spec.gradient_accumulation_steps):
-            group = next(batches)
-            mine = group[acc.process_index :: world] or group[:1]
-            batch = {k: v.to(acc.device) for k, v in make_batch(mine).items()}
+            t_data = time.perf_counter()
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(batches).items()}
+            data_s += time.perf_counter() - t_data
             with acc.accumulate(model):
                 loss, logs = loss_fn(model, batch)
                 acc.backward(loss)
@@ -246,6 +255,7 @@ def train(
         ckpt.close()
     result.steps = step
     result.seconds = seconds_before + time.perf_counter() - t0
+    result.extra["data_seconds"] = data_s  # waiting for batches (decoding, preprocessing), of result.seconds
     rate = speed.overall()
     log.info("trained %d steps in %s%s", total, format_duration(result.seconds),
              f" ({rate:.2f} steps/s)" if rate else "")

@@ -34,7 +34,7 @@ class ImageCache:
         self._d: OrderedDict[tuple, Any] = OrderedDict()
 
     def get(self, ex):
-        key = (ex.image_id, ex.image_path, ex.render)
+        key = (ex.image_id, ex.image_path, ex.render, ex.fetch)
         if key not in self._d:
             img = self.load(ex)
             self._d[key] = img
@@ -94,7 +94,8 @@ def eval_hook(ctx, processor, train_spec, metrics: list[str] | None = None):
 
     def evaluate(model) -> dict[str, float]:
         result = score_model(
-            model, processor, data, ctx.recipe.generation, ctx.device, metrics=wanted, scorer=ctx.scorer(), progress=False
+            model, processor, data, ctx.recipe.generation, ctx.device, metrics=wanted, scorer=ctx.scorer(), progress=False,
+            num_workers=ctx.num_workers,
         )
         return result["metrics"]
 
@@ -117,6 +118,7 @@ def summary_of(result) -> dict[str, Any]:
         "loss_last": round(sum(losses[-k:]) / k, 4) if losses else None,
         "best_step": result.best_step,
         "train_seconds": round(result.seconds, 2),
+        "data_seconds": round(result.extra.get("data_seconds", 0.0), 2),
     }
 
 

@@ -58,6 +58,9 @@ class Example:
         image_path: absolute path of the image file, or None for synthetic images.
         render: synthetic images: ``(image_size, scene)``, hashable parameters that regenerate
             the image with :func:`compressor.data.synthetic.render_shapes`.
+        fetch: images stored inside a data file (a Hugging Face dataset's image bytes):
+            ``(module, *args)``, hashable and picklable; ``module.image_bytes(*args)`` returns the
+            encoded image (so a loader worker process can read it too).
     """
 
     image_id: str
@@ -67,6 +70,7 @@ class Example:
     question_id: str | None = None
     image_path: str | None = None
     render: tuple | None = None
+    fetch: tuple | None = None
 
     def load_image(self) -> Image.Image:
         """Open (or render) the image.
@@ -85,6 +89,17 @@ class Example:
 
             image_size, scene = self.render
             return render_shapes(scene, image_size)
+        if self.fetch is not None and self.image_path is None:
+            import io
+
+            try:
+                with Image.open(io.BytesIO(self.image_bytes())) as im:
+                    return im.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(
+                    "cannot decode an image stored in the dataset; fix or remove its row",
+                    [f"image_id={self.image_id}: {e}"],
+                ) from e
         if self.image_path is None:
             raise DataError(f"example {self.image_id!r} has no image file and no render parameters")
         try:
@@ -96,6 +111,18 @@ class Example:
                 "it; data.verify_images: decode finds every such image before the run starts)",
                 [f"{self.image_path} (image_id={self.image_id}): {e}"],
             ) from e
+
+    def image_bytes(self) -> bytes:
+        """The encoded image of a ``fetch`` example (see :attr:`fetch`).
+
+        Raises:
+            ValueError: the example has no ``fetch``.
+        """
+        if self.fetch is None:
+            raise ValueError(f"example {self.image_id!r} has no stored image")
+        import importlib
+
+        return importlib.import_module(self.fetch[0]).image_bytes(*self.fetch[1:])
 
     @property
     def target(self) -> str | None:

@@ -58,6 +58,17 @@ DECODE_ALL_UP_TO = 1000
 
 
 def _check_fields(fmt: Format, r: Resolved) -> None:
+    from compressor.data.formats import formats
+
+    spec = r.spec
+    own = {f for other in formats() for f in other.spec_fields}
+    wrong = sorted(f for f in own - fmt.spec_fields if spec is not None and getattr(spec, f, None) is not None)
+    if wrong:
+        users = [o.name for o in formats() if set(wrong) & o.spec_fields]
+        verb = "does" if len(wrong) == 1 else "do"
+        raise UserInputError(
+            f"data.{', data.'.join(wrong)} {verb} not apply to format {fmt.name} (only to {', '.join(users)}); remove it"
+        )
     allowed = fmt.fields
     extra = sorted(f for f in r.src.model_fields_set if f not in allowed and getattr(r.src, f) is not None)
     if extra:
@@ -130,6 +141,8 @@ def _fingerprint(c: _Collected) -> str:
             for chunk in iter(lambda: fp.read(1 << 20), b""):
                 fh.update(chunk)
         h.update(b"\0file\0" + fh.digest())
+    for stamp in c.parsed.stamps:
+        h.update(b"\0stamp\0" + stamp.encode())
     root = c.parsed.image_root
     for p in _image_paths(c.rows):
         rel = os.path.relpath(p, root) if root else p
@@ -211,6 +224,25 @@ def _check_images(rows: list[Row], verify: str = "auto") -> tuple[list[Problem],
     return problems, set(bad)
 
 
+def _check_fetched(rows: list[Row]) -> tuple[list[Problem], set[tuple]]:
+    """The same cheap check as :func:`check_image` for images stored in a data file (``Example.fetch``)."""
+    import io
+
+    problems: list[Problem] = []
+    bad: set[tuple] = set()
+    for row in rows:
+        ex = row.example
+        if ex.fetch is None or ex.image_path is not None or ex.fetch in bad:
+            continue
+        try:
+            with Image.open(io.BytesIO(ex.image_bytes())) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many types for bad bytes
+            bad.add(ex.fetch)
+            problems.append(Problem(CORRUPT_IMAGE, row.where, f"{type(e).__name__}: {e}"))
+    return problems, bad
+
+
 def _raise_or_skip(
     spec: DataSpec, c: _Collected, problems: list[Problem], label: str, skip_hint: str
 ) -> list[str]:
@@ -270,8 +302,13 @@ def load_section(
     c = _collect(spec, section, limit)
     fingerprint = _fingerprint(c)
     image_problems, bad_paths = _check_images(c.rows, spec.verify_images)
-    skipped = _raise_or_skip(spec, c, [*c.parsed.problems, *image_problems], label or c.resolved.label, skip_hint)
-    rows = [row for row in c.rows if row.example.image_path not in bad_paths]
+    fetch_problems, bad_fetched = _check_fetched(c.rows)
+    skipped = _raise_or_skip(
+        spec, c, [*c.parsed.problems, *image_problems, *fetch_problems], label or c.resolved.label, skip_hint
+    )
+    rows = [
+        row for row in c.rows if row.example.image_path not in bad_paths and row.example.fetch not in bad_fetched
+    ]
     examples: list[Example] = [row.example for row in rows]
     logger.info(
         "loaded %s for section %s: %d example(s)%s",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from compressor.data.dataset import natural_key
@@ -46,11 +46,13 @@ class Resolved:
         name: the section key read (``test`` when ``eval`` fell back to it).
         src: the DataSource.
         part: ``train`` / ``val`` / ``test`` when the data is a share of ``data.source``, else None.
+        spec: the whole ``data:`` (settings given once for every section, such as ``columns``).
     """
 
     name: str
     src: DataSource
     part: str | None
+    spec: DataSpec | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -66,10 +68,10 @@ class Resolved:
 def _direct(spec: DataSpec, name: str) -> Resolved | None:
     src = getattr(spec, name, None)
     if src is not None:
-        return Resolved(name, src, None)
+        return Resolved(name, src, None, spec)
     if spec.source is not None and spec.split is not None and name in ("train", "val", "test"):
         if getattr(spec.split, name) > 0:
-            return Resolved(name, spec.source, name)
+            return Resolved(name, spec.source, name, spec)
     return None
 
 

@@ -53,6 +53,28 @@ from eval.metrics import default_metrics, headline_keys, keys_of, lookup
 log = logging.getLogger(__name__)
 
 
+def shard_batches(n: int, batch_size: int, rank: int, world: int) -> list[tuple[int, int]]:
+    """The batches (``(start, stop)`` of the example list) one process captions when ``world`` share the work.
+
+    The batches are the single process's batches (``batch_size`` consecutive examples each, the last
+    one shorter), dealt out in contiguous runs, so every image is captioned in the same batch as
+    in one process (same padding, same captions) and the runs of ranks 0, 1, … concatenate back to
+    the original order.
+
+    Args:
+        n: number of examples.
+        batch_size: examples per batch.
+        rank: this process's index.
+        world: number of processes (1: every batch).
+
+    Returns:
+        ``(start, stop)`` of each batch of this process, in order.
+    """
+    starts = list(range(0, n, batch_size))
+    per = -(-len(starts) // max(world, 1))
+    return [(i, min(i + batch_size, n)) for i in starts[rank * per : (rank + 1) * per]]
+
+
 def predict(
     captioner,
     examples: Sequence,
@@ -61,6 +83,8 @@ def predict(
     batch_size: int,
     progress: bool = False,
     load_image: Callable[[Any], Any] | None = None,
+    shards=None,
+    num_workers: int | None = None,
 ) -> dict[str, str]:
     """Run ``captioner`` over ``examples``.
 
@@ -74,28 +98,50 @@ def predict(
         batch_size: examples per call.
         progress: show a tqdm bar.
         load_image: example → image (default ``example.load_image()``).
+        shards: the processes of a multi-process run, every one of which calls this together
+            (``world``, ``rank``, ``gather(list) -> list`` concatenating every process's list in
+            rank order: :class:`compressor.pipeline.distributed.Dist`); each captions its share of
+            the batches (:func:`shard_batches`) and every process gets all captions. None or one
+            process: every batch here.
+        num_workers: loader worker processes decoding each batch's images ahead of the captioner
+            (:func:`compressor.data.workers.ordered_loader`; same images, same order); None: the
+            default share of the CPUs (:func:`~compressor.data.workers.default_workers`).
 
     Returns:
         key → caption (see :func:`~compressor.evaluation.outputs.example_key`), in dataset order.
     """
     from tqdm.auto import tqdm
 
+    from compressor.data.workers import ordered_loader, resolve_workers
+
     if load_image is None and hasattr(examples, "load_image"):
         load_image = examples.load_image
     examples = list(examples)  # a Dataset drops skipped examples while this runs
     load = load_image or (lambda ex: ex.load_image())
-    out: dict[str, str] = {}
-    bar = tqdm(total=len(examples), desc="caption", unit="img", disable=not progress, leave=False)
-    for i in range(0, len(examples), batch_size):
-        loaded = [(ex, load(ex)) for ex in examples[i : i + batch_size]]
+
+    def try_load(ex):  # in a loader worker: a failure is decided (raised or skipped and counted) here
+        try:
+            return ex.load_image()
+        except Exception:  # noqa: BLE001 - retried by ``load`` in this process
+            return None
+
+    world, rank = (shards.world, shards.rank) if shards is not None else (1, 0)
+    mine = shard_batches(len(examples), batch_size, rank, world)
+    pairs: list[tuple[str, str]] = []
+    bar = tqdm(total=sum(b - a for a, b in mine), desc="caption", unit="img", disable=not progress, leave=False)
+    images = ordered_loader(lambda i: [try_load(ex) for ex in examples[mine[i][0] : mine[i][1]]], len(mine),
+                            resolve_workers(num_workers))
+    for (a, b), imgs in zip(mine, images):
+        loaded = [(ex, im if im is not None else load(ex)) for ex, im in zip(examples[a:b], imgs)]
         chunk = [(ex, im) for ex, im in loaded if im is not None]
         if chunk:
             caps = captioner.caption([im for _, im in chunk], [prompt_for(ex) for ex, _ in chunk])
-            for (ex, _), cap in zip(chunk, caps):
-                out[example_key(ex, task)] = cap
+            pairs.extend((example_key(ex, task), cap) for (ex, _), cap in zip(chunk, caps))
         bar.update(len(loaded))
     bar.close()
-    return out
+    if world > 1:
+        pairs = [tuple(p) for p in shards.gather(pairs)]
+    return dict(pairs)
 
 
 def _caption_scorer(predictions, dataset, refs, keys, scorer, out) -> None:
@@ -174,7 +220,8 @@ def score_predictions(
     return out
 
 
-def score_model(model, processor, dataset, generation, device: str, metrics=None, scorer=None, progress=False) -> dict:
+def score_model(model, processor, dataset, generation, device: str, metrics=None, scorer=None, progress=False,
+                num_workers: int | None = None) -> dict:
     """Caption ``dataset`` with a PyTorch model and score it (no characteristics).
 
     Used for in-training evaluation on ``val``.
@@ -188,6 +235,7 @@ def score_model(model, processor, dataset, generation, device: str, metrics=None
         metrics: metric keys (model-based ones are skipped), or None for the task's defaults.
         scorer: an open ``CaptionScorer`` to reuse.
         progress: show a progress bar.
+        num_workers: loader worker processes decoding the images (see :func:`predict`).
 
     Returns:
         ``{"metrics", "notes", "predictions", "settings"}`` (0-100 scale).
@@ -195,7 +243,8 @@ def score_model(model, processor, dataset, generation, device: str, metrics=None
     from compressor.evaluation.captioner import TorchCaptioner
 
     captioner = TorchCaptioner(model, processor, generation, device)
-    preds = predict(captioner, dataset, dataset.task, prompt_fn(generation), generation.batch_size, progress)
+    preds = predict(captioner, dataset, dataset.task, prompt_fn(generation), generation.batch_size, progress,
+                    num_workers=num_workers)
     wanted = None if metrics is None else [m for m in metrics if m not in model_metric_keys()]
     scored = score_predictions(preds, dataset, wanted, scorer)
     return {"metrics": scored["metrics"], "notes": scored["notes"], "predictions": preds, "settings": captioner.settings}
@@ -211,7 +260,9 @@ def evaluate(
     spec=None,
     params_trainable: int | None = None,
     progress: bool = False,
-) -> tuple[dict[str, Any], dict[str, str]]:
+    shards=None,
+    num_workers: int | None = None,
+) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """Caption a dataset, score it and measure the model: one ``eval.json`` record.
 
     Args:
@@ -227,6 +278,11 @@ def evaluate(
         spec: a ``CharacteristicsSpec`` (None: defaults).
         params_trainable: parameters trained to make this model (None: unknown, noted).
         progress: show a progress bar while captioning.
+        shards: the processes of a multi-process run, all calling this together (see
+            :func:`predict`): each captions its share; the main process (rank 0) then scores the
+            gathered captions once and measures the characteristics alone; the others return
+            ``(None, predictions)``.
+        num_workers: loader worker processes decoding the images (see :func:`predict`).
 
     Returns:
         ``(record, predictions)``: the record (``task``, ``metrics``, ``characteristics``,
@@ -250,13 +306,22 @@ def evaluate(
     # A teacher's captions, when given, are always scored against.
     with_teacher = keys_of(need="teacher") if options.teacher_predictions is not None else ()
 
+    world = shards.world if shards is not None else 1
     stats = getattr(target.captioner, "stats", None)
     if stats is not None:
         stats.reset()  # speculative decoding: count the evaluated set only
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        preds = predict(target.captioner, data, task, prompt_fn(generation), generation.batch_size, progress)
+        preds = predict(target.captioner, data, task, prompt_fn(generation), generation.batch_size, progress,
+                        shards=shards, num_workers=num_workers)
         predict_s = time.perf_counter() - t0
+        if world > 1 and shards.rank != 0:
+            return None, preds
+        if world > 1:
+            notes.append(
+                f"captions from {world} processes (each its share of the batches, gathered in order); scored once; "
+                "latency, GFLOPs, peak memory and speculative acceptance measured on the main process alone"
+            )
         speculative = speculative_characteristics(target.captioner)
         scored = score_predictions(preds, data, [m for m in names if m not in model_keys], scorer)
         values: dict[str, Any] = dict(scored["metrics"])
@@ -274,6 +339,8 @@ def evaluate(
         notes.append("params_trainable is unknown: no training record comes with this model")
     chars["avg_inference_s"] = predict_s / len(data)
     chars["avg_inference_batch_size"] = generation.batch_size
+    if world > 1:
+        chars["avg_inference_processes"] = world
     chars["peak_rss_mb"] = mem.rss_mb
     if mem.cuda_mb is not None:
         chars["peak_cuda_mb"] = mem.cuda_mb

@@ -12,6 +12,12 @@ from compressor.errors import StageError
 log = logging.getLogger(__name__)
 
 
+def _one_process():
+    from compressor.pipeline.distributed import Dist
+
+    return Dist()
+
+
 @dataclass
 class StageContext:
     """What a stage may read besides its input folder.
@@ -29,6 +35,8 @@ class StageContext:
             ``params_trainable``).
         checkpoint_dir: where a training stage saves its training state (and from whose newest
             state ``--resume`` continues it); set by the runner for stages that train, else None.
+        dist: this process's place in a multi-process run
+            (:class:`~compressor.pipeline.distributed.Dist`; one process by default).
     """
 
     recipe: Any
@@ -41,6 +49,7 @@ class StageContext:
     progress: bool = True
     last_trainable: int = 0
     checkpoint_dir: Path | None = None
+    dist: Any = field(default_factory=lambda: _one_process())
     _data_cache: dict = field(default_factory=dict)
     _scorer: Any = None
 
@@ -67,6 +76,13 @@ class StageContext:
                 raise StageError(f"stage {self.index} needs `data:` in the recipe")
             self._data_cache[key] = load_section(self.recipe.data, section, limit=limit)
         return self._data_cache[key]
+
+    @property
+    def num_workers(self) -> int:
+        """Loader worker processes (``data.num_workers``, or the default share of the CPUs)."""
+        from compressor.data.workers import resolve_workers
+
+        return resolve_workers(self.recipe.data.num_workers if self.recipe.data is not None else None)
 
     @property
     def dtype(self) -> str:

@@ -4,8 +4,15 @@ Every process runs the runner; only the main process (rank 0) writes the run dir
 that train (those whose declaration says ``trains``) run in every process together: the training
 loop (:mod:`compressor.training`) wraps the model in DistributedDataParallel through accelerate and
 each process trains on its share of every batch; the main process writes the stage folder, the
-others write into a scratch folder that is deleted. Every other stage runs on the main process
-while the others wait at a barrier; stage folder names are deterministic (hashes of the stage
+others write into a scratch folder that is deleted. Stages declared ``sharded`` (``evaluate``,
+``predict``) also run in every process: each captions its share of the batches
+(:func:`compressor.evaluation.harness.shard_batches`), :meth:`Dist.gather` brings every caption to
+every process in the original order, and the main process scores them once, measures latency
+alone and writes the output, which equals a single process's. Importance calibration
+(``remove_layers`` by block influence) stays on the main process: a few calibration batches of
+forward passes, seconds against an evaluation's thousands of beam-searched captions, and its
+per-layer statistics would have to be all-reduced for a speed-up that does not matter. Every
+other stage runs on the main process while the others wait at a barrier; stage folder names are deterministic (hashes of the stage
 key), so every process then continues from the same folders. The artifacts are the same as a
 single-process run's.
 
@@ -53,6 +60,17 @@ class Dist:
             from accelerate import PartialState
 
             PartialState().wait_for_everyone()
+
+    def gather(self, items: list) -> list:
+        """Every process's ``items`` concatenated in rank order, on every process (picklable items).
+
+        Every process must call it; one process: ``items`` itself.
+        """
+        if not self.enabled:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
 
     def scratch_dir(self, run_dir: Path, name: str) -> Path:
         """A private folder for a non-main process's copy of a training stage's output."""

@@ -59,6 +59,8 @@ def report_markdown(report: dict, plots: list[str] | None = None) -> str:
     """
     labels = list(report["evaluations"])
     parts = [f"# Run report: {report['recipe']}", "", f"Recipe hash `{report['recipe_hash'][:12]}`, wall time {report['seconds']:.1f} s.", ""]
+    if "fast_dev_run" in report:
+        parts += [f"> **{report['fast_dev_run']['note'][0].upper()}{report['fast_dev_run']['note'][1:]}.**", ""]
     if labels:
         parts += ["## Metrics and characteristics", "", comparison_markdown(labels, report["evaluations"])]
         for lab in labels:

@@ -39,6 +39,7 @@ SECTIONS_BEFORE_STAGES: list[tuple[str, type[BaseModel]]] = [
     ("data", S.DataSpec),
     ("data.<section> (train, val, eval, test, calibration, source)", S.DataSource),
     ("data.split", S.SplitSpec),
+    ("data.columns", S.ColumnsSpec),
     ("generation", S.GenerationSpec),
 ]
 #: Recipe sections after the stages: (title, model).

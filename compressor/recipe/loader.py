@@ -33,12 +33,15 @@ class LoadedRecipe:
         source: the YAML file it was read from.
         lines: field path → YAML line (1-based), or the ``--set`` text that set it.
         overrides: the ``--set`` strings applied, in order.
+        fast_dev_run: training steps per stage when the recipe was cut to a fast dev run
+            (:mod:`compressor.recipe.dev_run`), else None.
     """
 
     recipe: Any
     source: Path
     lines: dict[Path_, int | str] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    fast_dev_run: int | None = None
 
     def resolved_dict(self) -> dict:
         """The recipe with every default made explicit (what ``recipe.resolved.yaml`` holds)."""

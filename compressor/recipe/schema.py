@@ -110,10 +110,21 @@ class DataSource(Strict):
         "`question_id` column, or `image_name,caption`).",
     )
     images: str | None = Field(None, description="Folder the image file names are relative to.")
-    path: str | None = Field(None, description="imagefolder: the folder holding images and metadata.jsonl.")
-    split: str | None = Field(
-        None, description="karpathy: which split of the file to read (`train` includes `restval`; `val`, `test`; `a+b` reads both)."
+    path: str | None = Field(
+        None,
+        description="imagefolder: the folder holding images and metadata.jsonl; hf: a `save_to_disk` folder, a "
+        "Parquet / Arrow / JSON-lines file (or glob, or a folder of them), or a Hub dataset id.",
     )
+    split: str | None = Field(
+        None,
+        description="karpathy: which split of the file to read (`train` includes `restval`; `val`, `test`; `a+b` reads both); "
+        "hf: the dataset's split (`train`, `validation` …; default: its only split).",
+    )
+    streaming: bool | None = Field(
+        None, description="hf: stream the rows instead of downloading the whole dataset (large Hub datasets; "
+        "reads in stream order, stopping after `limit`)."
+    )
+    revision: str | None = Field(None, description="hf: the Hub dataset's revision (branch, tag or commit).")
     limit: int | None = Field(
         None, ge=1, description="Use only the first N examples after sorting by image id (images for captioning, questions for VQA)."
     )
@@ -140,6 +151,25 @@ class SplitSpec(Strict):
         return self
 
 
+class ColumnsSpec(Strict):
+    """Which columns of a Hugging Face dataset hold the image and the texts (format `hf`)."""
+
+    image: str = Field("image", description="The image: a `datasets.Image` column, image bytes, or a file path.")
+    caption: str | None = Field(
+        None, description="Captions: a string or a list of strings per row (repeated rows of one `id` add up); "
+        "default: the first of `captions`, `caption`, `text` the dataset has."
+    )
+    question: str = Field("question", description="VQA: the question.")
+    answer: str | None = Field(
+        None, description="VQA: the answer, or a list of human answers (strings or `{answer: …}`); "
+        "default: `answers` or `answer`; none: unlabelled."
+    )
+    id: str | None = Field(
+        None, description="The image id (rows sharing it are one image); default: the image file's name, else the row number."
+    )
+    question_id: str | None = Field(None, description="VQA: the question id; default `question_id` when present, else `<id>-<row>`.")
+
+
 DataFormat = Literal[format_names()]  # the registry's formats, in its order
 SECTIONS = ("train", "val", "eval", "test", "calibration")
 
@@ -159,6 +189,7 @@ class DataSpec(Strict):
     calibration: DataSource | None = Field(None, description="Batches for importance scores (default: train).")
     source: DataSource | None = Field(None, description="One file without splits, divided by `split`.")
     split: SplitSpec | None = Field(None, description="How to divide `source` into train/val/test.")
+    columns: ColumnsSpec | None = Field(None, description="hf: the dataset columns holding the image, captions, questions, answers.")
     skip_invalid: bool = Field(
         False, description="Skip bad rows (missing/corrupt image, empty caption …) and count them, instead of exit 2; "
         "an image that fails to decode later, while a stage reads it, is skipped and counted too."
@@ -167,6 +198,10 @@ class DataSpec(Strict):
         "auto", description="How pre-flight checks images: `auto` decodes every image of a section of up to 1000 "
         "images and, above that, checks each file's header and end (a truncated JPEG or PNG is found; other damage "
         "inside a file only when a stage decodes it); `decode` decodes every image.",
+    )
+    num_workers: int | None = Field(
+        None, ge=0, description="Loader worker processes decoding and preprocessing images for training, evaluation "
+        "and prediction (same batches, same order as 0). Default: a quarter of the CPUs, at most 4 (0 below 4 CPUs).",
     )
 
     @model_validator(mode="after")

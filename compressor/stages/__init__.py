@@ -71,6 +71,9 @@ class Declaration:
         trains: it runs a training loop: every process of an ``accelerate launch`` runs it
             together (the others wait at a barrier for every other stage), and the number of
             processes is part of its cache key.
+        sharded: under ``accelerate launch`` every process runs it, each on its share of the data
+            (captions of its batches), and the main process gathers, scores and writes its output; its
+            output equals a single process's, so the number of processes is not part of its key.
         uses_generation: the recipe's decoding settings are part of its cache key.
         data: ``cfg → {data section: example limit or None}``: the sections it reads (part of
             its cache key, loaded and checked by pre-flight; a recipe without ``data:`` is refused).
@@ -108,6 +111,7 @@ class Declaration:
     run: Callable[..., dict]
     produces_model: bool
     trains: bool = False
+    sharded: bool = False
     uses_generation: bool = False
     data: Callable[[Any], dict[str, int | None]] = _none
     references: Callable[[Any], dict[str, tuple[str, tuple]]] = _none

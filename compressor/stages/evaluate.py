@@ -135,7 +135,11 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         spec=cfg.characteristics,
         params_trainable=int(ctx.last_trainable or 0),
         progress=ctx.progress,
+        shards=ctx.dist if ctx.dist.enabled else None,
+        num_workers=ctx.num_workers,
     )
+    if record is None:  # another process of a multi-process run: it captioned its share, the main one writes
+        return {}
     record = {"label": cfg.label, **record}
     record["data"] = {"section": cfg.data, **record["data"]}
     atomic_write_json(out_dir / "eval.json", finite(record))
@@ -262,4 +266,5 @@ STAGE = Declaration(
     output="evaluation",
     check_recipe=check_recipe,
     check_data=check_data,
+    sharded=True,
 )

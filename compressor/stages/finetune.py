@@ -58,6 +58,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         save_checkpoint=lambda m, d: save_model(m, processor, d),
         progress=ctx.progress,
         checkpoint_dir=ctx.checkpoint_dir,
+        num_workers=ctx.num_workers,
     )
     best = out_dir / "best"
     if result.best_step is not None and best.is_dir():

@@ -174,6 +174,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         save_checkpoint=saver,
         progress=ctx.progress,
         checkpoint_dir=ctx.checkpoint_dir,
+        num_workers=ctx.num_workers,
     )
     best = out_dir / "best"
     use_best = result.best_step is not None and best.is_dir()

@@ -105,6 +105,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         save_checkpoint=adapter_saver,
         progress=ctx.progress,
         checkpoint_dir=ctx.checkpoint_dir,
+        num_workers=ctx.num_workers,
     )
     out_model = link_base_model(input_dir, model_dir(out_dir))
     best = out_dir / "best"

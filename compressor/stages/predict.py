@@ -46,7 +46,11 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
 
         model, processor = load_working_model(input_dir, ctx)
         captioner = TorchCaptioner(model, processor, gen, ctx.device)
-    preds = predict(captioner, data, data.task, prompt_fn(gen), gen.batch_size, ctx.progress)
+    shards = ctx.dist if ctx.dist.enabled else None
+    preds = predict(captioner, data, data.task, prompt_fn(gen), gen.batch_size, ctx.progress, shards=shards,
+                    num_workers=ctx.num_workers)
+    if shards is not None and not shards.main:  # the main process writes the gathered predictions
+        return {}
     name = cfg.out or ("answers.csv" if data.task == "vqa" else "predictions.json")
     if name.lower().endswith(".csv"):
         if data.task == "vqa":
@@ -65,4 +69,5 @@ STAGE = Declaration(
     uses_generation=True,
     data=lambda cfg: {cfg.data: cfg.limit},
     reads_export=lambda cfg: cfg.backend == "onnx",
+    sharded=True,
 )

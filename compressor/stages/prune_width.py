@@ -78,7 +78,8 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         from compressor.importance import calibration_batches
 
         data = ctx.data(cfg.calibration.data)
-        batches = calibration_batches(model, processor, data, cfg.calibration, ctx.recipe.generation.prompt, ctx.device)
+        batches = calibration_batches(model, processor, data, cfg.calibration, ctx.recipe.generation.prompt, ctx.device,
+                                      ctx.num_workers)
         grads = calibration_gradients(model, batches)
     plans = plan_width(
         model,

@@ -125,7 +125,8 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         from compressor.importance import calibration_batches, plot_importance, select_layers, stack_scores
 
         data = ctx.data(cfg.calibration.data)
-        batches = calibration_batches(model, processor, data, cfg.calibration, ctx.recipe.generation.prompt, ctx.device)
+        batches = calibration_batches(model, processor, data, cfg.calibration, ctx.recipe.generation.prompt, ctx.device,
+                                      ctx.num_workers)
         scores = stack_scores(model, family, by_importance, batches)
         chosen = selections(cfg, family)
         for part in by_importance:

@@ -1,9 +1,10 @@
-"""The published experiments' recipes end to end on tiny models and small synthetic files.
+"""Every recipe in recipes/ end to end under `compress apply --fast-dev-run` on tiny models and small files.
 
-Each recipe in recipes/ runs through `compress apply` (in this process, one METEOR JVM for the
-session) with only the model, the data paths, the step counts and (on the CPU) the 8-bit base
-overridden by `--set`, plus `push.dry_run=true` (no network) and local model folders for the
-embedding metrics. Where the recipe removes layers, a tiny BLIP-2 OPT deep enough for it (an
+Each recipe runs through `compress apply RECIPE --fast-dev-run` (in this process, one METEOR JVM
+for the session): 2 training steps per stage, at most 4 examples per data section, 4 new tokens,
+characteristics once, push as a dry run. Only the model, the data paths and (on the CPU) the
+8-bit base are overridden by `--set`, plus local model folders for the embedding metrics; a test
+checks that every file of recipes/ is run here. Where the recipe removes layers, a tiny BLIP-2 OPT deep enough for it (an
 8-layer Q-Former, 6 OPT layers, 32 wide); tiny presets elsewhere. Every test also
 checks that every LoRA part of the recipe matched at least one module (matches.json).
 
@@ -195,15 +196,15 @@ def shared_scorer():
         yield scorer
 
 
-def apply(recipe: str, out: Path, overrides: list[str], scorer, monkeypatch) -> tuple[int, str]:
-    """`compress apply` in this process; returns (exit code, stderr + stdout)."""
+def apply(recipe: str, out: Path, overrides: list[str], scorer, monkeypatch, fast: bool = True) -> tuple[int, str]:
+    """`compress apply RECIPE --fast-dev-run` in this process; returns (exit code, stderr + stdout)."""
     from click.testing import CliRunner
 
     from compressor.cli import cli
     from compressor.pipeline.context import StageContext
 
     monkeypatch.setattr(StageContext, "scorer", lambda self: scorer)
-    args = ["apply", str(RECIPES / recipe), "--out", str(out)]
+    args = ["apply", str(RECIPES / recipe), "--out", str(out), *(["--fast-dev-run"] if fast else [])]
     for o in overrides:
         args += ["--set", o]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -216,22 +217,36 @@ def karpathy_data(m) -> list[str]:
     return [f"data.{s}.annotations={a}" for s in ("train", "val", "eval")] + [f"data.{s}.images={i}" for s in ("train", "val", "eval")]
 
 
-def steps(*indices: int, n: int = 2) -> list[str]:
-    return [f"stages.{i}.train.steps={n}" for i in indices]
+#: Recipes run by each test below (a test checks this covers recipes/).
+COVERED = {"q6.yaml", "q8.yaml", "llm28.yaml", "llm28_q8.yaml", "rsicd_lora.yaml", "coco5k_lora.yaml",
+           "vizwiz_blip_base_full.yaml", "vizwiz_blip_large_lora.yaml", "vqa_lora.yaml", "instructblip_lora.yaml",
+           "shapes_teacher.yaml", "smollm2_coco.yaml", "demo.yaml"}
 
 
 def check_run(out: Path, labels: list[str], code: int, log: str) -> dict:
-    """Exit 0 (gate passed, push dry run written) or 1 (gate failed, report written, no push)."""
-    assert code in (0, 1), log
+    """A fast dev run: exit 0 whatever the gate says (checked, reported, not enforced), the push a dry run."""
+    assert code == 0, log
+    assert "its metrics mean nothing" in log
     report = json.loads((out / "report.json").read_text())
     assert set(labels) <= set(report["evaluations"]), report["evaluations"].keys()
-    assert "gate" in report
-    if code == 0:
-        assert report["gate"]["passed"] and report["push"]["dry_run"] and (out / "push").is_dir()
-    else:
-        assert not report["gate"]["passed"] and not (out / "push").exists()
+    assert report["fast_dev_run"]["steps"] == 2
+    if "gate" in report:
+        assert report["gate"]["summary"]
+    if report.get("push"):
+        assert report["push"]["dry_run"] and (out / "push").is_dir()
     assert (out / "final" / "config.json").is_file()
+    for folder in (out / "stages").iterdir():
+        rec = json.loads((folder / "stage.json").read_text())
+        if "steps" in rec["summary"]:
+            assert rec["summary"]["steps"] == 2, folder.name
+    for ev in report["evaluations"].values():
+        assert ev["data"]["examples"] <= 4
+        assert ev["characteristics"].get("latency_batch_size") in (1, None)
     return report
+
+
+def test_every_recipe_runs_here():
+    assert {p.name for p in RECIPES.glob("*.yaml")} == COVERED
 
 
 def check_lora_matches(out: Path, lora_stages: list[int]) -> None:
@@ -259,8 +274,7 @@ def check_lora_matches(out: Path, lora_stages: list[int]) -> None:
 @pytest.mark.parametrize("recipe", ["q6.yaml", "q8.yaml", "llm28.yaml", "llm28_q8.yaml"])
 def test_rsicd_pruning_table(recipe, material, shared_scorer, monkeypatch, tmp_path):
     out = tmp_path / "run"
-    code, log = apply(recipe, out, [f"model={material['deep']}", *karpathy_data(material), *steps(0, 4),
-                                     "push.dry_run=true"], shared_scorer, monkeypatch)
+    code, log = apply(recipe, out, [f"model={material['deep']}", *karpathy_data(material)], shared_scorer, monkeypatch)
     report = check_run(out, ["baseline", "candidate"], code, log)
     check_lora_matches(out, [0, 4])
     removal = next(json.loads((f / "removal.json").read_text()) for f in (out / "stages").iterdir() if (f / "removal.json").is_file())
@@ -277,8 +291,7 @@ def test_rsicd_pruning_table(recipe, material, shared_scorer, monkeypatch, tmp_p
 
 def test_rsicd_lora(material, shared_scorer, monkeypatch, tmp_path):
     out = tmp_path / "run"
-    code, log = apply("rsicd_lora.yaml", out, ["model=tiny-blip2-opt", *karpathy_data(material), *steps(1),
-                                               "stages.1.train.eval_every=1", "push.dry_run=true"], shared_scorer, monkeypatch)
+    code, log = apply("rsicd_lora.yaml", out, ["model=tiny-blip2-opt", *karpathy_data(material)], shared_scorer, monkeypatch)
     report = check_run(out, ["zero_shot", "finetuned"], code, log)
     check_lora_matches(out, [1])
     assert report["evaluations"]["finetuned"]["decoding"]["num_beams"] == 5
@@ -304,15 +317,13 @@ def test_coco5k_lora_on_cpu(material, shared_scorer, monkeypatch, tmp_path):
     out = tmp_path / "run"
     m = material["root"] / "coco5k"
     code, log = apply("coco5k_lora.yaml", out, ["model=tiny-blip2-opt", f"data.source.annotations={m / 'captions.json'}",
-                                                f"data.source.images={m / 'images'}", "stages.1.quantization=null",
-                                                *steps(1), "push.dry_run=true"], shared_scorer, monkeypatch)
+                                                f"data.source.images={m / 'images'}", "stages.1.quantization=null"], shared_scorer, monkeypatch)
     report = check_run(out, ["before", "after"], code, log)
     check_lora_matches(out, [1])
     metrics = report["evaluations"]["after"]["metrics"]
     assert {"bleu_1", "bleu_4", "rouge_1", "rouge_2", "meteor", "cider"} <= set(metrics)
     assert report["evaluations"]["after"]["data"]["examples"] == 2  # the 10 % test share of 20 images
-    if code == 0:
-        assert (out / "push" / "adapter_config.json").is_file()
+    assert (out / "push" / "adapter_config.json").is_file()
 
 
 @pytest.mark.parametrize("recipe", ["vizwiz_blip_base_full.yaml", "vizwiz_blip_large_lora.yaml"])
@@ -321,8 +332,7 @@ def test_vizwiz(recipe, material, shared_scorer, monkeypatch, tmp_path):
     v = material["root"] / "vizwiz"
     data = [f"data.{s}.annotations={v / 'annotations' / (s + '.json')}" for s in ("train", "val", "test")]
     data += [f"data.{s}.images={v / s}" for s in ("train", "val", "test")]
-    code, log = apply(recipe, out, ["model=tiny-blip", *data, *steps(1), "stages.1.train.eval_every=1",
-                                    "push.dry_run=true"], shared_scorer, monkeypatch)
+    code, log = apply(recipe, out, ["model=tiny-blip", *data], shared_scorer, monkeypatch)
     check_run(out, ["zero_shot", "finetuned"], code, log)
     train = json.loads(next((out / "stages").glob("01-*/stage.json")).read_text())
     assert train["summary"]["best_step"] is not None  # the best checkpoint by CIDEr-D on val was kept
@@ -339,19 +349,18 @@ def test_vqa_lora(material, shared_scorer, monkeypatch, tmp_path):
     p = material["root"] / "products"
     code, log = apply("vqa_lora.yaml", out, [
         "model=tiny-blip2-opt", f"data.source.annotations={p / 'train.csv'}", f"data.source.images={p / 'images'}",
-        f"data.test.annotations={p / 'test.csv'}", f"data.test.images={p / 'test_images'}", *steps(1),
-        f"stages.0.bertscore.model={material['bert']}", f"stages.2.bertscore.model={material['bert']}", "push.dry_run=true",
+        f"data.test.annotations={p / 'test.csv'}", f"data.test.images={p / 'test_images'}",
+        f"stages.0.bertscore.model={material['bert']}", f"stages.2.bertscore.model={material['bert']}",
     ], shared_scorer, monkeypatch)
     report = check_run(out, ["before", "after"], code, log)
     check_lora_matches(out, [1])
     after = report["evaluations"]["after"]
     assert {"vqa_accuracy", "bertscore_f1"} <= set(after["metrics"])
-    assert after["data"]["examples"] == 6  # 20 % of 10 images, 3 questions each
+    assert after["data"]["examples"] == 4  # 20 % of 10 images, 3 questions each: 6, cut to 4
     answers = next((out / "stages").glob("*-predict-*/answers.csv"))
     rows = list(csv.DictReader(answers.open()))
-    assert len(rows) == 9 and set(rows[0]) == {"image_name", "question", "answer"}
-    if code == 0:
-        assert (out / "push" / "adapter_config.json").is_file() and (out / "push" / "adapter_model.safetensors").is_file()
+    assert len(rows) == 4 and set(rows[0]) == {"image_name", "question", "answer"}
+    assert (out / "push" / "adapter_config.json").is_file() and (out / "push" / "adapter_model.safetensors").is_file()
 
 
 def test_instructblip_lora(material, shared_scorer, monkeypatch, tmp_path):
@@ -359,13 +368,98 @@ def test_instructblip_lora(material, shared_scorer, monkeypatch, tmp_path):
     a, i = material["kp_ann"], material["kp_images"]
     code, log = apply("instructblip_lora.yaml", out, [
         "model=tiny-instructblip", f"data.train.annotations={a}", f"data.train.images={i}", f"data.eval.annotations={a}",
-        f"data.eval.images={i}", *steps(1), f"stages.0.clipscore.model={material['clip']}",
-        f"stages.4.clipscore.model={material['clip']}", "push.dry_run=true",
+        f"data.eval.images={i}", f"stages.0.clipscore.model={material['clip']}",
+        f"stages.4.clipscore.model={material['clip']}",
     ], shared_scorer, monkeypatch)
     report = check_run(out, ["before", "after"], code, log)
     check_lora_matches(out, [1])
     assert {"rouge_1", "rouge_2", "rouge_l", "clipscore"} <= set(report["evaluations"]["after"]["metrics"])
     assert report["evaluations"]["after"]["decoding"]["prompt"] == "A short image description:"
+
+
+def test_shapes_teacher(shared_scorer, monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    code, log = apply("shapes_teacher.yaml", out, [], shared_scorer, monkeypatch)
+    report = check_run(out, ["teacher"], code, log)
+    assert report["evaluations"]["teacher"]["data"]["examples"] == 4
+
+
+def test_smollm2_coco(material, shared_scorer, monkeypatch, tmp_path):
+    """The real-input demo's chain (block-influence removal, distillation, ONNX candidate, perplexity and
+    teacher CIDEr) on the tiny Llama-decoder BLIP-2 instead of the wheels' SmolLM2."""
+    out = tmp_path / "run"
+    m = material["root"] / "coco5k"
+    data = [f"data.{s}.{k}={v}" for s in ("train", "eval") for k, v in (("annotations", m / "captions.json"), ("images", m / "images"))]
+    code, log = apply("smollm2_coco.yaml", out, ["model=tiny-blip2-llama", *data, "stages.3.language_model.count=2"],
+                      shared_scorer, monkeypatch)
+    report = check_run(out, ["baseline", "candidate"], code, log)
+    check_lora_matches(out, [0, 4])
+    cand = report["evaluations"]["candidate"]
+    assert cand["decoding"]["backend"] == "onnxruntime" and {"perplexity", "teacher_cider"} <= set(cand["metrics"])
+
+
+def _hf_demo_data(path: Path, edited: str | None = None) -> None:
+    """The demo's data as a Hugging Face dataset: train/validation splits, PNG bytes, 2 captions per image."""
+    import io
+
+    import datasets
+
+    from compressor.data.synthetic import render_shapes, synthetic_examples
+
+    def split(seed: int, n: int):
+        exs = synthetic_examples(seed, n, 64, "caption")
+        images = []
+        for ex in exs:
+            buf = io.BytesIO()
+            render_shapes(ex.render[1], ex.render[0]).save(buf, "PNG")
+            images.append({"bytes": buf.getvalue(), "path": None})
+        return images, [list(ex.captions[:2]) for ex in exs]
+
+    feats = datasets.Features({"image": datasets.Image(), "captions": datasets.List(datasets.Value("string"))})
+    (ti, tc), (vi, vc) = split(300, 8), split(2000, 4)
+    if edited is not None:
+        vc[1][0] = edited
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": ti, "captions": tc}, features=feats),
+                               "validation": datasets.Dataset.from_dict({"image": vi, "captions": vc}, features=feats)})
+    datasets.disable_progress_bars()
+    tmp = path.with_name(path.name + ".new")
+    dd.save_to_disk(str(tmp))
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def test_demo_on_a_hugging_face_dataset(shared_scorer, monkeypatch, tmp_path):
+    """The demo chain on `format: hf` (a save_to_disk DatasetDict, images as bytes); editing one validation
+    caption reruns exactly the stages that read that split; a missing column exits 2 naming what is there."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    ds = tmp_path / "shapes_hf"
+    _hf_demo_data(ds)
+    data = f"data={{format: hf, train: {{path: {ds}, split: train}}, eval: {{path: {ds}, split: validation}}}}"
+    # the ONNX path of the demo is test_demo_recipe's; here the chain up to the safetensors export
+    overrides = [data, "stages.6.formats=[safetensors]", "stages.7.backend=torch"]
+    out = tmp_path / "run"
+    code, log = apply("demo.yaml", out, overrides, shared_scorer, monkeypatch)
+    report = check_run(out, ["baseline", "candidate"], code, log)
+    assert report["evaluations"]["baseline"]["data"]["examples"] == 4
+    first = json.loads((out / "manifest.json").read_text())["stages"]
+
+    _hf_demo_data(ds, edited="an edited caption")
+    code, log = apply("demo.yaml", out, overrides, shared_scorer, monkeypatch)
+    check_run(out, ["baseline", "candidate"], code, log)
+    second = json.loads((out / "manifest.json").read_text())["stages"]
+    reran = [s["type"] for s in second if s["status"] == "ran"]
+    assert reran == ["evaluate", "evaluate"], [(s["type"], s["status"]) for s in second]
+    assert [s["key"] for s in second if s["type"] != "evaluate"] == [s["key"] for s in first if s["type"] != "evaluate"]
+
+    bad = tmp_path / "bad"
+    code, log = apply("demo.yaml", bad, [*overrides, "data.columns={caption: sentences}"], shared_scorer, monkeypatch)
+    assert code == 2, log
+    assert "data.columns.caption" in log and "'sentences'" in log and "Its columns: image, captions" in log
+    assert not bad.exists()
 
 
 def test_every_published_recipe_validates_and_plans_where_known():

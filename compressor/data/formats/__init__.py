@@ -43,6 +43,7 @@ REGISTRY: dict[str, str] = {
     "karpathy": "compressor.data.formats.karpathy",
     "csv": "compressor.data.formats.csv",
     "imagefolder": "compressor.data.formats.imagefolder",
+    "hf": "compressor.data.formats.hf",
     "synthetic": "compressor.data.synthetic",
 }
 
@@ -63,6 +64,8 @@ class Format:
         name: the format's name (``data.format`` in a recipe); must equal its registry key.
         description: one line for the recipe reference (what files the format reads).
         fields: the ``DataSource`` fields it reads; any other field set in the recipe is an error.
+        spec_fields: the ``DataSpec`` fields (set once for every section) it reads beyond those every
+            format shares; another format given one of them is an error.
         example: a section in YAML flow style, shown in messages (``{path: images/}``).
         read: ``read(src, key, task, settings) -> Parsed``: reads one ``DataSource`` (``key``
             is its recipe key for messages, ``settings`` what :attr:`settings` returned) into
@@ -90,6 +93,7 @@ class Format:
     detect: Callable[[str], int] | None = None
     path_source: Callable[[str, str | None], dict] | None = None
     path_task: Callable[[str], str] = _caption
+    spec_fields: frozenset[str] = frozenset()
 
 
 def format_names() -> tuple[str, ...]:

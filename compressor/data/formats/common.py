@@ -68,12 +68,15 @@ class Parsed:
         problems: bad rows (skippable).
         files: annotation files read (their bytes enter the fingerprint).
         image_root: the folder image paths are relative to (for the fingerprint), or None.
+        stamps: anything else that identifies the data read, in the fingerprint as given (a
+            dataset's own fingerprint, a large data file's name, size and mtime).
     """
 
     rows: list[Row] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     image_root: str | None = None
+    stamps: list[str] = field(default_factory=list)
 
 
 def resolve_in(root: str, name: str) -> str | None:

@@ -124,3 +124,32 @@ def test_loaded_quantised_base_is_refused():
     model.is_quantized = True
     with pytest.raises(UserInputError, match="4/8 bits"):
         check_not_quantized(model)
+
+
+def test_in_place_merge_never_writes_its_input_and_refuses_non_finite_weights(tmp_path):
+    """The merge goes into the memory-mapped base (copy-on-write): the input folder keeps its bytes; a broken
+    adapter (inf in lora_B) fails the finiteness check with nothing written."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from compressor.errors import VerificationError
+
+    def digest(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.safetensors"))}
+
+    recipe = make_recipe([{"type": "lora_finetune", "parts": PARTS["tiny-blip2-opt"]}, {"type": "merge_adapters"}])
+    src = adapter_folder("tiny-blip2-opt", tmp_path / "in")
+    before = digest(src)
+    run_stage(recipe, 1, src, tmp_path / "out")
+    assert digest(src) == before
+    bad = adapter_folder("tiny-blip2-opt", tmp_path / "bad")
+    f = bad / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    name = next(k for k in tensors if "lora_B" in k)
+    tensors[name] = torch.full_like(tensors[name], float("inf"))
+    save_file(tensors, str(f))
+    before = digest(bad)
+    with pytest.raises(VerificationError, match="non-finite weights"):
+        run_stage(recipe, 1, bad, tmp_path / "out2")
+    assert not (tmp_path / "out2" / "model").exists() and digest(bad) == before

@@ -26,7 +26,7 @@ def test_every_registered_module_declares_its_format_and_the_schema_lists_them()
     from compressor.recipe.schema import DataFormat
 
     names = registry.format_names()
-    assert names == ("coco", "karpathy", "csv", "imagefolder", "synthetic")  # the order DESIGN.md lists
+    assert names == ("coco", "karpathy", "csv", "imagefolder", "hf", "synthetic")  # the order DESIGN.md lists (+ hf)
     assert typing.get_args(DataFormat) == names
     for fmt in registry.formats():
         assert "limit" in fmt.fields and fmt.example.startswith("{")
@@ -137,4 +137,4 @@ def test_a_new_format_is_one_module_plus_one_registry_line(tmp_path):
     assert lines[1] == "tsv 2"
     assert lines[2].startswith("data.test: path do(es) not apply to format tsv (it reads annotations, images, limit)")
     assert lines[3].endswith("Add `data.eval: {annotations: a.tsv, images: im/}` to the recipe.")
-    assert lines[4].endswith("give --data-format coco|karpathy|csv|imagefolder|tsv")
+    assert lines[4].endswith("give --data-format coco|karpathy|csv|imagefolder|hf|tsv")

@@ -182,7 +182,7 @@ def test_a_new_stage_is_one_module_and_one_registry_line(throwaway):
     assert "stages: type: scale_embeddings" in ref and "What the embeddings are multiplied by." in ref
     card = stage_card({"type": "scale_embeddings", "summary": {"factor": 2.0}})
     assert card == {"description": "Multiply the input embeddings by a factor (a test stage).",
-                    "details": ["factor 2.0"], "tags": ["scaled"], "limitations": []}
+                    "details": ["factor 2.0"], "tags": ["scaled"], "limitations": [], "loading": None}
 
 
 def test_the_union_types_docs_and_card_all_come_from_the_registry():
