@@ -257,13 +257,17 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
         with_processor: also load the processor (None if the folder has none).
 
     A folder with ``shape_plan.json`` (a width-pruned model) is loaded through
-    :func:`compressor.models.shapes.load_planned`, exactly.
+    :func:`compressor.models.shapes.load_planned`, exactly. A compressed-tensors quantized folder
+    (the ``quantize`` stage's) is checked and loaded by :func:`compressor.quantization.load_quantized`:
+    plain ``nn.Linear`` modules holding the dequantized weights, the scales kept on the model.
 
     Returns:
         ``(model, processor_or_None)``, the model in eval mode.
 
     Raises:
         ModelSpecError: the folder is not a BLIP-family model.
+        CorruptInputError: a quantized folder whose scales do not match its weights (exit 2).
+        UserInputError: a quantized folder without the compressed-tensors package (exit 2).
     """
     from transformers import AutoConfig
 
@@ -282,7 +286,12 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = torch_dtype(dtype)
-    model = family.model_cls().from_pretrained(str(path), **kwargs)
+    from compressor.quantization import is_quantized_folder, load_quantized
+
+    if is_quantized_folder(path):  # compressed-tensors: scales checked, then dequantized linears
+        model = load_quantized(path, family, kwargs.get("dtype"))
+    else:
+        model = family.model_cls().from_pretrained(str(path), **kwargs)
     model.to(device)
     model.eval()
     processor = load_processor(path) if with_processor else None
