@@ -59,6 +59,9 @@ def _targets(model_dir: Path, out: Path | None, onnx: bool, safetensors: bool) -
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Weights dtype (default: as saved).")
 @click.option("--opset", type=click.IntRange(min=14), help="ONNX opset (default: 23 with dynamo, the legacy exporter's own with legacy).")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a dynamically quantised int8 decoder.")
+@click.option("--variant", "variants", multiple=True, type=click.Choice(["fp16", "int8", "int4"]),
+              help="Also write this precision variant (repeatable): fp16 every graph, int8/int4 the decoder (MatMulNBits); "
+              "each validated against PyTorch.")
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True,
               help="torch.onnx exporter (dynamo keeps bf16 weights and survives real sizes).")
 @click.option("--no-optimize", is_flag=True, help="Skip the ORT_ENABLE_ALL-optimised copies.")
@@ -70,7 +73,7 @@ def _targets(model_dir: Path, out: Path | None, onnx: bool, safetensors: bool) -
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where validation runs ONNX Runtime (cuda needs the [gpu] extra).")
 @click.pass_obj
-def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, exporter, no_optimize, no_twin_check,
+def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, variants, exporter, no_optimize, no_twin_check,
            isolate_graphs, tolerance, max_shard_size, device):
     """Export MODEL_DIR (default: the newest runs/*/final) to ONNX and/or safetensors.
 
@@ -87,6 +90,8 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
         raise UserInputError("choose what to write: --onnx and/or --safetensors")
     if quantize and not onnx:
         raise UserInputError("--quantize int8 applies to the ONNX decoder: add --onnx")
+    if variants and not onnx:
+        raise UserInputError("--variant applies to the ONNX graphs: add --onnx")
     model_dir = model_dir if model_dir is not None else newest_final()
     if not model_dir.exists():
         raise ModelSpecError(f"{model_dir}: no such folder")
@@ -116,6 +121,7 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
             exporter=exporter,
             optimize=not no_optimize,
             quantize=quantize,
+            variants=tuple(variants),
             tolerance=tolerance,
             twin_check=not no_twin_check,
             isolate_graphs=isolate_graphs,

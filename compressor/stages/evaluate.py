@@ -49,6 +49,9 @@ class EvaluateStage(StageBase):
         None, description="Metric keys (default: BLEU-1..4, METEOR, ROUGE-L, CIDEr for captions; vqa_accuracy for VQA)."
     )
     backend: Literal["torch", "onnx"] = Field("torch", description="Score the PyTorch model or the latest ONNX export.")
+    variant: Literal["plain", "optimized", "fp32", "fp16", "int8", "int4"] | None = Field(
+        None, description="backend onnx: the export's variant to run (default: the export's default_variant)."
+    )
     characteristics: CharacteristicsSpec = Field(default_factory=CharacteristicsSpec, description="Params, GFLOPs, latency.")
     bertscore: MetricModelSpec | None = Field(None, description="bert-score model (needed for bertscore_f1).")
     clipscore: MetricModelSpec | None = Field(None, description="CLIP model (needed for clipscore).")
@@ -87,8 +90,10 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     data = ctx.data(cfg.data, cfg.limit)
     check(cfg, data.task)
     gen = ctx.recipe.generation
+    if cfg.variant is not None and cfg.backend != "onnx":
+        raise UserInputError("evaluate: `variant` picks an ONNX variant; it needs backend: onnx")
     if cfg.backend == "onnx":
-        captioner, onnx_dir, make = onnx_captioner(ctx)
+        captioner, onnx_dir, make = onnx_captioner(ctx, cfg.variant)
         target = EvalTarget(captioner, gen, device=ctx.device, folder=onnx_dir, make_captioner=make,
                             source=lambda: load_working_model(input_dir, ctx))
     else:
@@ -134,8 +139,9 @@ def _teacher_predictions(cfg, ctx) -> dict[str, str] | None:
     return load_predictions(path)
 
 
-def onnx_captioner(ctx):
-    """``(captioner, onnx folder, batch size → captioner)`` for the latest ONNX export of the run.
+def onnx_captioner(ctx, variant: str | None = None):
+    """``(captioner, onnx folder, batch size → captioner)`` for the latest ONNX export of the run
+    (``variant``: the export's variant to run, None for its default).
 
     Raises:
         UserInputError: no earlier export stage wrote ONNX.
@@ -149,9 +155,9 @@ def onnx_captioner(ctx):
 
     gen = ctx.recipe.generation
     return (
-        OnnxCaptioner(onnx_dir, gen),
+        OnnxCaptioner(onnx_dir, gen, variant=variant),
         onnx_dir,
-        lambda bs: OnnxCaptioner(onnx_dir, gen.model_copy(update={"batch_size": bs})),
+        lambda bs: OnnxCaptioner(onnx_dir, gen.model_copy(update={"batch_size": bs}), variant=variant),
     )
 
 
