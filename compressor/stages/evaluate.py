@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from compressor.errors import UserInputError
 from compressor.evaluation import (
@@ -62,6 +62,12 @@ class EvaluateStage(StageBase):
     def _metrics(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else _check_names(v, METRIC_KEYS, "metric")
 
+    @model_validator(mode="after")
+    def _variant(self) -> EvaluateStage:
+        if self.variant is not None and self.backend != "onnx":
+            raise ValueError("`variant` picks an ONNX variant: it needs backend: onnx")
+        return self
+
 
 def check(cfg, task: str) -> None:
     """Pre-flight checks of one evaluate stage (Java, metric model folders, teacher).
@@ -90,8 +96,6 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     data = ctx.data(cfg.data, cfg.limit)
     check(cfg, data.task)
     gen = ctx.recipe.generation
-    if cfg.variant is not None and cfg.backend != "onnx":
-        raise UserInputError("evaluate: `variant` picks an ONNX variant; it needs backend: onnx")
     if cfg.backend == "onnx":
         captioner, onnx_dir, make = onnx_captioner(ctx, cfg.variant)
         target = EvalTarget(captioner, gen, device=ctx.device, folder=onnx_dir, make_captioner=make,
