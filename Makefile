@@ -4,12 +4,12 @@
 #   make demo             the embedded default: recipes/demo.yaml (synthetic shapes, shipped teacher)
 #   make demo DATA=../shared/data/coco-mini   the same chain on real COCO images and captions
 #   make demo-real        recipes/smollm2_coco.yaml: a BLIP-2 with the real SmolLM2-135M on real COCO (COCO=<folder>)
-# Overridable: PYTHON, TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0" or "torch" for a CUDA build), EXTRAS (cpu|gpu,…)
+# Overridable: PYTHON, TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0" or "torch" for a CUDA build), EXTRAS (cpu|gpu,dev,quant[,gptq])
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,dev,quant
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist). Every test runs one thread (OMP_NUM_THREADS=1 in tests/conftest.py), so
 # two workers use both cores of a small CI machine; test files stay whole on one worker (--dist loadfile),

@@ -263,12 +263,20 @@ def meta_gflops_by_part(model, family, lm_tokens: int, image_text_tokens: int, n
 
 @dataclass
 class PlanContext:
-    """What a stage's ``plan`` hook sees: the meta model (changed in place), its family, notes, the stage index."""
+    """What a stage's ``plan`` hook sees: the meta model (changed in place), its family, notes, the stage index.
+
+    Attributes:
+        weight_bytes: module name → bytes its ``weight`` takes on disk when not ``numel ×
+            dtype_bytes`` (a quantized linear: packed integers + scales); read by ``size_mb``.
+        dtype_bytes: bytes per element of the saved weights (the recipe's dtype).
+    """
 
     model: Any
     family: Any
     notes: list[str]
     index: int
+    weight_bytes: dict[str, float] = field(default_factory=dict)
+    dtype_bytes: int = 4
 
 
 def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = True) -> dict:
@@ -281,7 +289,9 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
 
     Returns:
         ``{"recipe", "model", "before", "after", "stages", "notes", "gflops_settings"}``; before and
-        after hold ``params_total``, ``params_<part>``, ``gflops`` and ``gflops_<part>``.
+        after hold ``params_total``, ``params_<part>``, ``gflops``, ``gflops_<part>``, ``size_mb`` and
+        ``size_mb_<part>`` (MB = 10^6 bytes of the weights in the recipe's dtype; quantized linears as
+        bits × parameters + scales and zero points).
 
     Raises:
         UserInputError: unknown architecture without ``--config``, invalid layer choices,
@@ -307,6 +317,10 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
         notes.append(f"VQA prompt sized with the question {PLAN_QUESTION!r}")
 
     lengths: list[int] = []
+    from compressor.quantization import dtype_bytes, part_bytes
+
+    width = dtype_bytes(recipe.dtype)
+    weight_bytes: dict[str, float] = {}
 
     def measure() -> dict:
         # the family and the prompt length as the model now is: stages may change the image tokens
@@ -317,6 +331,9 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
         out: dict[str, Any] = dict(count_parameters(model, fam.parts))
         if gflops:
             out.update(meta_gflops_by_part(model, fam, lm, qt, new_tokens, gen.num_beams))
+        sizes = part_bytes(model, fam.parts, width, weight_bytes)
+        out["size_mb"] = sizes.pop("total") / 1e6
+        out.update({f"size_mb_{p}": b / 1e6 for p, b in sizes.items()})
         return out
 
     before = measure()
@@ -325,7 +342,7 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
         row: dict[str, Any] = {"index": i, "type": st.type, "label": st.label}
         decl = declaration(st.type)
         if decl.plan is not None:
-            row.update(decl.plan(st, PlanContext(model, family, notes, i)))
+            row.update(decl.plan(st, PlanContext(model, family, notes, i, weight_bytes, width)))
         row["params_total"] = sum(p.numel() for p in model.parameters())
         stages.append(row)
     after = measure()
@@ -368,6 +385,10 @@ def format_plan(plan: dict) -> str:
         lines.append(f"{k:24}{b[k]:>16,}{a[k]:>16,}{d:>+16,}{pct:>9}")
     lines.append(f"{'':24}{'(' + fmt(b['params_total']) + ')':>16}{'(' + fmt(a['params_total']) + ')':>16}"
                  f"{'(' + fmt(a['params_total'] - b['params_total']) + ')':>16}")
+    for k in [k for k in b if k.startswith("size_mb")]:
+        d = a[k] - b[k]
+        pct = f"{100 * d / b[k]:+.2f}%" if b[k] else ""
+        lines.append(f"{k:24}{b[k]:>16,.2f}{a[k]:>16,.2f}{d:>+16,.2f}{pct:>9}")
     g = plan["gflops_settings"]
     if "gflops" in b:
         for k in [k for k in b if k.startswith("gflops_") and k in a] + ["gflops"]:
@@ -383,6 +404,8 @@ def format_plan(plan: dict) -> str:
         extra = ""
         if "removed" in s:
             extra = "  removed " + ", ".join(f"{p} {r}" for p, r in s["removed"].items())
+        if "quantized" in s:
+            extra += "  quantized " + ", ".join(f"{p}: {d}" for p, d in s["quantized"].items())
         if "params_trainable" in s:
             extra += f"  trainable {fmt(s['params_trainable'])}"
         if "effect" in s:

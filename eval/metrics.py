@@ -176,6 +176,8 @@ TABLE: tuple[Metric, ...] = (
            description="Peak CUDA memory allocated, MB (on GPU)."),
     Metric("size_mb", "Size on disk (MB)", LOWER, "characteristic", "size", listed=11, runs_column=6,
            description="Size of the model's files on disk, MB."),
+    Metric(f"size_mb_{PART}", "Size on disk (MB)", LOWER, "characteristic", "size", per_part=True,
+           description="Bytes of one part's weights, MB (`compress plan`: bits × parameters + scales and zero points)."),
 )
 
 def part_names() -> tuple[str, ...]:

@@ -112,14 +112,28 @@ def export_safetensors(
     out.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
         model = model.to(torch_dtype(dtype))
-    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
-    if processor is not None:
-        processor.save_pretrained(out)
+    quantized = getattr(model, "vlmc_quantized", None)
+    if quantized:  # loaded from a quantize stage's folder: the same integers again (compressed-tensors)
+        from compressor.quantization import save_quantized
+
+        save_quantized(model, processor, out, quantized)
+    else:
+        model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+        if processor is not None:
+            processor.save_pretrained(out)
     for name, text in (extra_files or {}).items():
         atomic_write_text(out / name, text)
     from compressor.models.shapes import load_planned, write_shape_plan
 
-    if write_shape_plan(model, out) is not None:  # width-pruned: shapes the config cannot express
+    if quantized:
+        from compressor.models.loading import load_model
+
+        reloaded, _ = load_model(out, with_processor=False)  # checks every scale against its weight
+        dense = dict(model.state_dict())
+        for k, v in reloaded.state_dict().items():
+            if k not in dense or not torch.equal(dense[k], v):
+                raise VerificationError(f"safetensors export {out}: quantized tensor {k} differs after reload")
+    elif write_shape_plan(model, out) is not None:  # width-pruned: shapes the config cannot express
         reloaded = load_planned(out, next(model.parameters()).dtype)
     else:
         family = family_for_config(model.config)
@@ -131,7 +145,7 @@ def export_safetensors(
     # The weights are compared one saved tensor at a time (read, compared, freed): comparing with
     # the reloaded model would page its whole mapping in, a second copy of the weights in resident
     # memory (2x the checkpoint at real size; bench/real_size_apply.py).
-    src = model.state_dict()
+    src = {} if quantized else model.state_dict()
     for k, v in saved_tensors(out):
         if k in src and not torch.equal(src[k].to(v.device), v):
             raise VerificationError(f"safetensors export {out}: tensor {k} differs after reload")

@@ -64,6 +64,9 @@ def _targets(base: Path, out: Path | None, onnx: bool, safetensors: bool) -> dic
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Weights dtype (default: as saved).")
 @click.option("--opset", type=click.IntRange(min=14), help="ONNX opset (default: 23 with dynamo, the legacy exporter's own with legacy).")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write a dynamically quantised int8 decoder.")
+@click.option("--variant", "variants", multiple=True, type=click.Choice(["fp16", "int8", "int4"]),
+              help="Also write this precision variant (repeatable): fp16 every graph, int8/int4 the decoder (MatMulNBits); "
+              "each validated against PyTorch.")
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True,
               help="torch.onnx exporter (dynamo keeps bf16 weights and survives real sizes).")
 @click.option("--no-optimize", is_flag=True, help="Skip the ORT_ENABLE_ALL-optimised copies.")
@@ -77,9 +80,9 @@ def _targets(base: Path, out: Path | None, onnx: bool, safetensors: bool) -> dic
 @click.option("--draft", type=click.Path(file_okay=False, path_type=Path),
               help="Bundle this draft (model folder or ONNX export, same tokenizer) in draft/ for speculative decoding.")
 @click.option("--num-draft-tokens", type=click.IntRange(1, 16), help="Draft tokens per target call recorded with --draft (default 4).")
-@click.option("--draft-variant", type=click.Choice(["plain", "optimized", "int8"]), help="The draft variant the captioner runs.")
+@click.option("--draft-variant", type=click.Choice(["plain", "optimized", "fp32", "fp16", "int8", "int4"]), help="The draft variant the captioner runs.")
 @click.pass_obj
-def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, exporter, no_optimize, no_twin_check,
+def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, variants, exporter, no_optimize, no_twin_check,
            isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant):
     """Export MODEL_DIR (default: the newest runs/*/final) to ONNX and/or safetensors.
 
@@ -95,6 +98,8 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
         raise UserInputError("choose what to write: --onnx and/or --safetensors")
     if quantize and not onnx:
         raise UserInputError("--quantize int8 applies to the ONNX decoder: add --onnx")
+    if variants and not onnx:
+        raise UserInputError("--variant applies to the ONNX graphs: add --onnx")
     if (draft is not None or num_draft_tokens or draft_variant) and not onnx:
         raise UserInputError("--draft bundles a draft with the ONNX export: add --onnx")
     if draft is None and (num_draft_tokens or draft_variant):
@@ -104,8 +109,8 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
     with contextlib.ExitStack() as stack:
         if not model_dir.exists():
             model_dir = _preset_folder(model_dir, stack)
-        _export(obj, model_dir, beside, onnx, safetensors, out, dtype, opset, quantize, exporter, no_optimize, no_twin_check,
-                isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant)
+        _export(obj, model_dir, beside, onnx, safetensors, out, dtype, opset, quantize, variants, exporter, no_optimize,
+                no_twin_check, isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant)
 
 
 def _preset_folder(name: Path, stack: contextlib.ExitStack) -> Path:
@@ -127,8 +132,8 @@ def _preset_folder(name: Path, stack: contextlib.ExitStack) -> Path:
     return save_preset(str(name), tmp / str(name))
 
 
-def _export(obj, model_dir, beside, onnx, safetensors, out, dtype, opset, quantize, exporter, no_optimize, no_twin_check,
-            isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant):
+def _export(obj, model_dir, beside, onnx, safetensors, out, dtype, opset, quantize, variants, exporter, no_optimize,
+            no_twin_check, isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant):
     from compressor.models.loading import is_model_dir, resolve_device
 
     if not is_model_dir(model_dir):
@@ -161,6 +166,7 @@ def _export(obj, model_dir, beside, onnx, safetensors, out, dtype, opset, quanti
             exporter=exporter,
             optimize=not no_optimize,
             quantize=quantize,
+            variants=tuple(variants),
             tolerance=tolerance,
             twin_check=not no_twin_check,
             isolate_graphs=isolate_graphs,

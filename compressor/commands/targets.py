@@ -73,7 +73,7 @@ def draft_options(f):
                          "same tokenizer, e.g. the compressed model) drafts tokens the model checks; same greedy captions."),
             click.option("--num-draft-tokens", type=click.IntRange(1, 16), help="Draft tokens per target call (default 4, "
                          "or the bundled draft's)."),
-            click.option("--draft-variant", type=click.Choice(["plain", "optimized", "int8"]),
+            click.option("--draft-variant", type=click.Choice(["plain", "optimized", "fp32", "fp16", "int8", "int4"]),
                          help="The draft export's variant (int8: its quantised decoder; DIR may be the model's own export)."),
             click.option("--no-draft", is_flag=True, help="Ignore a draft bundled in the ONNX export."),
         ]

@@ -99,7 +99,8 @@ class EvalTarget:
         )
 
     @classmethod
-    def onnx(cls, folder: Path, generation, device: str = "cpu", source=None, draft=None, **kw) -> EvalTarget:
+    def onnx(cls, folder: Path, generation, device: str = "cpu", source=None, draft=None, variant: str | None = None,
+             **kw) -> EvalTarget:
         """An ONNX export, captioned by ``exporters.onnx.OnnxCaptioner``.
 
         Args:
@@ -110,6 +111,8 @@ class EvalTarget:
                 graphs were exported from, or None.
             draft: a :class:`~exporters.onnx.speculative.DraftSpec`; None: the export's bundled
                 draft when it has one (``DraftSpec(bundled=False)``: none).
+            variant: the export's variant to run (``plain``, ``optimized``/``fp32``, ``fp16``,
+                ``int8``, ``int4``; None: the export's ``default_variant``).
             **kw: other :class:`EvalTarget` fields (``settings_from``).
 
         Raises:
@@ -120,11 +123,11 @@ class EvalTarget:
         from exporters.onnx.speculative import onnx_captioner
 
         return cls(
-            onnx_captioner(folder, generation, opened),
+            onnx_captioner(folder, generation, opened, variant=variant),
             generation,
             device=device,
             folder=folder,
-            make_captioner=functools.partial(_onnx_for_batch, folder, generation, opened),
+            make_captioner=functools.partial(_onnx_for_batch, folder, generation, opened, variant),
             source=source,
             **kw,
         )
@@ -146,10 +149,10 @@ def torch_captioner_for_batch(model, processor, generation, device: str, batch_s
     return TorchCaptioner(model, processor, generation.model_copy(update={"batch_size": batch_size}), device, draft=draft)
 
 
-def _onnx_for_batch(folder, generation, draft, batch_size: int):
+def _onnx_for_batch(folder, generation, draft, variant, batch_size: int):
     from exporters.onnx.speculative import onnx_captioner
 
-    return onnx_captioner(folder, generation.model_copy(update={"batch_size": batch_size}), draft)
+    return onnx_captioner(folder, generation.model_copy(update={"batch_size": batch_size}), draft, variant=variant)
 
 
 @dataclass

@@ -259,11 +259,13 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
         with_processor: also load the processor (None if the folder has none).
 
     A folder with ``shape_plan.json`` (a width-pruned model) is loaded through
-    :func:`compressor.models.shapes.load_planned`, exactly. An older-style folder whose config or
-    processor config lacks a field the other holds is completed by its family
-    (:func:`folder_config`), with a warning. Token options recorded in its config (a per-image
-    query selection, token merging: :mod:`compressor.tokens`) are applied to the model; the
-    processor is returned as saved.
+    :func:`compressor.models.shapes.load_planned`, exactly. A compressed-tensors quantized folder
+    (the ``quantize`` stage's) is checked and loaded by :func:`compressor.quantization.load_quantized`:
+    plain ``nn.Linear`` modules holding the dequantized weights, the scales kept on the model. An
+    older-style folder whose config or processor config lacks a field the other holds is completed
+    by its family (:func:`folder_config`), with a warning. Token options recorded in its config (a
+    per-image query selection, token merging: :mod:`compressor.tokens`) are applied to the model;
+    the processor is returned as saved.
 
     Returns:
         ``(model, processor_or_None)``, the model in eval mode.
@@ -271,6 +273,8 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
     Raises:
         ModelSpecError: the folder is not a BLIP-family model, or an older-style config that
             cannot be completed (exit 2).
+        CorruptInputError: a quantized folder whose scales do not match its weights (exit 2).
+        UserInputError: a quantized folder without the compressed-tensors package (exit 2).
     """
     from compressor.families import family_for_config
     from compressor.models.shapes import SHAPE_PLAN, load_planned
@@ -290,7 +294,12 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = torch_dtype(dtype)
-    model = family.model_cls().from_pretrained(str(path), config=config, **kwargs)
+    from compressor.quantization import is_quantized_folder, load_quantized
+
+    if is_quantized_folder(path):  # compressed-tensors: scales checked, then dequantized linears
+        model = load_quantized(path, family, kwargs.get("dtype"))
+    else:
+        model = family.model_cls().from_pretrained(str(path), config=config, **kwargs)
     model.to(device)
     model.eval()
     apply_token_options(model)
@@ -321,7 +330,10 @@ def refuse_quantized(config, where) -> None:
 
     Every stage rewrites full-precision weights (LoRA merges, layer removal, pruning, export), and
     loading a bitsandbytes checkpoint needs bitsandbytes and a GPU; QLoRA keeps the base in full
-    precision on disk and quantises it while training (``lora_finetune.quantization``).
+    precision on disk and quantises it while training (``lora_finetune.quantization``). A
+    compressed-tensors folder (what the ``quantize`` stage writes) passes: :func:`load_model`
+    checks its scales and loads it dequantized, and the stages that cannot take it refuse it
+    themselves (``quantize`` a second time, ``merge_adapters``).
 
     Raises:
         ModelSpecError: naming the quantisation and what to use instead.
@@ -331,6 +343,10 @@ def refuse_quantized(config, where) -> None:
         return
     q = q if isinstance(q, dict) else (q.to_dict() if hasattr(q, "to_dict") else vars(q))
     method = q.get("quant_method", "unknown")
+    from compressor.quantization import QUANT_METHOD
+
+    if method == QUANT_METHOD:
+        return
     bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else (f"{q['bits']}-bit" if q.get("bits") else "")
     raise ModelSpecError(
         f"{where} carries a {method} quantization_config ({bits or 'quantized'} weights); vlm-compress works on "

@@ -43,6 +43,7 @@ REGISTRY: dict[str, str] = {
     "select_queries": "compressor.stages.select_queries",
     "merge_tokens": "compressor.stages.merge_tokens",
     "heal": "compressor.stages.heal",
+    "quantize": "compressor.stages.quantize",
     "export": "compressor.stages.export",
     "evaluate": "compressor.stages.evaluate",
     "predict": "compressor.stages.predict",

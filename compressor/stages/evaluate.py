@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from compressor.errors import UserInputError
 from compressor.evaluation import (
@@ -51,8 +51,8 @@ class SpeculativeSpec(Strict):
         "or a folder path with a `/` (an ONNX export or a model folder). It must share the model's tokenizer."
     )
     num_draft_tokens: int = Field(4, ge=1, le=16, description="Draft tokens proposed per target call (k).")
-    variant: Literal["plain", "optimized", "int8"] | None = Field(
-        None, description="The draft export's variant (int8: its quantised decoder; default: the export's default)."
+    variant: Literal["plain", "optimized", "fp32", "fp16", "int8", "int4"] | None = Field(
+        None, description="The draft export's variant (int8 / int4: its quantised decoder; default: the export's default)."
     )
 
     @property
@@ -72,6 +72,9 @@ class EvaluateStage(StageBase):
         None, description="Metric keys (default: BLEU-1..4, METEOR, ROUGE-L, CIDEr for captions; vqa_accuracy for VQA)."
     )
     backend: Literal["torch", "onnx"] = Field("torch", description="Score the PyTorch model or the latest ONNX export.")
+    variant: Literal["plain", "optimized", "fp32", "fp16", "int8", "int4"] | None = Field(
+        None, description="backend onnx: the export's variant to run (default: the export's default_variant)."
+    )
     characteristics: CharacteristicsSpec = Field(default_factory=CharacteristicsSpec, description="Params, GFLOPs, latency.")
     bertscore: MetricModelSpec | None = Field(None, description="bert-score model (needed for bertscore_f1).")
     clipscore: MetricModelSpec | None = Field(None, description="CLIP model (needed for clipscore).")
@@ -85,6 +88,12 @@ class EvaluateStage(StageBase):
     @classmethod
     def _metrics(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else _check_names(v, METRIC_KEYS, "metric")
+
+    @model_validator(mode="after")
+    def _variant(self) -> EvaluateStage:
+        if self.variant is not None and self.backend != "onnx":
+            raise ValueError("`variant` picks an ONNX variant: it needs backend: onnx")
+        return self
 
 
 def check(cfg, task: str) -> None:
@@ -116,7 +125,8 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     gen = ctx.recipe.generation
     draft = draft_spec(cfg, ctx)
     if cfg.backend == "onnx":
-        target = EvalTarget.onnx(onnx_dir(ctx), gen, ctx.device, source=lambda: load_working_model(input_dir, ctx), draft=draft)
+        target = EvalTarget.onnx(onnx_dir(ctx), gen, ctx.device, source=lambda: load_working_model(input_dir, ctx), draft=draft,
+                                 variant=cfg.variant)
     else:
         model, processor = load_working_model(input_dir, ctx)
         target = EvalTarget.torch(model, processor, gen, ctx.device, folder=input_dir, draft=draft)

@@ -30,7 +30,18 @@ class OnnxSpec(Strict):
     opset: int | None = Field(None, ge=14, description="ONNX opset (default: 23 with the dynamo exporter, whose fused Attention and RMSNormalization need onnxruntime >= 1.23 on CPU, >= 1.26 on CUDA (grouped KV heads with a KV cache); the legacy exporter's own otherwise).")
     exporter: Literal["dynamo", "legacy"] = Field("dynamo", description="torch.onnx exporter.")
     optimize: bool = Field(True, description="Also save an ORT_ENABLE_ALL-optimised copy.")
-    quantize: Literal["int8"] | None = Field(None, description="Dynamic int8 quantisation of the decoder.")
+    quantize: Literal["int8"] | None = Field(None, description="Dynamic int8 quantisation of the decoder (reported; the default variant).")
+    variants: list[Literal["fp16", "int8", "int4"]] = Field(
+        default_factory=list,
+        description="Precision variants beside the fp32 graphs: fp16 (every graph), int8 / int4 (the decoder, ONNX Runtime "
+        "MatMulNBits), each validated against PyTorch within `variant_tolerance` and listed in export.json; "
+        "`evaluate: {backend: onnx, variant: …}` scores one.",
+    )
+    int4_block_size: int = Field(32, ge=16, description="Input channels per scale of the int4 variant (a power of 2).")
+    variant_tolerance: dict[Literal["fp16", "int8", "int4"], float] | None = Field(
+        None, description="Relative RMS error of the first output (logits) each variant may show against PyTorch "
+        "(defaults: fp16 0.02, int8 0.15, int4 0.35)."
+    )
     tolerance: float | None = Field(None, gt=0, description="Max abs difference ORT vs PyTorch (default 1e-4 fp32).")
     external_data: Literal["auto", "always", "never"] = Field("auto", description="External weights (auto: above 2 GB).")
     twin_check: bool = Field(
@@ -113,6 +124,8 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
             "graphs": {k: v["bytes"] for k, v in meta["graphs"].items()},
             "dtype": meta["dtype"],
             "quantized": meta["quantized"],
+            "variants": {k: {v: r.get("relative_rms_error") for v, r in g.get("variants", {}).items()}
+                         for k, g in meta["graphs"].items() if g.get("variants")},
             "seconds": meta["seconds"]["total"],
         }
         if meta.get("draft"):

@@ -47,6 +47,9 @@ DEFAULT_GENERATION = dict(
     no_repeat_ngram_size=0,
 )
 NEG = -1.0e9
+#: Variant names a captioner runs: the fp32 graphs as exported (``plain``) or ORT-optimised
+#: (``optimized``, alias ``fp32``), and the precision variants of ``onnx.variants``.
+VARIANT_NAMES = ("plain", "optimized", "fp16", "int8", "int4")
 #: numpy dtypes of the signature's element types (``model``: the export dtype).
 _NP_DTYPES = {"float32": "float32", "int64": "int64", "float16": "float16"}
 
@@ -60,9 +63,10 @@ class OnnxCaptioner:
             fields); None for the defaults (greedy, 20 new tokens, batch 8).
         providers: ONNX Runtime execution providers, e.g. ``["CPUExecutionProvider"]``; None:
             CUDA first when this onnxruntime has it (the ``[gpu]`` extra), then CPU.
-        variant: which files to run: ``plain`` (``<graph>.onnx``), ``optimized``
-            (``<graph>.opt.onnx``), ``int8`` (the quantised decoder, other graphs optimised), or
-            None for the export's default (int8 if it was quantised, else optimised).
+        variant: which files to run, by name: ``plain`` (``<graph>.onnx``), ``optimized`` or
+            ``fp32`` (``<graph>.opt.onnx``), ``fp16`` / ``int8`` / ``int4`` (each graph's precision
+            variant where the export wrote one, the optimised fp32 graph elsewhere), or None for
+            the export's default (int8 if it was quantised, else optimised).
         threads: intra-op threads per session (None: ONNX Runtime's default, one per core).
         verify: check ``SHA256SUMS`` before loading (a corrupted file raises).
         spinning: intra-op threads spin-wait between the nodes of a call and stop when it
@@ -134,10 +138,21 @@ class OnnxCaptioner:
         #: the folder's topology (its first forward and decode step)
         self.topology = by_kind(self.kind)
         self.variant = variant or self.meta.get("default_variant", "plain")
-        if self.variant not in ("plain", "optimized", "int8"):
-            raise ModelSpecError(f"variant '{self.variant}': expected plain, optimized or int8")
+        if self.variant == "fp32":
+            self.variant = "optimized"
+        if self.variant not in VARIANT_NAMES:
+            raise ModelSpecError(f"variant '{self.variant}': expected one of {', '.join(VARIANT_NAMES)} (fp32 = optimized)")
+        graphs = self.meta["graphs"]
+        precision = self.variant in ("fp16", "int8", "int4")
+        if precision and not any(self.variant in (g.get("variants") or {}) or (self.variant == "int8" and g.get("int8"))
+                                 for g in graphs.values()):
+            raise ModelSpecError(
+                f"{self.dir}: this export has no {self.variant} variant (it has {', '.join(self.meta.get('variants') or ['plain'])});"
+                f" export with onnx.variants: [{self.variant}] (compress export --variant {self.variant})"
+            )
         self.sessions: dict[str, Any] = {}
-        #: graph name → the file this captioner runs (the variant's choice)
+        #: graph name → the file this captioner runs (the variant's choice; graphs without that
+        #: precision variant run their optimised fp32 file)
         self.graph_files: dict[str, str] = {}
         self.scoring_graph = None
         if scoring:
@@ -147,14 +162,15 @@ class OnnxCaptioner:
                     f"kind {self.kind}"
                 )
             self.scoring_graph = self.topology.DECODER
-        for name, g in self.meta["graphs"].items():
+        for name, g in graphs.items():
             file, optimized = g["onnx"], False
-            if self.variant in ("optimized", "int8") and g.get("optimized"):
+            if self.variant != "plain" and g.get("optimized"):
                 file, optimized = g["optimized"], True
-            if self.variant == "int8" and g.get("int8"):
+            own = (g.get("variants") or {}).get(self.variant)
+            if precision and own:
+                file, optimized = own["file"], False
+            elif self.variant == "int8" and g.get("int8"):
                 file, optimized = g["int8"], False
-            if self.variant == "int8" and not any(x.get("int8") for x in self.meta["graphs"].values()):
-                raise ModelSpecError(f"{self.dir}: this export has no int8 decoder; export with --quantize int8")
             self.graph_files[name] = file
             try:
                 # a token embedding is one Gather: a single thread; no pool spins between

@@ -15,7 +15,8 @@ class OnnxValidationError(VerificationError):
         scaled_diff: ``max_diff / max(1, max |PyTorch|)``, what the tolerance bounds.
         tolerance: the allowed maximum.
         case: the sample case (``prefill``, ``decode_1`` …).
-        variant: ``""`` for the plain graph, ``optimized`` for its ORT_ENABLE_ALL copy.
+        variant: ``""`` for the plain graph, ``optimized`` for its ORT_ENABLE_ALL copy, ``fp16`` /
+            ``int8`` / ``int4`` for a precision variant (then ``scaled_diff`` is its relative RMS error).
     """
 
     def __init__(
@@ -32,9 +33,14 @@ class OnnxValidationError(VerificationError):
         self.variant = variant
         self.scaled_diff = max_diff if scaled_diff is None else scaled_diff
         where = f"{graph}{f' ({variant})' if variant else ''}"
+        if variant in ("fp16", "int8", "int4"):  # precision variants are held to a relative RMS error
+            measure = f"relative RMS error {self.scaled_diff:.3g} (max |ORT - PyTorch| = {max_diff:.3g})"
+        else:
+            measure = f"max |ORT - PyTorch| = {max_diff:.3g} (scaled by max(1, |PyTorch|): {self.scaled_diff:.3g})"
         super().__init__(
-            f"ONNX validation failed: graph '{where}', output '{output}', case '{case}': max |ORT - PyTorch| = "
-            f"{max_diff:.3g} (scaled by max(1, |PyTorch|): {self.scaled_diff:.3g}) > tolerance {tolerance:.3g}"
+            f"ONNX validation failed: graph '{where}', output '{output}', case '{case}': {measure} > tolerance "
+            f"{tolerance:.3g}" + (f"; raise onnx.variant_tolerance.{variant} or drop the variant" if variant in
+                                  ("fp16", "int8", "int4") else "")
         )
 
 

@@ -22,7 +22,14 @@ from compressor.errors import ModelSpecError, UserInputError
 from exporters.onnx import graphs, validation
 from exporters.onnx import metadata as md
 from exporters.onnx.options import ISOLATE_ABOVE_BYTES, OnnxOptions
-from exporters.onnx.runtime import onnx_bytes, optimize_file, ort_can_run, quantize_int8
+from exporters.onnx.runtime import (
+    convert_fp16,
+    onnx_bytes,
+    optimize_file,
+    ort_can_run,
+    quantize_int4,
+    quantize_int8,
+)
 from exporters.onnx.samples import sample_cases
 from exporters.onnx.topologies import by_kind, export_plan
 
@@ -235,11 +242,31 @@ def export_checked_graph(
         if runnable:
             val.update(validation.validate_all(one, cases, folder, files, opts, dtype, device, True, "optimized", fp64)["graphs"])
     int8 = None
-    if opts.quantize == "int8" and name == by_kind(plan.kind).INT8_GRAPH:
+    decoder = name == by_kind(plan.kind).INT8_GRAPH
+    if (opts.quantize == "int8" or "int8" in opts.variants) and decoder:
         t0 = time.perf_counter()
         f["int8"], f["int8_method"] = quantize_int8(folder, f["onnx"])
         seconds["quantize"] = round(time.perf_counter() - t0, 3)
         int8 = validation.int8_report(one, cases, folder, files, name, device) if runnable else {"checked": "not run"}
+    variants: dict[str, dict] = {}
+    for v in opts.variants:  # each written, then validated against PyTorch within its tolerance
+        if v != "fp16" and not decoder:
+            continue
+        t0 = time.perf_counter()
+        if v == "int8":
+            file, method = f["int8"], f["int8_method"]
+        elif v == "int4":
+            file, method = quantize_int4(folder, f["onnx"], opts.int4_block_size)
+        else:
+            file, method = convert_fp16(folder, f["onnx"])
+        seconds[f"variant_{v}"] = round(time.perf_counter() - t0, 3)
+        check = (validation.variant_check(one, cases, folder, name, file, v, opts.tolerance_of(v), device)
+                 if runnable and dtype == "float32" else {"checked": "not run (the export dtype is not float32)"})
+        variants[v] = {"file": file, "method": method, "bytes": onnx_bytes(folder / file), **(
+            {"relative_rms_error": check["relative_rms_error"], "tolerance": check["tolerance"]} if "cases" in check else {})}
+        val[f"{name}.{v}"] = check
+    if variants:
+        f["variants"] = variants
     for k in ("optimized", "int8"):
         if f.get(k):
             f[f"{k}_bytes"] = onnx_bytes(folder / f[k])
@@ -268,11 +295,18 @@ def merge_graph_results(plan, results: dict[str, dict], dtype: str, device: str,
     timings: dict[str, float] = {}
     for step, suffix in (("export", ""), ("optimize", ".optimize"), ("quantize", ".quantize")):
         timings.update({f"{n}{suffix}": results[n]["seconds"][step] for n in names if step in results[n]["seconds"]})
+    for n in names:
+        timings.update({f"{n}.{k}": v for k, v in results[n]["seconds"].items() if k.startswith("variant_")})
     val: dict[str, Any] = {"graphs": {}, "dtype": dtype, "device": device}
+    precision = tuple(f".{v}" for v in ("fp16", "int8", "int4"))
     for variant in (False, True):
         val["graphs"].update(
-            {k: v for n in names for k, v in results[n]["validation"].items() if k.endswith(".optimized") == variant}
+            {k: v for n in names for k, v in results[n]["validation"].items()
+             if k.endswith(".optimized") == variant and not k.endswith(precision)}
         )
+    variants = {k: v for n in names for k, v in results[n]["validation"].items() if k.endswith(precision)}
+    if variants:
+        val["variants"] = variants
     if numbers is not None:
         val["numbers"] = numbers
     int8 = [results[n]["int8"] for n in names if results[n]["int8"] is not None]

@@ -63,6 +63,9 @@ def export_meta(model, processor, family, plan, files: dict, dtype: str, opts, s
         "optimized": bool(opts.optimize),
         "quantized": opts.quantize,
         "default_variant": "int8" if opts.quantize else ("optimized" if optimized else "plain"),
+        "variants": ["plain", *(["optimized"] if optimized else []),
+                     *[v for v in ("fp16", "int8", "int4") if any(v in (f.get("variants") or {}) for f in files.values())
+                       or (v == "int8" and any(f.get("int8") for f in files.values()))]],
         "source": source,
         **plan.meta,
         "token_ids": family.token_ids(model, processor),

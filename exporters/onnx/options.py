@@ -18,6 +18,11 @@ TWO_GB = 2 * 1024**3
 #: a KV cache: "GQA ... not supported by the unfused runner"); ``opset: 20`` exports the
 #: decomposed graph for older runtimes.
 DYNAMO_OPSET = 23
+#: Default tolerance of each precision variant: the relative RMS error ``‖ORT − PyTorch‖₂ / ‖PyTorch‖₂`` of
+#: the graph's first output (the decoder's logits) on the validation cases, against the fp32 PyTorch
+#: module the graph came from. Set for real weights (SmolLM2-135M in the demo BLIP-2: see
+#: bench/quantize.py); tiny re-initialised test models amplify rounding and set their own.
+VARIANT_TOLERANCE = {"fp16": 0.02, "int8": 0.15, "int4": 0.35}
 #: ``isolate_graphs: auto`` exports in subprocesses when the checkpoint's weight files exceed this (bytes).
 ISOLATE_ABOVE_BYTES = 10**9
 
@@ -37,6 +42,11 @@ class OnnxOptions:
         external_data: ``auto`` (above 2 GB), ``always`` or ``never``.
         twin_check: for dtypes ONNX Runtime's CPU provider cannot run, check numbers on an fp32
             twin of the model (needs memory for an fp32 copy); else the signature only.
+        variants: precision variants written beside the fp32 graphs (``fp16``, ``int8``, ``int4``;
+            :data:`~exporters.onnx.runtime.VARIANTS`), each validated against PyTorch within
+            ``variant_tolerance`` (else the export fails).
+        int4_block_size: input channels per scale of the int4 variant.
+        variant_tolerance: variant → relative RMS error allowed (defaults: :data:`VARIANT_TOLERANCE`).
         isolate_graphs: export each graph in a fresh subprocess that memory-maps the model folder
             (:mod:`exporters.onnx.isolated`), so pages read for one graph are gone before the
             next: ``auto`` (checkpoint weights above :data:`ISOLATE_ABOVE_BYTES`), ``always`` or
@@ -53,6 +63,9 @@ class OnnxOptions:
     external_data: str = "auto"
     twin_check: bool = True
     isolate_graphs: str = "auto"
+    variants: tuple[str, ...] = ()
+    int4_block_size: int = 32
+    variant_tolerance: dict | None = None
 
     @classmethod
     def from_stage(cls, cfg) -> OnnxOptions:
@@ -68,6 +81,9 @@ class OnnxOptions:
             external_data=spec.external_data,
             twin_check=getattr(spec, "twin_check", True),
             isolate_graphs=getattr(spec, "isolate_graphs", "auto"),
+            variants=tuple(getattr(spec, "variants", None) or ()),
+            int4_block_size=getattr(spec, "int4_block_size", 32),
+            variant_tolerance=dict(getattr(spec, "variant_tolerance", None) or {}) or None,
         )
 
     def check(self) -> None:
@@ -82,6 +98,16 @@ class OnnxOptions:
             raise UserInputError(f"quantize '{self.quantize}': expected int8 or nothing")
         if self.isolate_graphs not in ("auto", "always", "never"):
             raise UserInputError(f"isolate_graphs '{self.isolate_graphs}': expected auto, always or never")
+        bad = [v for v in self.variants if v not in ("fp16", "int8", "int4")]
+        bad += [v for v in (self.variant_tolerance or {}) if v not in ("fp16", "int8", "int4")]
+        if bad:
+            raise UserInputError(f"onnx variants {bad}: expected fp16, int8, int4")
+        if self.int4_block_size < 16 or self.int4_block_size & (self.int4_block_size - 1):
+            raise UserInputError(f"int4_block_size {self.int4_block_size}: expected a power of 2, at least 16")
+
+    def tolerance_of(self, variant: str) -> float:
+        """The relative RMS error a precision variant may show (see :data:`VARIANT_TOLERANCE`)."""
+        return float((self.variant_tolerance or {}).get(variant, VARIANT_TOLERANCE[variant]))
 
     @property
     def resolved_opset(self) -> int | None:

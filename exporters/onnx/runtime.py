@@ -127,6 +127,82 @@ def optimize_file(folder: Path, name: str, device: str) -> str:
     return dst.name
 
 
+#: Precision variants an export can add beside the fp32 graphs (``onnx.variants``), and the graphs each applies to:
+#: ``fp16`` every graph (float16 weights and arithmetic, float32 inputs and outputs), ``int8`` / ``int4`` the
+#: topology's decoder (``INT8_GRAPH``: ONNX Runtime's ``MatMulNBits``).
+VARIANTS = ("fp16", "int8", "int4")
+#: int4 default block size (input channels per scale).
+INT4_BLOCK = 32
+
+
+def quantize_int4(folder: Path, name: str, block_size: int = INT4_BLOCK) -> tuple[str, str]:
+    """4-bit weight-only quantisation of a graph's MatMuls: ONNX Runtime's ``MatMulNBits`` with
+    ``bits=4``, symmetric, one scale per ``block_size`` input channels (``onnxruntime.quantization``'s
+    ``MatMulNBitsQuantizer``, round to nearest), activations in float32 (``accuracy_level`` 0:
+    the kernel's own), after ``quant_pre_process`` as for int8.
+
+    Returns:
+        ``(file name, method)``: ``<graph>.int4.onnx`` and a description of the scheme.
+
+    Raises:
+        UserInputError: this onnxruntime has no 4-bit MatMulNBits quantiser.
+    """
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src = folder / name
+    pre = folder / ".int4-pre.onnx"
+    dst = folder / name.replace(".onnx", ".int4.onnx")
+    large = onnx_bytes(src) > TWO_GB
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=large)
+        source = pre
+    except Exception as exc:  # pre-processing is an optimisation
+        log.info("quant_pre_process failed (%s); quantising %s directly", type(exc).__name__, name)
+        source = src
+    try:
+        with root_logging_quiet():
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                DefaultWeightOnlyQuantConfig,
+                MatMulNBitsQuantizer,
+            )
+
+            cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=0, bits=4)
+            q = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=0, algo_config=cfg)
+            q.process()
+            q.model.save_model_to_file(str(dst), use_external_data_format=large)
+    except ImportError as exc:
+        raise UserInputError(f"int4 variant: this onnxruntime has no MatMulNBits quantiser ({exc}); use onnxruntime >= 1.20") from None
+    finally:
+        for p in folder.glob(".int4-pre.onnx*"):
+            p.unlink()
+    return dst.name, f"MatMulNBits int4 weights (symmetric, blocks of {block_size}), float32 activations"
+
+
+def convert_fp16(folder: Path, name: str) -> tuple[str, str]:
+    """A float16 copy of a graph (``onnxruntime.transformers.float16``): weights and arithmetic in
+    float16, inputs and outputs kept float32 (``keep_io_types``), so the captioner feeds it as it
+    feeds the fp32 graph. Meant for GPUs; ONNX Runtime's CPU provider runs it, mostly through casts.
+
+    Returns:
+        ``(file name, method)``: ``<graph>.fp16.onnx`` and a description.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    src = folder / name
+    dst = folder / name.replace(".onnx", ".fp16.onnx")
+    large = onnx_bytes(src) > TWO_GB
+    with root_logging_quiet():
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=True)
+    if large:
+        onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    else:
+        onnx.save_model(model, str(dst))
+    return dst.name, "float16 weights and arithmetic, float32 inputs and outputs"
+
+
 def quantize_int8(folder: Path, name: str) -> tuple[str, str]:
     """int8 dynamic quantisation of a decoder's MatMuls (onnxruntime.quantization).
 

@@ -203,6 +203,54 @@ def _summary(diffs: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def variant_check(plan, cases, folder: Path, graph: str, file: str, variant: str, tolerance: float, device: str) -> dict:
+    """Validate a precision variant of one graph against the fp32 PyTorch module it came from.
+
+    The figure gated is the relative RMS error ``‖ORT − PyTorch‖₂ / ‖PyTorch‖₂`` of the graph's
+    first output over its valid positions (the decoder's logits); the largest absolute difference
+    and, for logits, the top-1 agreement are recorded beside it.
+
+    Returns:
+        validation.json's ``variants.<graph>.<variant>`` entry.
+
+    Raises:
+        OnnxValidationError: the relative error exceeds ``tolerance`` on some case.
+    """
+    import numpy as np
+    import torch
+
+    g = plan.graph(graph)
+    spec = g.spec
+    sess = make_session(folder / file, providers_for(device))
+    out = spec.outputs[0].name
+    rec: dict[str, Any] = {"file": file, "bytes": onnx_bytes(folder / file), "output": out, "tolerance": tolerance,
+                           "measure": "relative RMS error of the first output", "cases": {}}
+    for label, inputs in cases[graph]:
+        with torch.no_grad():
+            ref = g.module(*inputs)
+        ref = to_numpy(ref[0] if isinstance(ref, tuple) else ref).astype(np.float64)
+        feed = {n: to_numpy(t) for n, t in zip(spec.input_names, inputs)}
+        got = np.asarray(sess.run([out], feed)[0], dtype=np.float64)
+        a, b = got, ref
+        if out in spec.valid:
+            axis, mask_name = spec.valid[out]
+            m = np.asarray(feed[mask_name]).astype(bool)
+            shape = [1] * a.ndim
+            shape[0], shape[axis] = m.shape
+            keep = np.broadcast_to(m.reshape(shape), a.shape)
+            a, b = a[keep], b[keep]
+        rel = float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-12))
+        case = {"relative_rms_error": rel, "max_abs_diff": float(np.max(np.abs(got - ref))) if got.size else 0.0}
+        if out == "logits":
+            case["top1_agreement"] = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+        rec["cases"][label] = case
+        if not rel <= tolerance:
+            raise OnnxValidationError(graph, out, case["max_abs_diff"], tolerance, label, variant, rel)
+    rec["relative_rms_error"] = max(c["relative_rms_error"] for c in rec["cases"].values())
+    del sess
+    return rec
+
+
 def int8_report(plan, cases, folder: Path, files, dec: str, device: str) -> dict:
     """How the int8 decoder's logits compare with PyTorch (reported, not gated: the caption gate decides).
 

@@ -218,7 +218,7 @@ def karpathy_data(m) -> list[str]:
 
 
 #: Recipes run by each test below (a test checks this covers recipes/).
-COVERED = {"q6.yaml", "q8.yaml", "llm28.yaml", "llm28_q8.yaml", "rsicd_lora.yaml", "coco5k_lora.yaml",
+COVERED = {"q6.yaml", "q8.yaml", "q8_tokens16.yaml", "llm28.yaml", "llm28_q8.yaml", "llm28_q8_w4.yaml", "rsicd_lora.yaml", "coco5k_lora.yaml",
            "vizwiz_blip_base_full.yaml", "vizwiz_blip_large_lora.yaml", "vqa_lora.yaml", "instructblip_lora.yaml",
            "shapes_teacher.yaml", "smollm2_coco.yaml", "demo.yaml"}
 
@@ -271,22 +271,52 @@ def check_lora_matches(out: Path, lora_stages: list[int]) -> None:
     assert seen == lora_stages
 
 
-@pytest.mark.parametrize("recipe", ["q6.yaml", "q8.yaml", "llm28.yaml", "llm28_q8.yaml"])
+def _quantize_overrides(recipe: str) -> list[str]:
+    """llm28_q8_w4: groups that fit the tiny widths, one calibration batch; RTN where GPTQ's library is absent.
+    q8_tokens16: half of the tiny model's 8 queries (the published model's 32 → 16)."""
+    if recipe == "q8_tokens16.yaml":
+        return ["stages.4.keep=4"]
+    if recipe != "llm28_q8_w4.yaml":
+        return []
+    import importlib.util
+
+    gptq = importlib.util.find_spec("neural_compressor") is not None
+    return ["stages.6.group_size=32", "stages.6.calibration.batches=1", "stages.6.calibration.batch_size=4",
+            *([] if gptq else ["stages.6.method=rtn"])]
+
+
+@pytest.mark.parametrize("recipe", ["q6.yaml", "q8.yaml", "q8_tokens16.yaml", "llm28.yaml", "llm28_q8.yaml",
+                                    "llm28_q8_w4.yaml"])
 def test_rsicd_pruning_table(recipe, material, shared_scorer, monkeypatch, tmp_path):
     out = tmp_path / "run"
-    code, log = apply(recipe, out, [f"model={material['deep']}", *karpathy_data(material)], shared_scorer, monkeypatch)
+    code, log = apply(recipe, out, [f"model={material['deep']}", *karpathy_data(material), *_quantize_overrides(recipe)],
+                      shared_scorer, monkeypatch)
     report = check_run(out, ["baseline", "candidate"], code, log)
-    check_lora_matches(out, [0, 4])
+    check_lora_matches(out, [0, 5] if recipe == "q8_tokens16.yaml" else [0, 4])
     removal = next(json.loads((f / "removal.json").read_text()) for f in (out / "stages").iterdir() if (f / "removal.json").is_file())
-    want = {"q6.yaml": {"qformer": 6}, "q8.yaml": {"qformer": 4}, "llm28.yaml": {"language_model": 4},
-            "llm28_q8.yaml": {"qformer": 4, "language_model": 4}}[recipe]
+    want = {"q6.yaml": {"qformer": 6}, "q8.yaml": {"qformer": 4}, "q8_tokens16.yaml": {"qformer": 4},
+            "llm28.yaml": {"language_model": 4},
+            "llm28_q8.yaml": {"qformer": 4, "language_model": 4},
+            "llm28_q8_w4.yaml": {"qformer": 4, "language_model": 4}}[recipe]
     assert {r["part"]: len(r["removed"]) for r in removal["removed"]} == want
     from compressor.planning import plan_recipe
     from compressor.recipe.loader import load_recipe
 
-    plan = plan_recipe(load_recipe(RECIPES / recipe, [f"model={material['deep']}"]), gflops=False)
+    plan = plan_recipe(load_recipe(RECIPES / recipe, [f"model={material['deep']}", *_quantize_overrides(recipe)]),
+                       gflops=False)
     assert report["evaluations"]["candidate"]["characteristics"]["params_total"] == plan["after"]["params_total"]
     assert report["evaluations"]["baseline"]["characteristics"]["params_total"] == plan["before"]["params_total"]
+    if recipe == "llm28_q8_w4.yaml":  # the candidate is the exported 4-bit folder, smaller on disk than the baseline
+        q = next(json.loads((f / "quantization.json").read_text()) for f in (out / "stages").iterdir()
+                 if (f / "quantization.json").is_file())
+        assert set(q["schemes"]) == {"language_model"} and "int4" in q["schemes"]["language_model"]
+        ev = report["evaluations"]
+        assert ev["candidate"]["characteristics"]["size_mb"] < ev["baseline"]["characteristics"]["size_mb"]
+        assert json.loads((out / "final" / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    if recipe == "q8_tokens16.yaml":  # prompts carry the kept queries' image tokens
+        final = json.loads((out / "final" / "config.json").read_text())
+        proc = json.loads((out / "final" / "processor_config.json").read_text())
+        assert final["num_query_tokens"] == 4 and proc["num_query_tokens"] == 4
 
 
 def test_rsicd_lora(material, shared_scorer, monkeypatch, tmp_path):
@@ -467,7 +497,7 @@ def test_every_published_recipe_validates_and_plans_where_known():
     from compressor.planning import plan_recipe
     from compressor.recipe.loader import load_recipe
 
-    names = ["rsicd_lora", "q6", "q8", "llm28", "llm28_q8", "coco5k_lora", "vizwiz_blip_base_full",
+    names = ["rsicd_lora", "q6", "q8", "llm28", "llm28_q8", "llm28_q8_w4", "coco5k_lora", "vizwiz_blip_base_full",
              "vizwiz_blip_large_lora", "vqa_lora", "instructblip_lora", "smollm2_coco"]
     planned = []
     for name in names:
@@ -475,7 +505,9 @@ def test_every_published_recipe_validates_and_plans_where_known():
         if isinstance(loaded.recipe.model, str) and loaded.recipe.model in KNOWN_HUB_CONFIGS:
             plan = plan_recipe(loaded, gflops=False)
             assert plan["after"]["params_total"] <= plan["before"]["params_total"]
+            assert plan["after"]["size_mb"] <= plan["before"]["size_mb"]
             planned.append(name)
     # the RSICD table, COCO-5k, product VQA (BLIP-2 OPT-2.7B) and VizWiz BLIP base are known offline
-    assert {"rsicd_lora", "q6", "q8", "llm28", "llm28_q8", "coco5k_lora", "vqa_lora", "vizwiz_blip_base_full"} <= set(planned)
+    assert {"rsicd_lora", "q6", "q8", "llm28", "llm28_q8", "llm28_q8_w4", "coco5k_lora", "vqa_lora",
+            "vizwiz_blip_base_full"} <= set(planned)
     assert os.path.isfile(RECIPES / "smollm2_coco.yaml")

@@ -1,0 +1,249 @@
+"""quantize: the RTN grid is compressed-tensors' own; the saved folder reloads with plain transformers
+to the stage's logits while every other tensor stays bit-identical; a corrupted or mismatched scale is
+refused; mixed precision keeps fewer units high than all and meets its KL target; GPTQ (where its
+library is installed) beats RTN on the calibration KL; bad input exits 2 before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from surgery_helpers import logits, make_recipe, preset, probe_images, run_stage, saved_preset
+
+from compressor.errors import CorruptInputError, UserInputError
+from compressor.quantization import (
+    Scheme,
+    check_quantized_folder,
+    choose_high_precision,
+    fake_quantize,
+    linear_targets,
+    next_token_logprobs,
+    quantized_bytes,
+    rtn_params,
+    sensitivity,
+)
+
+CAL = {"batches": 1, "batch_size": 4, "data": "train"}
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (8, True), (3, False)])
+def test_rtn_grid_is_the_libraries_grid(bits, symmetric):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 64) * 0.1
+    s = Scheme(bits, 16, symmetric)
+    scale, zero = rtn_params(w, s)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=16)
+    g = w.reshape(6, 4, 16)
+    ct_scale, ct_zero = calculate_qparams(g.amin(-1), g.amax(-1), args)
+    assert torch.allclose(scale, ct_scale.float(), rtol=1e-6)
+    if not symmetric:
+        assert torch.equal(zero, ct_zero.float())
+    dq = fake_quantize(w, scale, zero, s)
+    q = dq.reshape(6, 4, 16) / scale[..., None] + (zero[..., None] if zero is not None else 0)
+    assert torch.allclose(q, q.round(), atol=1e-4) and q.round().min() >= s.qmin and q.round().max() <= s.qmax
+    assert float((dq - w).abs().max()) <= float(scale.max()) * 0.5 + 1e-6
+    assert len(torch.unique(dq[0, :16])) > 3  # teeth: not collapsed to one value
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """tiny-blip2-opt, language model to int4 (RTN, groups of 16), through the stage."""
+    out = tmp_path_factory.mktemp("q") / "out"
+    out.mkdir()
+    recipe = make_recipe([{"type": "quantize", "parts": ["language_model"], "bits": 4, "group_size": 16}])
+    summary = run_stage(recipe, 0, saved_preset("tiny-blip2-opt"), out)
+    return out, summary
+
+
+def test_saved_folder_reloads_with_plain_transformers_to_the_stages_logits(quantized):
+    from safetensors import safe_open
+    from transformers import Blip2ForConditionalGeneration
+
+    from compressor.models.loading import load_model
+
+    out, summary = quantized
+    folder = out / "model"
+    cfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+    assert summary["reload_max_abs_diff"] <= 1e-4 and summary["modules"] == 36  # 6 OPT layers × 6 linears
+    src, proc, family = preset("tiny-blip2-opt")
+    images = probe_images()
+    plain, info = Blip2ForConditionalGeneration.from_pretrained(str(folder), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    ours, _ = load_model(folder)
+    got_plain, got_ours, before = (logits(m, proc, family, images) for m in (plain.eval(), ours, src))
+    assert float((got_plain - got_ours).abs().max()) <= 1e-4 * max(1.0, float(got_ours.abs().max()))
+    assert float((got_ours - before).abs().max()) > 1e-3  # teeth: 4 bits did change the model
+    # every tensor outside the language model's linears is the input's, bit for bit
+    with safe_open(str(folder / "model.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+        for name, p in src.state_dict().items():
+            quantized_linear = name.startswith("language_model.model.decoder.layers.") and name.endswith(
+                ("proj.weight", "fc1.weight", "fc2.weight"))
+            if quantized_linear:
+                assert f"{name}_packed" in keys and name not in keys
+            elif name in keys:
+                assert torch.equal(fh.get_tensor(name), p), name
+    assert "language_model.model.decoder.embed_tokens.weight" in keys and "vision_model.embeddings.patch_embedding.weight" in keys
+    assert summary["size_mb_after"] < summary["size_mb_before"]
+
+
+def _rewrite(folder, name, fn):
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors[name] = fn(tensors[name])
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("corrupt", ["shape", "negative", "missing"])
+def test_a_corrupted_or_mismatched_scale_is_refused(quantized, tmp_path, corrupt):
+    from compressor.models.loading import load_model
+
+    folder = shutil.copytree(quantized[0] / "model", tmp_path / "m")
+    key = "language_model.model.decoder.layers.2.fc1.weight_scale"
+    check_quantized_folder(folder)  # intact: accepted
+    if corrupt == "shape":
+        _rewrite(folder, key, lambda t: t[:, :1].contiguous())
+    elif corrupt == "negative":
+        _rewrite(folder, key, lambda t: -t)
+    else:
+        from safetensors.torch import load_file, save_file
+
+        t = load_file(str(folder / "model.safetensors"))
+        del t[key]
+        save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CorruptInputError, match="fc1.weight_scale"):
+        load_model(folder)
+
+
+def test_mixed_precision_keeps_fewer_units_high_than_all_and_meets_its_target(tmp_path):
+    from compressor.importance import calibration_batches
+    from compressor.pipeline.context import StageContext
+
+    recipe = make_recipe([{"type": "quantize", "parts": ["language_model"], "bits": 2, "group_size": 16,
+                           "keep_sensitive": {"max_kl": 1.0}, "calibration": CAL}])
+    ctx = StageContext(recipe=recipe, index=0, run_dir=tmp_path, device="cpu", progress=False)
+    model, proc, family = preset("tiny-blip2-opt")
+    batches = calibration_batches(model, proc, ctx.data("train"), recipe.stages[0].calibration, None, "cpu")
+    targets = {n: Scheme(2, 16) for n in linear_targets(model, family, ["language_model"])}
+    scores = sensitivity(model, targets, family, batches)
+    assert len(scores) == 6 and len(set(scores.values())) == 6  # one per OPT layer, all different
+    _, trials = choose_high_precision(model, targets, Scheme(8, 16), scores, family, batches, "layer", max_kl=1e-9)
+    none_high, all_high = trials[0]["kl"], trials[1]["kl"]
+    assert none_high > 4 * all_high  # teeth: 2 bits hurt, 8 bits barely
+    target = none_high / 2
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe.stages[0].keep_sensitive.max_kl = target
+    summary = run_stage(recipe, 0, saved_preset("tiny-blip2-opt"), out, ctx)
+    sens = json.loads((out / "sensitivity.json").read_text())
+    assert 0 < len(sens["kept_high"]) < sens["units"] == 6
+    assert sens["met"] and sens["kl_whole_model"] <= target
+    assert sens["kept_high"] == sens["ranking"][: len(sens["kept_high"])]
+    assert summary["high_precision_modules"] == 6 * len(sens["kept_high"])
+    assert (out / "sensitivity.png").stat().st_size > 1000
+
+
+def test_gptq_beats_rtn_on_calibration_kl(tmp_path):
+    pytest.importorskip("neural_compressor", reason="GPTQ's library (the gptq extra) is not installed")
+    from compressor.importance import calibration_batches
+    from compressor.pipeline.context import StageContext
+    from compressor.quantization import kl_from, quantize_modules
+
+    recipe = make_recipe([{"type": "quantize", "bits": 3, "group_size": 16, "calibration": {**CAL, "batches": 2}}])
+    ctx = StageContext(recipe=recipe, index=0, run_dir=tmp_path, device="cpu", progress=False)
+    model, proc, family = preset("tiny-blip2-opt")
+    batches = calibration_batches(model, proc, ctx.data("train"), recipe.stages[0].calibration, None, "cpu")
+    ref = next_token_logprobs(model, batches, family.decoder_only)
+    targets = {n: Scheme(3, 16) for n in linear_targets(model, family, ["language_model"])}
+    kl = {}
+    for method in ("rtn", "gptq"):
+        m = preset("tiny-blip2-opt")[0]
+        quantize_modules(m, targets, method, family, batches)
+        kl[method] = kl_from(ref, m, batches, family.decoder_only)
+    assert 0 < kl["gptq"] < kl["rtn"], kl
+
+
+def test_plan_bytes_match_the_saved_weights(quantized):
+    """`compress plan`'s bits × parameters + scales equals what the stage wrote, per quantized linear."""
+    from safetensors import safe_open
+
+    folder = quantized[0] / "model"
+    with safe_open(str(folder / "model.safetensors"), "pt") as fh:
+        for mod in ("language_model.model.decoder.layers.0.fc1", "language_model.model.decoder.layers.3.self_attn.q_proj"):
+            saved = sum(fh.get_tensor(f"{mod}.{k}").nbytes for k in ("weight_packed", "weight_scale", "weight_shape"))
+            out_f, in_f = fh.get_tensor(f"{mod}.weight_shape").tolist()
+            assert quantized_bytes(out_f, in_f, Scheme(4, 16), 4) == saved
+
+
+def test_merge_into_a_quantized_model_stays_refused(quantized):
+    from compressor.stages.merge_adapters import check_not_quantized_config
+
+    with pytest.raises(UserInputError, match="merging LoRA into quantised weights"):
+        check_not_quantized_config(quantized[0] / "model")
+
+
+def _invoke(*args):
+    from click.testing import CliRunner
+
+    from compressor.cli import cli
+
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def _recipe(tmp_path, model, stages: str, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(f"""name: q
+model: {model}
+data: {{format: synthetic, train: {{size: 8, image_size: 32}}, eval: {{size: 4, image_size: 32}}}}
+generation: {{max_new_tokens: 4}}
+stages:
+{stages}""")
+    return p
+
+
+def _unreadable(tmp_path):
+    from compressor.models.presets import save_preset
+
+    folder = save_preset("tiny-blip2-opt", tmp_path / "model")
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)  # reading the weights would fail
+    return folder
+
+
+BAD = {
+    "bits": ("  - type: quantize\n    bits: 5\n", "stages.0.bits: got 5; expected 2, 3, 4 or 8"),
+    "group_size": ("  - type: quantize\n    group_size: 24\n", "group_size 24 does not divide the input width"),
+    "part": ("  - type: quantize\n    parts: [qformer]\n", "has no part 'qformer'"),
+    "twice": ("  - type: quantize\n    group_size: 16\n  - type: quantize\n    group_size: 16\n",
+              "an earlier stage already quantizes"),
+    "after": ("  - type: quantize\n    group_size: 16\n  - type: remove_layers\n    language_model: {drop_top: 1}\n",
+              "quantize must be the last stage that changes the model"),
+    "library": ("  - type: quantize\n    group_size: 16\n    method: gptq\n", "pip install 'vlm-compress[gptq]'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2_before_anything_is_written(case, tmp_path, monkeypatch):
+    import compressor.quantization as q
+
+    monkeypatch.setattr(q, "gptq_available", lambda: False)
+    model = "tiny-blip" if case == "part" else _unreadable(tmp_path)
+    stages, message = BAD[case]
+    res = _invoke("apply", str(_recipe(tmp_path, model, stages)), "--out", str(tmp_path / "run"))
+    assert res.exit_code == 2, res.output
+    assert message in res.output + getattr(res, "stderr", ""), res.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_quantizing_a_quantized_model_is_refused(quantized, tmp_path):
+    res = _invoke("apply", str(_recipe(tmp_path, quantized[0] / "model", "  - type: quantize\n    group_size: 16\n")),
+                  "--out", str(tmp_path / "run"))
+    assert res.exit_code == 2 and "already quantized" in res.output + getattr(res, "stderr", "")
+    assert not (tmp_path / "run").exists()
