@@ -339,6 +339,23 @@ def short_score(plan: SearchPlan, report: dict) -> float:
     return c / b - 1.0 if plan.directions[-1] == "minimize" else 1.0 - c / b
 
 
+def _grid_class():
+    import optuna
+
+    class Grid(optuna.samplers.GridSampler):
+        """GridSampler without its ``study.stop()`` once the grid is drawn: this loop asks and tells
+        outside ``study.optimize`` and stops by counting (``trials`` is at most the grid's size)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            return None
+
+    return Grid
+
+
+def _Grid(*args, **kwargs):  # noqa: N802 - a class built on first use (Optuna is imported lazily)
+    return _grid_class()(*args, **kwargs)
+
+
 class Search:
     """One worker on one study (several may share it; see the module docstring)."""
 
@@ -354,6 +371,7 @@ class Search:
         import optuna
 
         kwargs = {"connect_args": {"timeout": 120}} if self.storage_url.startswith("sqlite") else {}
+        self.out.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(self.storage_url, engine_kwargs=kwargs)
 
     def sampler(self):
@@ -363,7 +381,7 @@ class Search:
         name = _sampler_name(self.plan.spec, self.plan.dims, self.plan.spec.trials)
         cons = (lambda ft: ft.user_attrs.get("constraints", [1.0]))  # noqa: E731
         if name == "grid":
-            return optuna.samplers.GridSampler({d.key: d.choices for d in self.plan.dims}, seed=seed)
+            return _Grid({d.key: d.choices for d in self.plan.dims}, seed=seed)
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if name == "nsga2":
@@ -427,8 +445,8 @@ class Search:
             if t.user_attrs.get("host") != host or pid is None or _alive(int(pid)):
                 continue
             log.warning("search: trial %d (pid %s) was killed; running its values again", t.number, pid)
-            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             study._storage.set_trial_user_attr(t._trial_id, "killed", True)
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.user_attrs.get("retry_of", t.number)},
                                 skip_if_exists=False)
 
