@@ -29,7 +29,8 @@ def search(obj: Ctx, recipe, trials, workers, storage, out, overrides, worker_on
     --storage URL to share the study. Exit 1 when no trial passes the gate.
     """
     from compressor.errors import GateFailed
-    from compressor.pipeline.search import Search, make_plan, search as run_search
+    from compressor.pipeline.search import Search, make_plan
+    from compressor.pipeline.search import search as run_search
     from compressor.recipe.loader import load_recipe
 
     try:

@@ -748,7 +748,7 @@ def _markdown(s: Search, rows, front, chosen, base) -> str:
         lines += ["Baseline: " + ", ".join(f"{k} {_fmt(v)}" for k, v in base.items()), ""]
     if chosen is not None:
         lines += [f"Chosen: trial {chosen['trial']} (" + ", ".join(f"{k}={chosen[k]}" for k in keys)
-                  + f"), finished in `best/` (linked as `result`).", ""]
+                  + "), finished in `best/` (linked as `result`).", ""]
     else:
         lines += ["No trial passes the gate.", ""]
     lines += ["| " + " | ".join(cols) + " | Pareto |", "|" + "---|" * (len(cols) + 1)]
