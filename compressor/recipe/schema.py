@@ -386,7 +386,7 @@ class SearchSpec(Strict):
     """`compress search`: an Optuna multi-objective search over the recipe's own stage fields."""
 
     space: dict[str, list[Any]] = Field(
-        description="Searched key → its values. A key names a stage field by its `--set` path (`stages.3.qformer.drop_top`) "
+        description="Searched key → its values. A key names a stage field by its `--set` path (`stages.3.language_model.drop_top`) "
         "or by the stage's type or label instead of `stages.N` (`remove_layers.language_model.drop_top`, when one "
         "stage has that type)."
     )

@@ -149,6 +149,11 @@ def test_results_pareto_plot_and_the_finished_best_run(two_workers):
     model = Blip2ForConditionalGeneration.from_pretrained(best / "final")
     assert sum(p.numel() for p in model.parameters()) == int(chosen["params_total"])
     assert "chosen: trial" in res.stdout
+    cmp = out.parent / "cmp"  # compress report takes the search folder: its best run and its front
+    rep = run_inprocess("report", str(out), "--out", str(cmp), "--metric", "rouge_1", "--against", "params")
+    assert rep.returncode == 0, rep.stderr
+    md = (cmp / "comparison.md").read_text()
+    assert "## Search `tiny_search`" in md and "search-tiny_search-pareto.png" in md
 
 
 def test_a_killed_search_resumes_with_no_trial_lost_or_repeated(tmp_path):
