@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 
 LOWER_BOUND_RULES = ("min", "min_recovery")  # the observed value must be at least the threshold
 PRIMITIVE = (int, float, str, bool, type(None))
+MAX_REDRAWS = 50  # repeated draws in a row before a worker stops (a sampler stuck on taken points)
+
+
+def _point(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
 
 
 @dataclass
@@ -451,23 +456,45 @@ class Search:
                                 skip_if_exists=False)
 
     def _next(self, study):
-        """Ask for the next trial under the lock, or None when the study has its trials."""
+        """Ask for the next trial under the lock, or None when the study has its trials.
+
+        A draw equal to a trial that is running, waiting or finished (a sampler may repeat itself,
+        and workers with different seeds may draw alike) is told at once without running anything
+        (``duplicate_of``: the earlier trial's values when it is complete, else pruned) and not
+        counted; the worker draws again. It stops when ``trials`` are counted, when every point
+        of the space is taken, or after :data:`MAX_REDRAWS` repeats in a row.
+        """
         import optuna
         from optuna.trial import TrialState
 
+        dists = {d.key: optuna.distributions.CategoricalDistribution(d.choices) for d in self.plan.dims}
+        size = math.prod(len(d.values) for d in self.plan.dims)
         with self._lock():
             self._recover(study)
-            trials = study.get_trials(deepcopy=False)
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-                       or (t.state == TrialState.FAIL and not t.user_attrs.get("killed"))]
-            if not waiting and len(counted) >= self.plan.trials:
-                return None
-            dists = {d.key: optuna.distributions.CategoricalDistribution(d.choices) for d in self.plan.dims}
-            trial = study.ask(dists)
-            trial.set_user_attr("host", socket.gethostname())
-            trial.set_user_attr("pid", os.getpid())
-            return trial
+            for _ in range(MAX_REDRAWS):
+                trials = [t for t in study.get_trials(deepcopy=False) if "duplicate_of" not in t.user_attrs]
+                waiting = any(t.state == TrialState.WAITING for t in trials)
+                counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+                           or (t.state == TrialState.FAIL and not t.user_attrs.get("killed"))]
+                taken = {_point(t.params): t for t in counted if t.params}
+                if not waiting and (len(counted) >= self.plan.trials or len(taken) >= size):
+                    return None
+                trial = study.ask(dists)
+                same = taken.get(_point(trial.params))
+                if same is None or same.number == trial.number:
+                    trial.set_user_attr("host", socket.gethostname())
+                    trial.set_user_attr("pid", os.getpid())
+                    return trial
+                trial.set_user_attr("duplicate_of", same.number)
+                if same.state == TrialState.COMPLETE:
+                    for k in ("constraints", "passed", "run", "short_score"):
+                        if k in same.user_attrs:
+                            trial.set_user_attr(k, same.user_attrs[k])
+                    study.tell(trial, same.values)
+                else:
+                    study.tell(trial, state=TrialState.PRUNED)
+            log.warning("search: the sampler drew %d points already taken in a row; stopping", MAX_REDRAWS)
+            return None
 
     def work(self) -> int:
         """Run trials until the study has ``trials`` of them; returns how many this worker ran."""
@@ -483,17 +510,6 @@ class Search:
 
         plan = self.plan
         values = {d.key: d.value(trial.params[d.key]) for d in plan.dims}
-        same = self._duplicate(study, trial)
-        if same is not None:  # the sampler drew values already run: its result, not a second run
-            trial.set_user_attr("duplicate_of", same.number)
-            for k in ("constraints", "passed", "run", "short_score"):
-                if k in same.user_attrs:
-                    trial.set_user_attr(k, same.user_attrs[k])
-            if same.state == TrialState.COMPLETE:
-                study.tell(trial, same.values)
-            else:
-                study.tell(trial, state=TrialState.PRUNED)
-            return
         folder = self.out / "trials" / f"{trial.user_attrs.get('retry_of', trial.number):04d}"
         t0 = time.perf_counter()
         log.info("search: trial %d %s", trial.number, values)
@@ -530,15 +546,6 @@ class Search:
             study.tell(trial, state=TrialState.FAIL)
             return
         study.tell(trial, objective_values)
-
-    @staticmethod
-    def _duplicate(study, trial):
-        from optuna.trial import TrialState
-
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-            if t.params == trial.params and "duplicate_of" not in t.user_attrs:
-                return t
-        return None
 
 
 # --------------------------------------------------------------------------------------------
