@@ -382,7 +382,8 @@ class Search:
     def sampler(self):
         import optuna
 
-        seed = self.plan.loaded.recipe.seed + os.getpid() % 1000  # workers draw differently
+        # The recipe's seed (a one-worker search is reproducible); local workers draw differently.
+        seed = self.plan.loaded.recipe.seed + int(os.environ.get("COMPRESS_SEARCH_WORKER", "0"))
         name = _sampler_name(self.plan.spec, self.plan.dims, self.plan.spec.trials)
         cons = (lambda ft: ft.user_attrs.get("constraints", [1.0]))  # noqa: E731
         if name == "grid":
@@ -572,7 +573,8 @@ def search(plan: SearchPlan, out: Path, storage: str | None, workers: int, worke
     for i in range(max(0, workers - 1)):
         log_file = open(s.out / f"worker-{i + 1}.log", "ab")  # noqa: SIM115 - closed below
         procs.append((subprocess.Popen([sys.executable, "-m", "compressor.cli", *worker_args], stdout=log_file,
-                                       stderr=subprocess.STDOUT, env=env), log_file))
+                                       stderr=subprocess.STDOUT, env={**env, "COMPRESS_SEARCH_WORKER": str(i + 1)}),
+                      log_file))
     try:
         s.work()
     finally:
