@@ -385,7 +385,7 @@ class ReportSpec(Strict):
 
 
 class SearchBudget(Strict):
-    """Successive halving of ``compress search``: a short rung first, the full run only for promising trials."""
+    """Successive halving of `compress search`: a short rung first, the full run only for promising trials."""
 
     reduction_factor: int = Field(
         3, ge=2, description="Optuna SuccessiveHalvingPruner's η: about 1 in η trials of the short rung go on to the full run."
