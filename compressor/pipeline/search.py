@@ -19,10 +19,11 @@ lives in a companion single-objective study ``<name>.rungs`` in the same storage
 per trial. ASHA rather than Hyperband or a median rule because it is asynchronous (workers
 never wait for a rung to fill, which several machines on one study need), needs no total number
 of trials in advance, and two rungs are exactly its case. The short score is gate-aware, to be
-minimised: a trial whose short evaluation misses the gate's rules scores its normalised
-shortfall (> 0); one that passes scores ``cost / baseline cost - 1`` (≤ 0), so passing trials
-beat failing ones and smaller ones beat larger ones — promoting on quality alone would prune
-exactly the aggressive cuts the search is for.
+minimised: a trial whose short evaluation misses the gate's metric rules scores its normalised
+shortfall (> 0), plus a large constant when it misses a rule on a characteristic (parameters,
+GFLOPs: no healing changes those); one that passes scores ``cost / baseline cost - 1`` (≤ 0), so
+passing trials beat failing ones and smaller ones beat larger ones — promoting on quality alone
+would prune exactly the aggressive cuts the search is for.
 
 Storage: an Optuna RDB URL, by default ``sqlite:///<out>/study.db``. Local workers take a file
 lock around "count the trials, ask for one", so they never exceed ``--trials`` nor draw a grid
@@ -330,10 +331,26 @@ def constraint_values(report: dict) -> list[float]:
     return out
 
 
+#: Short score of a trial that fails a rule on a characteristic (parameters, GFLOPs, size, latency):
+#: more healing cannot change those, so it is never promoted while any other trial could be.
+UNHEALABLE = 1000.0
+
+
 def short_score(plan: SearchPlan, report: dict) -> float:
-    """The short rung's gate-aware score, minimised: shortfall > 0 when failing, cost ratio - 1 ≤ 0 when passing."""
+    """The short rung's gate-aware score, minimised (see the module docstring).
+
+    A failed rule on a metric (what the full heal can still recover) scores its normalised
+    shortfall (> 0); a failed rule on a characteristic adds :data:`UNHEALABLE`; a trial passing
+    every rule scores ``cost / baseline cost - 1`` (≤ 0).
+    """
+    from eval.metrics import characteristic_keys
+
+    fixed = set(characteristic_keys())
+    verdicts = (report.get("gate") or {}).get("verdicts", [])
     cons = constraint_values(report)
     shortfall = sum(max(0.0, c) for c in cons)
+    if any(c > 0 and v.get("key") in fixed for v, c in zip(verdicts, cons)):
+        shortfall += UNHEALABLE
     if shortfall > 0:
         return shortfall
     cost = plan.objectives[-1]
