@@ -697,10 +697,9 @@ def _baseline(s: Search) -> dict | None:
     return {k: _value(rep, s.plan.baseline, k) for k in s.plan.objectives}
 
 
-def _thresholds(s: Search, base: dict | None) -> list[tuple[str, float]]:
-    """The gate's rules on the quality objective, as values of that objective."""
+def _thresholds(s: Search, base: dict | None, q: str) -> list[tuple[str, float]]:
+    """The gate's rules on objective ``q``, as values of that objective."""
     gate = s.plan.loaded.recipe.gate
-    q = s.plan.objectives[0]
     if gate is None or q not in gate.rules:
         return []
     r, b = gate.rules[q], (base or {}).get(q)
@@ -714,6 +713,8 @@ def _thresholds(s: Search, base: dict | None) -> list[tuple[str, float]]:
             out.append((f"recovery ≥ {r.min_recovery:g}", r.min_recovery * b))
         if r.max_drop is not None:
             out.append((f"drop ≤ {r.max_drop:g}", b - r.max_drop))
+        if r.max_ratio is not None:
+            out.append((f"ratio ≤ {r.max_ratio:g}", r.max_ratio * b))
     return out
 
 
@@ -738,8 +739,11 @@ def _plot(s: Search, rows, front, chosen, base) -> None:
         ax.scatter([r[c] for r in ok], [r[q] for r in ok], color="tab:green", label="passes the gate")
     if len(front) > 1 and len(s.plan.objectives) > 1:
         ax.plot([r[c] for r in front], [r[q] for r in front], color="tab:blue", lw=1, label="Pareto front")
-    for text, y in _thresholds(s, base):
+    for text, y in _thresholds(s, base, q):
         ax.axhline(y, color="tab:red", ls="--", lw=1, label=f"gate: {display_name(q)} {text}")
+    if c != q:
+        for text, x in _thresholds(s, base, c):
+            ax.axvline(x, color="tab:orange", ls=":", lw=1, label=f"gate: {display_name(c)} {text}")
     if base is not None:
         ax.scatter([base[c]], [base[q]], marker="*", s=160, color="black", label="baseline")
     if chosen is not None:
