@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "predict": "compressor.commands.predict:predict_command",
     "push": "compressor.commands.push:push",
     "report": "compressor.commands.report:report",
+    "search": "compressor.commands.search:search",
     "validate": "compressor.commands.validate:validate",
 }
 

@@ -48,6 +48,8 @@ def selection_to_removed(selection, n: int, part: str) -> list[int] | None:
         if len(removed) >= n:
             raise UserInputError(f"{part}: removing all {n} layers is not possible; keep at least one")
         return removed
+    if selection.count == 0:
+        return []
     if selection.count >= n:
         raise UserInputError(f"{part}: count {selection.count} would remove all {n} layers (count ≤ {n - 1})")
     return None

@@ -3,7 +3,9 @@
 Reads each run's ``report.json`` (a run directory or the file itself) and writes to DIR:
 ``comparison.md`` (the combined table, the runs, the plots), ``comparison.csv`` (raw numbers),
 ``metrics.png``, ``params.png``, ``latency.png``, ``gflops.png`` (per experiment, as the
-published RSICD pruning study drew them) and ``pareto_<metric>_<against>.png``. Loads no model.
+published RSICD pruning study drew them) and ``pareto_<metric>_<against>.png``. A ``compress search``
+folder among the RUNS adds its finished best run to the table and its Pareto front (table and
+``search-<name>-pareto.png``) to ``comparison.md``. Loads no model.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def report(obj, runs, out: Path, metric, against, labels):
         experiments_markdown,
     )
 
-    named = load_reports(list(runs))
+    searches = [p for p in runs if p.is_dir() and (p / "pareto.json").is_file()]
+    runs = [(p / "best" if (p / "best" / "report.json").is_file() else None) if p in searches else p for p in runs]
+    named = load_reports([p for p in runs if p is not None])
     entries = experiments_from_reports(named, list(labels) or None)
     if not entries:
         raise UserInputError(f"no evaluation labelled {', '.join(labels)} in these runs" if labels else "these runs have no evaluations")
@@ -87,6 +91,11 @@ def report(obj, runs, out: Path, metric, against, labels):
         verdict = "" if not gate else f"; gate {'passed' if gate.get('passed') else 'FAILED'} ({gate.get('summary', '')})"
         md.append(f"- `{name}`: recipe `{rep.get('recipe')}` (hash `{str(rep.get('recipe_hash', ''))[:12]}`){verdict}")
     md.append("")
+    for folder in searches:
+        section, png = _search_section(folder, out)
+        md += section
+        if png is not None:
+            files.append(png)
     md += [f"![{f.stem}]({f.name})\n" for f in files]
     atomic_write_text(out / "comparison.md", "\n".join(md))
     written = [out / "comparison.md", out / "comparison.csv", *files]
@@ -96,3 +105,26 @@ def report(obj, runs, out: Path, metric, against, labels):
         return
     click.echo(experiments_markdown(entries))
     click.echo(f"wrote {len(written)} files to {out}: " + ", ".join(f.name for f in written))
+
+
+def _search_section(folder: Path, out: Path) -> tuple[list[str], Path | None]:
+    """The Markdown of one search's Pareto front, and its plot copied into ``out``."""
+    import shutil
+
+    res = json.loads((folder / "pareto.json").read_text())
+    keys, objs = list(res.get("space", {})), res.get("objectives", [])
+    md = [f"## Search `{res.get('study')}` ({folder})", "",
+          f"{res.get('trials')} trials ({', '.join(f'{n} {s}' for s, n in res.get('states', {}).items())}); "
+          f"Pareto front over {' and '.join(objs)}:", "",
+          "| trial | " + " | ".join(keys + objs) + " | passes |", "|" + "---|" * (len(keys) + len(objs) + 2)]
+    for r in res.get("front", []):
+        md.append(f"| {r['trial']} | " + " | ".join(f"{r.get(k)}" if k in keys else f"{r.get(k):.4g}" for k in keys + objs)
+                  + f" | {'yes' if r.get('passed') else 'no'} |")
+    chosen = res.get("chosen")
+    md += ["", f"Chosen: trial {chosen['trial']} (its finished run is in the table above)." if chosen
+           else "No trial passes the gate.", ""]
+    png = None
+    if (folder / "pareto.png").is_file():
+        png = out / f"search-{res.get('study')}-pareto.png"
+        shutil.copyfile(folder / "pareto.png", png)
+    return md, png

@@ -139,10 +139,16 @@ class Runner:
         run_dir: the run directory (default ``runs/<name>``).
         resume: continue a run that was interrupted (required when one is found).
         progress: draw progress bars.
+        stage_cache: a folder of complete stage folders shared by several run directories (the
+            trials of ``compress search``): a stage whose folder is there (same name, so same index
+            and key) and verifies is hard-linked into this run instead of run again, and every stage
+            this run completes is hard-linked there.
     """
 
-    def __init__(self, loaded: LoadedRecipe, run_dir: Path | None = None, resume: bool = False, progress: bool = True):
+    def __init__(self, loaded: LoadedRecipe, run_dir: Path | None = None, resume: bool = False, progress: bool = True,
+                 stage_cache: Path | None = None):
         self.loaded = loaded
+        self.stage_cache = Path(stage_cache) if stage_cache is not None else None
         self.recipe = loaded.recipe
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.recipe.name
         self.resume = resume
@@ -256,6 +262,8 @@ class Runner:
             key = canonical_hash(key_parts)
             folder = run_dir / "stages" / f"{i:02d}-{st.type}-{key[:10]}"
             self.dist.barrier()  # every process sees the same stage folders
+            if self.dist.main and not folder.exists():
+                self._from_cache(folder)
             rec = _verify_stage(folder) if folder.exists() else None
             self.dist.barrier()
             if rec is not None:
@@ -269,6 +277,7 @@ class Runner:
                     shutil.rmtree(folder)
                 status = "ran"
                 seconds, peak, summary = self._run_stage(decl, st, ctx, current_dir, folder, key, key_parts)
+                self._to_cache(folder)
                 self.dist.barrier()
             self.records.append(StageRecord(i, st.type, st.label, key, folder.name, status, seconds, peak, summary))
             if decl.produces_model:
@@ -326,6 +335,29 @@ class Runner:
         return report
 
     # ---------------------------------------------------------------- helpers
+    def _from_cache(self, folder: Path) -> None:
+        """Hard-link a verified copy of ``folder`` from the shared stage cache, if there is one."""
+        if self.stage_cache is None:
+            return
+        cached = self.stage_cache / folder.name
+        if not cached.is_dir() or _verify_stage(cached) is None:
+            return
+        tmp = make_tmp_dir(folder.parent, folder.name)
+        link_tree(cached, tmp)
+        publish_dir(tmp, folder)
+        log.info("stage %s: linked from the stage cache %s", folder.name, self.stage_cache)
+
+    def _to_cache(self, folder: Path) -> None:
+        """Hard-link a completed stage folder into the shared stage cache (first writer wins)."""
+        if self.stage_cache is None or (self.stage_cache / folder.name).exists():
+            return
+        tmp = make_tmp_dir(self.stage_cache, folder.name)
+        link_tree(folder, tmp)
+        try:
+            os.rename(tmp, self.stage_cache / folder.name)  # fails if another run published it meanwhile
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def _key_parts(self, decl, st, ctx, input_key: str, label_keys: dict, export_keys: list) -> dict[str, Any]:
         """What a stage's cache key hashes: its config, its input, the fingerprints of the data it
         reads, library versions, and what its declaration says it also reads (decoding settings,

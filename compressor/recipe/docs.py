@@ -48,6 +48,8 @@ SECTIONS_AFTER_STAGES: list[tuple[str, type[BaseModel]]] = [
     ("gate.rules.<key>", S.GateRule),
     ("push", S.PushSpec),
     ("report", S.ReportSpec),
+    ("search (compress search, docs/search.md)", S.SearchSpec),
+    ("search.budget", S.SearchBudget),
 ]
 
 

@@ -419,6 +419,102 @@ class ReportSpec(Strict):
     plots: bool = Field(True, description="Draw PNG plots beside report.md.")
 
 
+class SearchBudget(Strict):
+    """Successive halving of `compress search`: a short rung first, the full run only for promising trials."""
+
+    reduction_factor: int = Field(
+        3, ge=2, description="Optuna SuccessiveHalvingPruner's η: about 1 in η trials of the short rung go on to the full run."
+    )
+    short_fraction: float = Field(
+        0.25, gt=0, le=1, description="Training steps (or epochs) of the short rung's training stages after the first "
+        "searched stage, as a fraction of the recipe's."
+    )
+    short_eval_limit: int | None = Field(
+        16, ge=1, description="Examples every evaluate stage scores in the short rung (null: all)."
+    )
+    short_torch: bool = Field(
+        True, description="Short rung: evaluate the PyTorch model (`backend: torch`) and skip export stages."
+    )
+
+
+class SearchSpec(Strict):
+    """`compress search`: an Optuna multi-objective search over the recipe's own stage fields."""
+
+    space: dict[str, list[Any]] = Field(
+        description="Searched key → its values. A key names a stage field by its `--set` path (`stages.3.language_model.drop_top`) "
+        "or by the stage's type or label instead of `stages.N` (`remove_layers.language_model.drop_top`, when one "
+        "stage has that type)."
+    )
+    objectives: list[str] | None = Field(
+        None, description="Metric or characteristic keys of the gate's candidate evaluation, quality first, then "
+        "cost (default: the gate's first metric rule, then `params_total`)."
+    )
+    trials: int = Field(20, ge=1, description="Trials of the study (`--trials` overrides).")
+    sampler: Literal["auto", "tpe", "nsga2", "random", "grid"] = Field(
+        "auto", description="Optuna sampler; auto: grid when the whole space fits in `trials`, else TPE "
+        "(multi-objective, with the gate's rules as constraints)."
+    )
+    budget: SearchBudget = Field(default_factory=SearchBudget, description="Successive halving.")
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not v:
+            raise ValueError("the search space is empty: name at least one stage field and its values")
+        empty = [k for k, vals in v.items() if not vals]
+        if empty:
+            raise ValueError(f"no values for {', '.join(empty)}")
+        for k, vals in v.items():
+            if len({repr(x) for x in vals}) != len(vals):
+                raise ValueError(f"{k}: a value is listed twice")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if len(v) < 1:
+            raise ValueError("give at least one objective")
+        if len(set(v)) != len(v):
+            raise ValueError("an objective is listed twice")
+        _check_names(v, GATE_KEYS, "objective (metric or characteristic key)")
+        return v
+
+
+def search_key_stage(recipe, key: str) -> tuple[int, tuple[str, ...]] | str:
+    """The stage a ``search.space`` key addresses and the field path below it.
+
+    Args:
+        recipe: a validated recipe.
+        key: ``stages.N.a.b``, ``<type>.a.b`` (one stage of that type) or ``<label>.a.b``.
+
+    Returns:
+        ``(stage index, field path)``, or a message saying why the key names no stage.
+    """
+    parts = key.split(".")
+    if len(parts) < 2 or any(p == "" for p in parts):
+        return "expected <stage>.<field>, e.g. remove_layers.language_model.drop_top or stages.3.train.steps"
+    n = len(recipe.stages)
+    if parts[0] == "stages":
+        if len(parts) < 3 or not parts[1].isdigit() or int(parts[1]) >= n:
+            return f"stages has {n} items (0..{n - 1}); expected stages.N.<field>"
+        return int(parts[1]), tuple(parts[2:])
+    by_label = [i for i, st in enumerate(recipe.stages) if st.label == parts[0]]
+    if by_label:
+        return by_label[0], tuple(parts[1:])
+    by_type = [i for i, st in enumerate(recipe.stages) if st.type == parts[0]]
+    if len(by_type) == 1:
+        return by_type[0], tuple(parts[1:])
+    if len(by_type) > 1:
+        return (f"{len(by_type)} stages are {parts[0]} (stages {', '.join(map(str, by_type))}); "
+                f"write stages.N.{'.'.join(parts[1:])} or give the stage a label")
+    from compressor.errors import did_you_mean
+
+    names = [st.type for st in recipe.stages] + [st.label for st in recipe.stages if st.label]
+    return f"no stage of this recipe has the type or label '{parts[0]}'.{did_you_mean(parts[0], names)}"
+
+
 @functools.cache
 def recipe_model() -> type[BaseModel]:
     """The ``Recipe`` model: the fields below, with ``stages`` the discriminated union of every
@@ -445,6 +541,7 @@ def recipe_model() -> type[BaseModel]:
         gate: GateSpec | None = Field(None, description="Regression gate after the last stage.")
         push: PushSpec | None = Field(None, description="Hub push after a passing gate.")
         report: ReportSpec = Field(default_factory=ReportSpec, description="Report options.")
+        search: SearchSpec | None = Field(None, description="`compress search`: the space, objectives and budget.")
 
         @field_validator("name")
         @classmethod
@@ -511,6 +608,11 @@ def cross_check(recipe) -> list[tuple[tuple, str]]:
             adapters_pending = False
         if effect == "writes":
             adapters_pending = True
+    if recipe.search is not None:
+        for key in recipe.search.space:
+            where = search_key_stage(recipe, key)
+            if isinstance(where, str):
+                problems.append((("search", "space", key), where))
     if recipe.gate is not None:
         for role in ("candidate", "baseline"):
             lab = getattr(recipe.gate, role)

@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 class LayerSelection(Strict):
     """Which layers of one stack to remove: exactly one of drop_top, layers, count."""
 
-    drop_top: int | None = Field(None, ge=1, description="Remove the top k layers.")
+    drop_top: int | None = Field(None, ge=0, description="Remove the top k layers (0: none, e.g. one point of a `search:` space).")
     layers: list[int] | None = Field(None, description="Remove these layer indices (0-based).")
-    count: int | None = Field(None, ge=1, description="Remove k layers chosen by `select` on calibration data.")
+    count: int | None = Field(
+        None, ge=0, description="Remove k layers chosen by `select` on calibration data (0: none)."
+    )
     select: Literal["block_influence", "angular_distance"] | None = Field(
         None,
         description="block_influence (ShortGPT, Men et al. 2024: 1 - cos(in, out), lowest removed) or "
@@ -98,7 +100,7 @@ RemoveLayersStage = create_model(
 def _by_importance(cfg) -> bool:
     sels = [getattr(cfg, k) for k in removal_keys()]
     flat = [s for sel in sels if sel is not None for s in ([sel.encoder, sel.decoder] if hasattr(sel, "encoder") else [sel])]
-    return any(s is not None and s.count is not None for s in flat)
+    return any(s is not None and s.count for s in flat)
 
 
 def data(cfg) -> dict[str, int | None]:

@@ -35,7 +35,7 @@ def test_llm28_q8_matches_the_published_architecture():
     assert lora and all(sum(c.values()) >= 1 for c in lora[0]["lora_matches"].values())
 
 
-@pytest.mark.parametrize("k", [2, 6])
+@pytest.mark.parametrize("k", [0, 2, 6])  # 0: nothing removed (a `search:` space point)
 def test_drop_top_k_changes_exactly_k_opt_layers(tmp_path, k):
     r = _recipe(tmp_path, "Salesforce/blip2-opt-2.7b", f"  - type: remove_layers\n    language_model: {{drop_top: {k}}}\n")
     plan = plan_recipe(load_recipe(r), gflops=False)
