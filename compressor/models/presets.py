@@ -12,6 +12,9 @@ tiny-blip2-llama     BLIP-2 with a Llama decoder, 4 heads / 2 KV heads (grouped,
 tiny-blip2-t5        BLIP-2 with a T5 encoder-decoder (4 + 4 blocks, gated-GELU as Flan-T5)
 tiny-instructblip    InstructBLIP: Q-Former reads the instruction (BERT WordPiece), OPT LM
 tiny-blip            BLIP: ViT + BERT text decoder (4 layers, cross-attention every layer)
+tiny-smolvlm         SmolVLM (Idefics3): SigLIP 2×32 on 32 px tiles, pixel shuffle 2, Llama 6×32
+                     (4 heads / 2 KV heads); image splitting on (64 px longest edge: up to 2×2 tiles
+                     + the global image, 4 image tokens each); SmolLM2-style special tokens
 small-blip2-opt      BLIP-2 OPT sized to learn the synthetic shapes (the demo teacher's base)
 shapes-teacher       small-blip2-opt trained on the shapes set (shipped in compressor/assets)
 ===================  =====================================================================
@@ -241,6 +244,42 @@ def tiny_blip(seed: int = 0):
     return model, proc
 
 
+def tiny_smolvlm(seed: int = 0):
+    """SmolVLM (Idefics3): SigLIP 2×32 (32 px tiles, patch 8), pixel shuffle 2, Llama 6×32 with grouped KV heads.
+
+    The processor splits images as SmolVLM's does (resized to a longest edge of 64 px, then 32 px
+    tiles plus the global image; 4 ``<image>`` tokens per tile), with the published chat template
+    and the small SmolLM2-style tokenizer ``smolvlm.json``; the head is untied, as in SmolVLM-256M.
+    """
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
+
+    from compressor.models.processors import smolvlm_processor, smolvlm_tokenizer
+
+    proc = smolvlm_processor(smolvlm_tokenizer(), tile_size=32, longest_edge=64, image_seq_len=4)
+    tok = proc.tokenizer
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    ).to_dict()
+    cfg = Idefics3Config(
+        vision_config=dict(_vision(32, 2, 32, 8), intermediate_size=64),
+        text_config=text,
+        scale_factor=2,
+        image_token_id=proc.image_token_id,
+        tie_word_embeddings=False,
+    )
+    return _finish(Idefics3ForConditionalGeneration(cfg), proc, seed, (2.0, 0.1, 0))
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -249,6 +288,7 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-blip2-t5", "BLIP-2 Flan-T5 style, tiny", tiny_blip2_t5),
         Preset("tiny-instructblip", "InstructBLIP OPT, tiny", tiny_instructblip),
         Preset("tiny-blip", "BLIP captioning, tiny", tiny_blip),
+        Preset("tiny-smolvlm", "SmolVLM (Idefics3) with image splitting, tiny", tiny_smolvlm),
         Preset("small-blip2-opt", "BLIP-2 OPT sized for the shapes teacher", small_blip2_opt),
     )
 }

@@ -40,6 +40,7 @@ REGISTRY: dict[str, str] = {
     "remove_layers": "compressor.stages.remove_layers",
     "prune_width": "compressor.stages.prune_width",
     "heal": "compressor.stages.heal",
+    "distill": "compressor.stages.distill",
     "export": "compressor.stages.export",
     "evaluate": "compressor.stages.evaluate",
     "predict": "compressor.stages.predict",
