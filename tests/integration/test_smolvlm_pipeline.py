@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from tests.integration.inprocess import run_inprocess
 
 RECIPE = """\
