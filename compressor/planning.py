@@ -342,6 +342,10 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
     }
 
 
+def _or_dash(v) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
 def format_plan(plan: dict) -> str:
     """A text table: parts before/after/change, GFLOPs, then the stages and notes."""
 
@@ -371,10 +375,13 @@ def format_plan(plan: dict) -> str:
                  f"{'(' + fmt(a['params_total'] - b['params_total']) + ')':>16}")
     g = plan["gflops_settings"]
     for k in dict.fromkeys([*b, *a]):
-        if not k.startswith("gflops") or k not in b or k not in a:
+        if not k.startswith("gflops"):
             continue
-        d = a[k] - b[k]
-        lines.append(f"{k:24}{b[k]:>16.3f}{a[k]:>16.3f}{d:>+16.3f}{100 * d / b[k]:>+8.2f}%")
+        if k in b and k in a:
+            d = a[k] - b[k]
+            lines.append(f"{k:24}{b[k]:>16.3f}{a[k]:>16.3f}{d:>+16.3f}{100 * d / b[k]:>+8.2f}%")
+        else:  # a figure only one side's family counts (a distilled student of another family)
+            lines.append(f"{k:24}{_or_dash(b.get(k)):>16}{_or_dash(a.get(k)):>16}")
     if "gflops" in b:
         lines.append(f"  GFLOPs of one caption: 1 image, {g['new_tokens']} new tokens, {g['num_beams']} beam(s), "
                      f"{g['lm_input_tokens']} language-model input tokens")
