@@ -69,6 +69,11 @@ stages:
     label: student_eval
     metrics: [bleu_4, cider]
     characteristics: {latency: null}
+  - type: distill
+    teacher: baseline
+    student: tiny-smolvlm
+    token_kd: {temperature: 2.0, kl_weight: 1.0}
+    train: {steps: 2, batch_size: 4}
 """
 
 
@@ -135,11 +140,16 @@ def test_distill_into_a_student_of_another_family(run):
     s = _summary(run_dir, "distill")
     assert s["student"]["family"] == "blip2" and s["teacher_captions"]["hit"] is False and s["teacher_captions"]["captions"] == 12
     assert s["params_ratio"] == pytest.approx(s["student"]["params"] / s["teacher"]["params"], rel=1e-3)
-    folder = next(run_dir.glob("stages/*-distill-*"))
+    folder = sorted(run_dir.glob("stages/*-distill-*"))[0]
     captions = json.loads((folder / "teacher_captions.json").read_text())
     assert len(captions) == 12 and all(captions.values())
-    config = json.loads((run_dir / "final" / "config.json").read_text())
-    assert config["model_type"] == "blip-2"  # the student continues down the recipe
+    assert json.loads((run_dir / "final" / "config.json").read_text())["model_type"] == "idefics3"
+    student_eval = json.loads((run_dir / "report.json").read_text())["evaluations"]["student_eval"]
+    assert student_eval["characteristics"]["params_qformer"] > 0  # the BLIP-2 student continued down the recipe
+    # One tokenizer on both sides (a SmolVLM teaching a SmolVLM): token-level KD runs with the sequence-level loss.
+    kd = sorted(run_dir.glob("stages/*-distill-*"))[-1]
+    parts = json.loads((kd / "loss.json").read_text())["parts"]
+    assert all({"ce", "kl"} <= set(p) for _, p in parts) and parts[0][1]["kl"] > 0
     # Another student: the teacher's captions come from the cache (teacher key + data fingerprint).
     again = run_inprocess("apply", str(recipe), "--out", str(run_dir), "--set", "stages.10.ground_truth_weight=0.25")
     assert again.returncode == 0, again.stdout + again.stderr
