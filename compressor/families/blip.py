@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from compressor.families.base import Family, Stack, Width
+from compressor.families.blip2 import VISION_LORA  # BLIP-2 kept BLIP's vision encoder: same paths
 
 MODEL_CLASS = "BlipForConditionalGeneration"
 MODEL_TYPES = ("blip",)
@@ -24,10 +25,6 @@ REMOVAL_KEYS = {
 }
 ENCODER_DECODER_KEYS = ("language_model",)
 _TEXT = r"text_decoder\.bert\.encoder\.layer\.\d+"
-VISION_LORA = {
-    "vision.attention": r"vision_model\.encoder\.layers\.\d+\.self_attn\.(qkv|projection)",
-    "vision.mlp": r"vision_model\.encoder\.layers\.\d+\.mlp\.(fc1|fc2)",
-}
 TEXT_LORA = {
     "language_model.attention": rf"{_TEXT}\.attention\.self\.(query|key|value)",
     "language_model.decoder.attention": rf"{_TEXT}\.attention\.self\.(query|key|value)",
