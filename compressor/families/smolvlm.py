@@ -88,9 +88,8 @@ def describe(config) -> Family:
     stacks = {"vision": Stack("vision", "model.vision_model.encoder.layers", ("vision_config.num_hidden_layers",))}
     for st in lm.stacks:
         stacks[st.part] = st
-    vc = config.vision_config
-    scale = int(getattr(config, "scale_factor", 2))
-    seq_len = (int(vc.image_size) // int(vc.patch_size)) ** 2 // scale**2
+    tile = tile_size(config)
+    seq_len = (tile // int(config.vision_config.patch_size)) ** 2 // int(getattr(config, "scale_factor", 2)) ** 2
     return Family(
         name="smolvlm",
         model_type=config.model_type,
@@ -107,8 +106,16 @@ def describe(config) -> Family:
         num_queries=0,
         config_mirrors={"model.text_model": "text_config", "model.vision_model": "vision_config"},
         onnx_topology="decoder_only",
-        extra={"image_seq_len": seq_len},
+        extra={"image_seq_len": seq_len, "tile_size": tile},
     )
+
+
+def tile_size(config) -> int:
+    """The side in pixels of the tiles the model is run on: ``vision_config.max_image_size``'s
+    longest edge where the config records the processor's (the published SmolVLM configs do, and
+    an assembly at another operating point writes its own), else the vision encoder's ``image_size``."""
+    vc = config.vision_config
+    return int((getattr(vc, "max_image_size", None) or {}).get("longest_edge", vc.image_size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +198,7 @@ def training_batch(family: Family, processor, images: Sequence, targets: Sequenc
 
 def _sizes(config, processor) -> tuple[int, int]:
     """(tile side, the processor's longest edge) in pixels."""
-    tile = int(config.vision_config.image_size)
+    tile = tile_size(config)
     longest = None
     if processor is not None:
         longest = (getattr(processor.image_processor, "size", None) or {}).get("longest_edge")
@@ -267,7 +274,7 @@ def gflops_replay(family: Family, model, lm_tokens: int, tiles: int, new_tokens:
     from compressor.planning import flops_of, language_model_flops
 
     meta = torch.device("meta")
-    side = int(model.config.vision_config.image_size)
+    side = tile_size(model.config)
     patches = side // int(model.config.vision_config.patch_size)
     with torch.inference_mode():
         mask = torch.ones(tiles, patches, patches, dtype=torch.bool, device=meta)
@@ -394,7 +401,7 @@ def onnx_graph_parts(family: Family, model):
     from exporters.onnx.topologies.decoder_only import Parts
 
     cfg = model.config
-    size = int(cfg.vision_config.image_size)
+    size = int(family.extra["tile_size"])
     seq = int(family.extra["image_seq_len"])
     image = ImageGraph(
         module=_onnx_wrappers()(model),
