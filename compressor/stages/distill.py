@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -244,7 +245,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     from compressor.models.folders import model_dir, save_model
     from compressor.models.loading import load_model, materialize
     from compressor.training import train
-    from compressor.training_glue import summary_of
+    from compressor.training_glue import eval_hook, summary_of
 
     teacher_dir = ctx.labels.get(cfg.teacher)
     if teacher_dir is None:
@@ -276,12 +277,17 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         device=ctx.device,
         out_dir=out_dir,
         loss_fn=distill_loss(family, teacher, t_family, cfg.token_kd),
+        evaluate=eval_hook(ctx, processor, cfg.train),
         save_checkpoint=lambda m, d: save_model(m, processor, d),
         progress=ctx.progress,
     )
-    for p in model.parameters():
-        p.requires_grad_(True)
-    save_model(model, processor, model_dir(out_dir), state_dict=result.extra.get("state_dict"))
+    best = out_dir / "best"
+    if result.best_step is not None and best.is_dir():  # train.select_best_by on val
+        shutil.move(str(best), str(model_dir(out_dir)))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        save_model(model, processor, model_dir(out_dir), state_dict=result.extra.get("state_dict"))
     (out_dir / "teacher_captions.json").write_text(json.dumps(captions, indent=1, sort_keys=True) + "\n")
     teacher_params = _params(teacher_dir)
     student_params = sum(p.numel() for p in model.parameters())
