@@ -9,7 +9,7 @@ the teacher's (where the curve crosses 90% is where the recipe's gate starts to 
 
 Usage::
 
-    python -m bench.distill_curve [--widths 32,48,64,96] [--out runs/distill_curve] [--set KEY=VALUE …]
+    python -m bench.distill_curve [--widths 32,48,64,96] [--out runs/distill_curve] [--set KEY=VALUE …] [--resume]
 
 ``--set`` is passed to every ``compress apply`` (e.g. ``--set stages.1.train.steps=300`` for a quick
 curve). About 4-6 minutes per width with the recipe's settings on 2 idle CPU cores.
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--widths", default="32,48,64,96")
     ap.add_argument("--out", type=Path, default=Path("runs/distill_curve"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted curve (compress apply --resume)")
     args = ap.parse_args(argv)
     rows = []
     for width in [int(w) for w in args.widths.split(",")]:
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                "--set", f"stages.1.student={folder.resolve()}"]
         for o in args.overrides:
             cmd += ["--set", o]
+        if args.resume:
+            cmd.append("--resume")
         rc = subprocess.run(cmd, cwd=REPO).returncode
         if rc not in (0, 1):  # 1: the gate failed, which is a point of the curve
             print(f"width {width}: compress apply exited {rc}", file=sys.stderr)
