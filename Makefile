@@ -1,6 +1,6 @@
 # vlm-compress: set-up, tests and demos. Everything runs inside .venv in the repository root.
 #   make install          create .venv, install torch ($(TORCH_SPEC)), then the project with [$(EXTRAS)]
-#   make test             the test suite (prints the 15 slowest tests)
+#   make test             the test suite on $(PYTEST_WORKERS) processes (prints the 15 slowest tests)
 #   make demo             the embedded default: recipes/demo.yaml (synthetic shapes, shipped teacher)
 #   make demo DATA=../shared/data/coco-mini   the same chain on real COCO images and captions
 #   make demo-real        recipes/smollm2_coco.yaml: a BLIP-2 with the real SmolLM2-135M on real COCO (COCO=<folder>)
@@ -12,6 +12,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu,dev
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist). Every test runs one thread (OMP_NUM_THREADS=1 in tests/conftest.py), so
+# two workers use both cores of a small CI machine; test files stay whole on one worker (--dist loadfile),
+# which keeps module fixtures built once. PYTEST_WORKERS=0 runs in this process (for pdb).
+PYTEST_WORKERS ?= 2
 DATA ?=
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
@@ -28,7 +32,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@echo "installed into $(VENV): run 'make test'"
 
 test: install
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check compressor exporters eval tests bench

@@ -13,7 +13,8 @@ Default set (about 10 minutes on 2 CPU cores):
 
 ``--all`` adds the long ones: ``bench.healing`` (about 25 minutes), ``bench.real_size_apply``
 and ``bench.real_size_export`` (BLIP-2 OPT-2.7B with random weights: about 8-15 GB of memory and
-30 GB of disk each). ``--only NAME[,NAME]`` runs just those.
+30 GB of disk each), ``bench.speculative`` (speculative decoding: the shapes teacher, and with the
+real-input wheels and COCO images the demo-real chain it prepares, about 30 minutes on 2 cores). ``--only NAME[,NAME]`` runs just those.
 
 Usage: ``python -m bench.run_all [--all] [--only eval_speed,onnx_speed] [--images DIR]``.
 Exit status: 0 when every benchmark exited 0, else 1 (the summary names the failed ones).
@@ -31,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ("eval_speed", "onnx_speed")
-LONG = ("healing", "real_size_apply", "real_size_export")
+LONG = ("healing", "real_size_apply", "real_size_export", "speculative")
 
 
 def demo_wheels_installed() -> bool:
@@ -56,6 +57,10 @@ def commands(names: list[str], images: Path | None) -> list[tuple[str, list[str]
             argv += ["--models", "tiny,demo" if demo_wheels_installed() else "tiny"]
             if images is not None:
                 argv += ["--images", str(images)]
+        if name == "speculative":
+            real = demo_wheels_installed() and images is not None
+            argv += ["--models", "demo,shapes" if real else "shapes"]
+            argv += ["--images", str(images), "--prepare"] if real else []
         out.append((name, argv))
     return out
 

@@ -166,6 +166,8 @@ TABLE: tuple[Metric, ...] = (
            description="Generated tokens per second."),
     Metric("spec_acceptance", "Speculative acceptance", HIGHER, "characteristic", "speculative_decoding",
            description="Speculative decoding: accepted draft tokens / proposed."),
+    Metric("spec_tokens_per_call", "Tokens per target call", HIGHER, "characteristic", "speculative_decoding",
+           description="Speculative decoding: tokens emitted per target decoder call (plain greedy: 1)."),
     Metric("peak_rss_mb", "Peak RSS (MB)", LOWER, "characteristic", "peak_memory", listed=9, runs_column=7,
            description="Peak resident memory of the process, MB."),
     Metric("peak_cuda_mb", "Peak CUDA memory (MB)", LOWER, "characteristic", "peak_memory", listed=10,

@@ -209,15 +209,30 @@ def _body(report, repo_id, what, recipe, recipe_yaml, base_model, base_model_des
     if evals:
         labels = [lab for lab in (base, cand) if lab] + [lab for lab in evals if lab not in (base, cand)]
         p += [comparison_markdown(labels, evals)]
+        speculative = False
         for lab in labels:
             ev = evals[lab]
             dec = ev.get("decoding", {})
             d = ev.get("data", {})
-            p.append(
+            line = (
                 f"- **{lab}**: {d.get('examples', '?')} examples of the `{d.get('section', '?')}` data ({fmt}); "
                 + ", ".join(f"{k}={dec[k]}" for k in ("backend", "device", "dtype", "num_beams", "max_new_tokens", "prompt") if k in dec)
             )
+            spec = dec.get("speculative")
+            if isinstance(spec, dict):
+                speculative = True
+                acc = _num(ev.get("characteristics", {}).get("spec_acceptance"))
+                line += (f"; speculative decoding with the draft `{spec.get('draft')}` ({spec.get('num_draft_tokens')} tokens "
+                         f"per call" + (f", {acc:.0%} accepted" if acc is not None else "") + ")")
+            p.append(line)
         p.append("")
+        if speculative:
+            p.append("Speculative decoding (Leviathan et al. 2023): a draft model (here typically the compressed one) "
+                     "proposes several tokens, the evaluated model checks them all in one call and keeps the agreeing "
+                     "ones plus its own next token, so its captions are its own greedy captions, with fewer calls of it. "
+                     "`spec_acceptance` is the share of proposed draft tokens it accepted, `spec_tokens_per_call` the "
+                     "tokens it emitted per call (1 without a draft).")
+            p.append("")
         ch = evals[labels[-1]].get("characteristics", {})
         toks = ch.get("gflops_new_tokens", "the stated number of")
         p.append("Metrics are on the 0–100 scale (COCO caption evaluation, pycocoevalcap); parameters are counted "

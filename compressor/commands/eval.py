@@ -27,6 +27,7 @@ import click
 from compressor.commands.targets import (
     check_out,
     data_options,
+    draft_options,
     load_data,
     load_target,
     model_options,
@@ -61,6 +62,7 @@ def _csv_ints(text: str, option: str) -> list[int]:
 @click.option("--clipscore-model", metavar="DIR", help="Local CLIP folder (CLIPModel + CLIPProcessor) for clipscore.")
 @click.option("--teacher-predictions", type=click.Path(dir_okay=False, path_type=Path), help="A teacher's predictions: references of teacher_cider.")
 @model_options
+@draft_options
 @click.option("--latency-batch-sizes", default="1,8", show_default=True, help="Batch sizes to time (latency p50/p95 per caption).")
 @click.option("--latency-repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed calls per batch size.")
 @click.option("--latency-warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed calls per batch size.")
@@ -70,8 +72,8 @@ def _csv_ints(text: str, option: str) -> list[int]:
 @click.pass_obj
 def eval_command(obj, model, data_path, data_format, task, images, limit, skip_invalid, predictions, references, out, metrics,
                  label, save_predictions, bertscore_model, bertscore_layers, clipscore_model, teacher_predictions, prompt,
-                 num_beams, max_new_tokens, min_new_tokens, batch_size, device, dtype, latency_batch_sizes, latency_repeats,
-                 latency_warmup, no_latency, no_gflops, gflops_new_tokens):
+                 num_beams, max_new_tokens, min_new_tokens, batch_size, device, dtype, draft, num_draft_tokens, draft_variant,
+                 no_draft, latency_batch_sizes, latency_repeats, latency_warmup, no_latency, no_gflops, gflops_new_tokens):
     """Score MODEL_OR_ONNX_DIR on --data, or score --predictions against --references / --data.
 
     Writes an evaluation record (metrics on the 0-100 scale, characteristics, decoding settings)
@@ -86,6 +88,8 @@ def eval_command(obj, model, data_path, data_format, task, images, limit, skip_i
         raise UserInputError("give MODEL_OR_ONNX_DIR (to caption --data) or --predictions (to score a file), not both")
     if model is None and predictions is None:
         raise UserInputError("give MODEL_OR_ONNX_DIR with --data, or --predictions with --references (or --data)")
+    if predictions is not None and (draft or num_draft_tokens or draft_variant):
+        raise UserInputError("--draft options go with MODEL_OR_ONNX_DIR: scoring --predictions runs no model")
     if save_predictions is not None:
         check_out(save_predictions, (".json",), "--save-predictions")
     teacher = None
@@ -116,7 +120,8 @@ def eval_command(obj, model, data_path, data_format, task, images, limit, skip_i
     )
     overrides = dict(prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, batch_size=batch_size)
-    tgt = load_target(model, overrides, device, dtype)
+    drafting = dict(draft=draft, num_draft_tokens=num_draft_tokens, draft_variant=draft_variant, no_draft=no_draft)
+    tgt = load_target(model, overrides, device, dtype, drafting)
     from compressor.evaluation import EvalOptions, evaluate
     from eval.captioning import CaptionScorer
 
@@ -285,6 +290,11 @@ def _finish(obj, out: Path, record: dict) -> None:
     dec = record.get("decoding")
     if dec:
         click.echo("decoding: " + ", ".join(f"{k}={dec[k]}" for k in ("backend", "num_beams", "max_new_tokens", "min_new_tokens", "prompt", "batch_size", "device", "dtype") if k in dec))
+    spec = (dec or {}).get("speculative")
+    if spec:
+        ch = record.get("characteristics", {})
+        click.echo(f"speculative decoding: draft {spec['draft']}, {spec['num_draft_tokens']} tokens per call; "
+                   f"acceptance {ch.get('spec_acceptance')}, {ch.get('spec_tokens_per_call')} tokens per target call")
     for note in record.get("notes", []):
         click.echo(f"note: {note}")
     click.echo(f"wrote {out}")

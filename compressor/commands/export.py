@@ -1,13 +1,17 @@
 """``compress export``: write a model folder as a verified split ONNX export and/or safetensors.
 
-``compress export [MODEL_DIR] --onnx [--safetensors] [--out DIR] [--dtype D] [--opset N] [--quantize int8]``
+``compress export [MODEL_DIR] --onnx [--safetensors] [--out DIR] [--dtype D] [--opset N] [--quantize int8] [--draft DIR]``
 
 * MODEL_DIR defaults to the newest ``runs/*/final`` (so ``compress export --onnx`` works right
   after ``compress apply``);
 * ``--out`` is the ONNX folder with ``--onnx`` alone (default: ``onnx/`` beside MODEL_DIR), the
   safetensors folder with ``--safetensors`` alone (default ``safetensors/`` beside it), and the
   parent of ``onnx/`` and ``safetensors/`` with both (default: beside MODEL_DIR);
-* a path that is not a model folder exits 2 before anything is written.
+* a path that is not a model folder exits 2 before anything is written;
+* ``--draft DIR`` bundles a draft (a model folder, exported with the same options, or an ONNX
+  export) in ``draft/`` for speculative decoding: ONNX Runtime captioning of the folder then
+  gives the model's own greedy captions with the draft proposing tokens
+  (:func:`exporters.onnx.export.export_onnx_with_draft`).
 """
 
 from __future__ import annotations
@@ -69,9 +73,13 @@ def _targets(model_dir: Path, out: Path | None, onnx: bool, safetensors: bool) -
 @click.option("--max-shard-size", default="5GB", show_default=True, help="safetensors shard size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where validation runs ONNX Runtime (cuda needs the [gpu] extra).")
+@click.option("--draft", type=click.Path(file_okay=False, path_type=Path),
+              help="Bundle this draft (model folder or ONNX export, same tokenizer) in draft/ for speculative decoding.")
+@click.option("--num-draft-tokens", type=click.IntRange(1, 16), help="Draft tokens per target call recorded with --draft (default 4).")
+@click.option("--draft-variant", type=click.Choice(["plain", "optimized", "int8"]), help="The draft variant the captioner runs.")
 @click.pass_obj
 def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, exporter, no_optimize, no_twin_check,
-           isolate_graphs, tolerance, max_shard_size, device):
+           isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant):
     """Export MODEL_DIR (default: the newest runs/*/final) to ONNX and/or safetensors.
 
     \b
@@ -87,6 +95,10 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
         raise UserInputError("choose what to write: --onnx and/or --safetensors")
     if quantize and not onnx:
         raise UserInputError("--quantize int8 applies to the ONNX decoder: add --onnx")
+    if (draft is not None or num_draft_tokens or draft_variant) and not onnx:
+        raise UserInputError("--draft bundles a draft with the ONNX export: add --onnx")
+    if draft is None and (num_draft_tokens or draft_variant):
+        raise UserInputError("--num-draft-tokens / --draft-variant go with --draft DIR")
     model_dir = model_dir if model_dir is not None else newest_final()
     if not model_dir.exists():
         raise ModelSpecError(f"{model_dir}: no such folder")
@@ -99,6 +111,10 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
     from compressor.models.loading import load_config
 
     family_for_config(load_config(str(model_dir)))  # a non-BLIP model exits 2 before anything is written
+    if draft is not None:
+        from exporters.onnx.speculative import check_folders
+
+        check_folders(model_dir, draft)  # before anything is written
     dev = resolve_device(device)
     targets = _targets(model_dir, out, onnx, safetensors)
     for t in targets.values():
@@ -120,7 +136,12 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
             twin_check=not no_twin_check,
             isolate_graphs=isolate_graphs,
         )
-        meta = export_onnx(model_dir, targets["onnx"], opts, device=dev)
+        if draft is not None:
+            from exporters.onnx.export import export_onnx_with_draft
+
+            meta = export_onnx_with_draft(model_dir, targets["onnx"], opts, draft, num_draft_tokens, draft_variant, device=dev)
+        else:
+            meta = export_onnx(model_dir, targets["onnx"], opts, device=dev)
         summary["onnx"] = {
             "folder": str(targets["onnx"]),
             "graphs": {k: {"file": v["onnx"], "bytes": v["bytes"]} for k, v in meta["graphs"].items()},
@@ -128,6 +149,8 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
             "seconds": meta["seconds"]["total"],
             "validation": str(targets["onnx"] / "validation.json"),
         }
+        if meta.get("draft"):
+            summary["onnx"]["draft"] = meta["draft"]
     if getattr(obj, "json", False):
         click.echo(json.dumps(summary, indent=2, default=str))
     else:
@@ -139,6 +162,9 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
                 for g, v in info["graphs"].items():
                     click.echo(f"  {g:15s} {v['file']:24s} {v['bytes'] / 1e6:10.1f} MB")
                 click.echo(f"  validated against PyTorch ({info['validation']}), {info['seconds']:.1f} s")
+                if info.get("draft"):
+                    d = info["draft"]
+                    click.echo(f"  draft/: {d['source']} bundled for speculative decoding ({d['num_draft_tokens']} tokens per call)")
             else:
                 click.echo(f"  {info['shards']} shard(s), {info['dtype']}, {info['bytes'] / 1e6:.1f} MB, SHA256SUMS written")
 

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import click
 
-from compressor.commands.targets import check_out, data_options, load_data, load_target, model_options
+from compressor.commands.targets import (
+    check_out,
+    data_options,
+    draft_options,
+    load_data,
+    load_target,
+    model_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +38,10 @@ log = logging.getLogger(__name__)
 @data_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="preds.json (COCO results list) or answers.csv.")
 @model_options
+@draft_options
 @click.pass_obj
 def predict_command(obj, model, data_path, data_format, task, images, limit, skip_invalid, out, prompt, num_beams,
-                    max_new_tokens, min_new_tokens, batch_size, device, dtype):
+                    max_new_tokens, min_new_tokens, batch_size, device, dtype, draft, num_draft_tokens, draft_variant, no_draft):
     """Write captions (a COCO results list) or VQA answers (a CSV) for --data. Exit 2 on bad input."""
     from compressor.errors import UserInputError
     from compressor.evaluation import answers_rows, caption_rows, predict, prompt_fn, write_predictions
@@ -45,7 +53,8 @@ def predict_command(obj, model, data_path, data_format, task, images, limit, ski
     data = load_data(data_path, data_format, task, images, limit, skip_invalid)
     overrides = dict(prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, batch_size=batch_size)
-    tgt = load_target(model, overrides, device, dtype)
+    drafting = dict(draft=draft, num_draft_tokens=num_draft_tokens, draft_variant=draft_variant, no_draft=no_draft)
+    tgt = load_target(model, overrides, device, dtype, drafting)
     gen = tgt.generation
     preds = predict(tgt.captioner, data.examples, data.task, prompt_fn(gen), gen.batch_size, not (obj.quiet or obj.json))
     if out.suffix.lower() == ".csv":
@@ -56,6 +65,9 @@ def predict_command(obj, model, data_path, data_format, task, images, limit, ski
     else:
         write_predictions(out, preds, data.task)
     summary = {"out": str(out), "predictions": len(preds), "task": data.task, "decoding": {**tgt.captioner.settings, "settings_from": tgt.settings_from}}
+    stats = getattr(tgt.captioner, "stats", None)
+    if stats is not None:
+        summary["speculative"] = stats.record()
     if obj.json:
         click.echo(json.dumps(summary, indent=2, default=str))
     else:

@@ -65,6 +65,48 @@ def model_options(f):
     return f
 
 
+def draft_options(f):
+    """Speculative decoding options of a model or ONNX target."""
+    for dec in reversed(
+        [
+            click.option("--draft", metavar="DIR", help="Speculative decoding: DIR (an ONNX export or a model folder with the "
+                         "same tokenizer, e.g. the compressed model) drafts tokens the model checks; same greedy captions."),
+            click.option("--num-draft-tokens", type=click.IntRange(1, 16), help="Draft tokens per target call (default 4, "
+                         "or the bundled draft's)."),
+            click.option("--draft-variant", type=click.Choice(["plain", "optimized", "int8"]),
+                         help="The draft export's variant (int8: its quantised decoder; DIR may be the model's own export)."),
+            click.option("--no-draft", is_flag=True, help="Ignore a draft bundled in the ONNX export."),
+        ]
+    ):
+        f = dec(f)
+    return f
+
+
+def draft_spec(draft: str | None, num_draft_tokens: int | None, draft_variant: str | None, no_draft: bool, generation):
+    """The :class:`~exporters.onnx.speculative.DraftSpec` of the draft options, checked before any model loads.
+
+    Raises:
+        UserInputError: ``--draft`` with ``--no-draft``, with beam search, or naming a folder
+            that is neither an export nor a model folder (exit 2).
+    """
+    from compressor.models.loading import is_model_dir
+    from exporters.onnx.metadata import is_onnx_dir
+    from exporters.onnx.speculative import DraftSpec
+
+    if draft is not None and no_draft:
+        raise UserInputError("--draft and --no-draft contradict each other; give one")
+    if draft is not None:
+        p = Path(draft).expanduser()
+        if not (is_onnx_dir(p) or is_onnx_dir(p / "onnx") or is_model_dir(p)):
+            raise UserInputError(f"--draft {draft}: neither an ONNX export (a folder with export.json) nor a model folder")
+        if generation.num_beams > 1:
+            raise UserInputError(
+                f"--draft with beam search (num_beams {generation.num_beams}): speculative decoding is greedy only; "
+                "pass --num-beams 1 or leave --draft out"
+            )
+    return DraftSpec(path=draft, num_draft_tokens=num_draft_tokens, variant=draft_variant, bundled=not no_draft)
+
+
 def resolve_target_path(target: str) -> tuple[Path, str]:
     """``(folder, kind)`` for a MODEL_OR_ONNX_DIR argument, checked without loading weights.
 
@@ -133,7 +175,8 @@ def generation_for(folder: Path, overrides: dict[str, Any]):
         raise UserInputError(f"decoding settings: {exc.errors()[0]['msg']}") from None
 
 
-def load_target(target: str, overrides: dict[str, Any], device: str = "auto", dtype: str | None = None):
+def load_target(target: str, overrides: dict[str, Any], device: str = "auto", dtype: str | None = None,
+                draft: dict[str, Any] | None = None):
     """Load a model folder or an ONNX export for captioning.
 
     Args:
@@ -141,6 +184,8 @@ def load_target(target: str, overrides: dict[str, Any], device: str = "auto", dt
         overrides: decoding options from the command line (None = not given).
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: weights dtype, or None for the saved one.
+        draft: the draft options (``draft``, ``num_draft_tokens``, ``draft_variant``,
+            ``no_draft``; see :func:`draft_options`), or None (an export's bundled draft is used).
 
     Returns:
         A :class:`compressor.evaluation.EvalTarget` (``folder`` the resolved folder,
@@ -156,12 +201,14 @@ def load_target(target: str, overrides: dict[str, Any], device: str = "auto", dt
     folder, kind = resolve_target_path(target)
     generation, origin = generation_for(folder, overrides)
     dev = resolve_device(device)
+    spec = draft_spec(**{"draft": None, "num_draft_tokens": None, "draft_variant": None, "no_draft": False, **(draft or {})},
+                      generation=generation)
     if kind == "onnx":
         try:
             from exporters.onnx import OnnxCaptioner  # noqa: F401 - checked here, used by EvalTarget.onnx
         except ImportError as exc:
             raise UserInputError(f"{folder} is an ONNX export, but its runtime cannot be imported ({exc})") from None
-        return EvalTarget.onnx(folder, generation, dev, settings_from=origin)
+        return EvalTarget.onnx(folder, generation, dev, settings_from=origin, draft=spec)
     from compressor.models.loading import load_model
 
     model, processor = load_model(folder, dtype=dtype, device=dev)
@@ -171,7 +218,10 @@ def load_target(target: str, overrides: dict[str, Any], device: str = "auto", dt
         model = PeftModel.from_pretrained(model, str(folder / "adapter")).to(dev)
         model.eval()
         origin.append("LoRA adapter in adapter/ applied")
-    return EvalTarget.torch(model, processor, generation, dev, folder, settings_from=origin)
+    if spec.path is None and (spec.num_draft_tokens is not None or spec.variant is not None):
+        raise UserInputError(f"--num-draft-tokens / --draft-variant need --draft DIR: {folder} is a model folder with no bundled draft")
+    return EvalTarget.torch(model, processor, generation, dev, folder, settings_from=origin,
+                            draft=spec if spec.path is not None else None)
 
 
 def load_data(data_path: str, data_format: str | None, task: str | None, images: str | None, limit: int | None, skip_invalid: bool):

@@ -69,14 +69,32 @@ def generate_kwargs(generation) -> dict[str, Any]:
 class TorchCaptioner:
     """Captions with ``model.generate`` in batches (left padding for causal LMs).
 
+    With a ``draft``, greedy captions come from speculative decoding instead
+    (:mod:`exporters.onnx.speculative`): transformers' assisted generation
+    (``generate(assistant_model=…)``) cannot serve BLIP-2 in transformers 5.24 (the full draft
+    model is refused, ``pixel_values`` missing; its language model alone is fed the target's image
+    embeddings and returned other tokens than the target's greedy ``generate`` on the tiny
+    presets), so the model runs through its graph wrappers in PyTorch
+    (:func:`exporters.onnx.modules.module_captioner`), with the same loop as under ONNX Runtime,
+    and its captions are its own ``generate`` captions.
+
     Args:
         model: a BLIP-family model (or a peft model wrapping one), in eval mode.
         processor: its processor.
         generation: the recipe's ``GenerationSpec`` (decoding settings, batch size).
         device: ``cpu`` or ``cuda``.
+        draft: an opened draft (:func:`exporters.onnx.speculative.resolve_draft`), or None.
+
+    Attributes:
+        stats: the speculative counters (:class:`~exporters.onnx.speculative.SpecStats`) with a
+            draft, else None.
+
+    Raises:
+        ModelSpecError: no processor.
+        UserInputError: a draft with beam search, or one that cannot draft for this model (exit 2).
     """
 
-    def __init__(self, model, processor, generation, device: str = "cpu"):
+    def __init__(self, model, processor, generation, device: str = "cpu", draft=None):
         if processor is None:
             from compressor.errors import ModelSpecError
 
@@ -96,6 +114,18 @@ class TorchCaptioner:
             **{k: v for k, v in self.kwargs.items() if k != "do_sample"},
             "prompt": generation.prompt,
         }
+        self.speculative = None
+        if draft is not None:
+            from exporters.onnx.modules import module_captioner
+            from exporters.onnx.speculative import SpeculativeCaptioner
+
+            target = module_captioner(model, processor, generation, scoring=True)
+            self.speculative = SpeculativeCaptioner(target, draft.captioner, draft.num_draft_tokens, draft.name)
+            self.settings["speculative"] = self.speculative.settings["speculative"]
+
+    @property
+    def stats(self):
+        return self.speculative.stats if self.speculative is not None else None
 
     def caption(self, images: Sequence[Any], prompts: Sequence[str] | None = None) -> list[str]:
         """Caption ``images`` (see :class:`Captioner`); batches of ``generation.batch_size``.
@@ -103,6 +133,8 @@ class TorchCaptioner:
         BLIP batches with prompts of different token lengths run as sub-batches
         (:func:`compressor.models.batches.caption_batch`).
         """
+        if self.speculative is not None:
+            return self.speculative.caption(images, prompts)
         prompts = list(prompts) if prompts is not None else [self.generation.prompt or ""] * len(images)
         out: list[str] = []
         bs = self.generation.batch_size

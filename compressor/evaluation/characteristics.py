@@ -229,6 +229,20 @@ def variant_files(onnx_dir: Path, graph_files: dict[str, str] | None) -> list[Pa
     return [f for f in files if needed(f)]
 
 
+def speculative_characteristics(captioner) -> dict[str, Any]:
+    """What speculative decoding did while ``captioner`` captioned (the metric table's
+    ``speculative_decoding`` rows): ``spec_acceptance`` (accepted draft tokens / proposed),
+    ``spec_tokens_per_call`` (tokens emitted per target decoder call; plain greedy: 1.0) and
+    ``spec_target_calls_per_caption``; empty for a captioner without a draft.
+
+    Args:
+        captioner: a Captioner; one with a draft has ``stats``
+            (:class:`~exporters.onnx.speculative.SpecStats`).
+    """
+    stats = getattr(captioner, "stats", None)
+    return stats.record() if stats is not None else {}
+
+
 def busy_machine_note(load: float | None = None, cores: int | None = None) -> str | None:
     """A note when other work competed for the CPU while latency was timed, else None.
 

@@ -17,7 +17,9 @@ What a record holds (DESIGN.md, "Conventions"):
   ``latency_p50_s`` / ``latency_p95_s`` per caption at the first latency batch size (and
   ``by_batch_size``), ``tokens_per_s``, ``avg_inference_s`` (wall seconds per caption over the
   whole evaluated set at the decoding batch size: the published RSICD study's "Avg Inference
-  Time"), ``peak_rss_mb`` (and ``peak_cuda_mb`` on GPU), ``size_mb``;
+  Time"), ``peak_rss_mb`` (and ``peak_cuda_mb`` on GPU), ``size_mb``; with a draft (speculative
+  decoding) ``spec_acceptance``, ``spec_tokens_per_call`` and ``spec_target_calls_per_caption``
+  over the evaluated set;
 * ``decoding``: the backend and decoding settings (prompt, num_beams, max_new_tokens,
   min_new_tokens, batch size, device, dtype);
 * ``data``, ``notes``.
@@ -32,7 +34,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from compressor.evaluation.captioner import prompt_fn
-from compressor.evaluation.characteristics import busy_machine_note, measure_characteristics
+from compressor.evaluation.characteristics import (
+    busy_machine_note,
+    measure_characteristics,
+    speculative_characteristics,
+)
 from compressor.evaluation.model_metrics import (
     MetricJob,
     check_data_for_metrics,
@@ -237,16 +243,21 @@ def evaluate(
     # A teacher's captions, when given, are always scored against.
     with_teacher = keys_of(need="teacher") if options.teacher_predictions is not None else ()
 
+    stats = getattr(target.captioner, "stats", None)
+    if stats is not None:
+        stats.reset()  # speculative decoding: count the evaluated set only
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         preds = predict(target.captioner, data.examples, task, prompt_fn(generation), generation.batch_size, progress)
         predict_s = time.perf_counter() - t0
+        speculative = speculative_characteristics(target.captioner)
         scored = score_predictions(preds, data, [m for m in names if m not in model_keys], scorer)
         values: dict[str, Any] = dict(scored["metrics"])
         notes += scored["notes"]
         job = MetricJob(preds, task, options, data=data, scorer=scorer, target=target, notes=notes)
         values.update(compute_model_metrics(job, [*names, *with_teacher]))
         chars, more = measure_characteristics(target, data, spec)
+        chars.update(speculative)
         notes += more
     busy = busy_machine_note()
     if busy and (spec is None or spec.latency is not None):

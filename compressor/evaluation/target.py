@@ -65,7 +65,8 @@ class EvalTarget:
         return self.source() if self.source is not None else None
 
     @classmethod
-    def torch(cls, model, processor, generation, device: str = "cpu", folder: Path | None = None, **kw) -> EvalTarget:
+    def torch(cls, model, processor, generation, device: str = "cpu", folder: Path | None = None, draft=None,
+              **kw) -> EvalTarget:
         """A PyTorch model, captioned by a :class:`~compressor.evaluation.captioner.TorchCaptioner`.
 
         Args:
@@ -74,14 +75,18 @@ class EvalTarget:
             generation: the decoding settings (``GenerationSpec``).
             device: ``cpu`` or ``cuda``.
             folder: the folder it was loaded from (``size_mb``), or None.
+            draft: a :class:`~exporters.onnx.speculative.DraftSpec` (speculative decoding with
+                that draft, opened once and shared by every captioner of the target), or None.
             **kw: other :class:`EvalTarget` fields (``settings_from``).
 
         Raises:
             ModelSpecError: ``processor`` is None (captioning needs a tokenizer).
+            UserInputError: a draft that cannot draft for this model, or with beam search (exit 2).
         """
         from compressor.evaluation.captioner import TorchCaptioner
 
-        captioner = TorchCaptioner(model, processor, generation, device)
+        opened = _open_draft(draft, generation, None, device)
+        captioner = TorchCaptioner(model, processor, generation, device, draft=opened)
         return cls(
             captioner,
             generation,
@@ -89,12 +94,12 @@ class EvalTarget:
             processor=processor,
             device=device,
             folder=folder,
-            make_captioner=functools.partial(torch_captioner_for_batch, model, processor, generation, device),
+            make_captioner=functools.partial(torch_captioner_for_batch, model, processor, generation, device, draft=opened),
             **kw,
         )
 
     @classmethod
-    def onnx(cls, folder: Path, generation, device: str = "cpu", source=None, **kw) -> EvalTarget:
+    def onnx(cls, folder: Path, generation, device: str = "cpu", source=None, draft=None, **kw) -> EvalTarget:
         """An ONNX export, captioned by ``exporters.onnx.OnnxCaptioner``.
 
         Args:
@@ -103,33 +108,48 @@ class EvalTarget:
             device: where ``source`` runs.
             source: a zero-argument callable returning the PyTorch ``(model, processor)`` the
                 graphs were exported from, or None.
+            draft: a :class:`~exporters.onnx.speculative.DraftSpec`; None: the export's bundled
+                draft when it has one (``DraftSpec(bundled=False)``: none).
             **kw: other :class:`EvalTarget` fields (``settings_from``).
 
         Raises:
             ImportError: the ONNX runtime cannot be imported.
+            UserInputError: a draft that cannot draft for this export, or with beam search (exit 2).
         """
-        from exporters.onnx import OnnxCaptioner
+        opened = _open_draft(draft, generation, folder, device)
+        from exporters.onnx.speculative import onnx_captioner
 
         return cls(
-            OnnxCaptioner(folder, generation),
+            onnx_captioner(folder, generation, opened),
             generation,
             device=device,
             folder=folder,
-            make_captioner=functools.partial(_onnx_for_batch, OnnxCaptioner, folder, generation),
+            make_captioner=functools.partial(_onnx_for_batch, folder, generation, opened),
             source=source,
             **kw,
         )
 
 
-def torch_captioner_for_batch(model, processor, generation, device: str, batch_size: int):
+def _open_draft(spec, generation, target_dir, device: str):
+    """The draft a :class:`~exporters.onnx.speculative.DraftSpec` names, opened (None: no draft)."""
+    if spec is None and target_dir is None:
+        return None
+    from exporters.onnx.speculative import resolve_draft
+
+    return resolve_draft(spec, generation, target_dir, device=device)
+
+
+def torch_captioner_for_batch(model, processor, generation, device: str, batch_size: int, draft=None):
     """A :class:`~compressor.evaluation.captioner.TorchCaptioner` generating ``batch_size`` captions per call."""
     from compressor.evaluation.captioner import TorchCaptioner
 
-    return TorchCaptioner(model, processor, generation.model_copy(update={"batch_size": batch_size}), device)
+    return TorchCaptioner(model, processor, generation.model_copy(update={"batch_size": batch_size}), device, draft=draft)
 
 
-def _onnx_for_batch(cls, folder, generation, batch_size: int):
-    return cls(folder, generation.model_copy(update={"batch_size": batch_size}))
+def _onnx_for_batch(folder, generation, draft, batch_size: int):
+    from exporters.onnx.speculative import onnx_captioner
+
+    return onnx_captioner(folder, generation.model_copy(update={"batch_size": batch_size}), draft)
 
 
 @dataclass

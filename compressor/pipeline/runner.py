@@ -313,6 +313,8 @@ class Runner:
             parts["generation"] = self.recipe.generation.model_dump(mode="json")
         for role, (label, _) in decl.references(st).items():
             parts[role] = label_keys[label]
+        for role, folder in decl.folders(st).items():
+            parts[role] = self._input_hash(Path(folder)) if Path(folder).is_dir() else str(folder)
         if self.dist.enabled and decl.trains:
             parts["processes"] = self.dist.world  # each step sees batch_size × processes examples
         if decl.reads_export(st):

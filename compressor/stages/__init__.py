@@ -76,6 +76,8 @@ class Declaration:
             label (a distillation teacher); the label must come earlier, and that stage's key is
             part of this one's under ``role``.
         reads_export: ``cfg → bool``: it reads the latest ``export`` stage's output (part of its key).
+        folders: ``cfg → {role: path}``: folders outside the run it reads by path (a speculative
+            draft); the content hash of each is part of its key under ``role``.
         adapter: ``cfg → "writes" | "merges" | None``: it leaves a LoRA adapter to merge, or merges one.
         needs_merged: it works on the model's own weights, so a pending LoRA adapter must be
             merged before it.
@@ -107,6 +109,7 @@ class Declaration:
     data: Callable[[Any], dict[str, int | None]] = _none
     references: Callable[[Any], dict[str, tuple[str, tuple]]] = _none
     reads_export: Callable[[Any], bool] = _no
+    folders: Callable[[Any], dict[str, str]] = _none
     adapter: Callable[[Any], str | None] = lambda cfg: None
     needs_merged: bool = False
     output: str | None = None

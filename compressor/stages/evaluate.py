@@ -31,11 +31,34 @@ from compressor.recipe.schema import (
     CharacteristicsSpec,
     MetricModelSpec,
     StageBase,
+    Strict,
     _check_names,
 )
 from compressor.stages import Declaration
 
 log = logging.getLogger(__name__)
+
+
+class SpeculativeSpec(Strict):
+    """Speculative decoding: a draft proposes tokens, the model checks them; its own greedy captions, faster.
+
+    Greedy only (``generation.num_beams: 1``); the draft must share the model's tokenizer
+    (:mod:`exporters.onnx.speculative`).
+    """
+
+    draft: str = Field(
+        description="The draft: the label of an earlier stage (its ONNX export when it wrote one, else its model) "
+        "or a folder path with a `/` (an ONNX export or a model folder). It must share the model's tokenizer."
+    )
+    num_draft_tokens: int = Field(4, ge=1, le=16, description="Draft tokens proposed per target call (k).")
+    variant: Literal["plain", "optimized", "int8"] | None = Field(
+        None, description="The draft export's variant (int8: its quantised decoder; default: the export's default)."
+    )
+
+    @property
+    def is_path(self) -> bool:
+        """Whether ``draft`` is a folder path (it holds a ``/``), not a label."""
+        return "/" in self.draft or self.draft.startswith(("~", "."))
 
 
 class EvaluateStage(StageBase):
@@ -53,6 +76,10 @@ class EvaluateStage(StageBase):
     bertscore: MetricModelSpec | None = Field(None, description="bert-score model (needed for bertscore_f1).")
     clipscore: MetricModelSpec | None = Field(None, description="CLIP model (needed for clipscore).")
     teacher: str | None = Field(None, description="Label whose captions are references for `teacher_cider`.")
+    speculative: SpeculativeSpec | None = Field(
+        None, description="Caption with speculative decoding: `{draft: <label or folder>, num_draft_tokens: 4}`; "
+        "records spec_acceptance and spec_tokens_per_call."
+    )
 
     @field_validator("metrics")
     @classmethod
@@ -87,13 +114,12 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     data = ctx.data(cfg.data, cfg.limit)
     check(cfg, data.task)
     gen = ctx.recipe.generation
+    draft = draft_spec(cfg, ctx)
     if cfg.backend == "onnx":
-        captioner, onnx_dir, make = onnx_captioner(ctx)
-        target = EvalTarget(captioner, gen, device=ctx.device, folder=onnx_dir, make_captioner=make,
-                            source=lambda: load_working_model(input_dir, ctx))
+        target = EvalTarget.onnx(onnx_dir(ctx), gen, ctx.device, source=lambda: load_working_model(input_dir, ctx), draft=draft)
     else:
         model, processor = load_working_model(input_dir, ctx)
-        target = EvalTarget.torch(model, processor, gen, ctx.device, folder=input_dir)
+        target = EvalTarget.torch(model, processor, gen, ctx.device, folder=input_dir, draft=draft)
     options = EvalOptions(
         bertscore_model=cfg.bertscore.model if cfg.bertscore else None,
         bertscore_layers=cfg.bertscore.num_layers if cfg.bertscore else None,
@@ -134,30 +160,79 @@ def _teacher_predictions(cfg, ctx) -> dict[str, str] | None:
     return load_predictions(path)
 
 
-def onnx_captioner(ctx):
-    """``(captioner, onnx folder, batch size → captioner)`` for the latest ONNX export of the run.
+def onnx_dir(ctx) -> Path:
+    """The latest ONNX export of the run.
 
     Raises:
         UserInputError: no earlier export stage wrote ONNX.
     """
     if not ctx.exports:
         raise UserInputError("backend: onnx needs an earlier `export` stage with formats: [onnx]")
-    onnx_dir = ctx.exports[-1] / "onnx"
-    if not onnx_dir.is_dir():
+    folder = ctx.exports[-1] / "onnx"
+    if not folder.is_dir():
         raise UserInputError("backend: onnx needs the latest export stage to write ONNX (formats: [..., onnx])")
-    from exporters.onnx import OnnxCaptioner
+    return folder
 
-    gen = ctx.recipe.generation
-    return (
-        OnnxCaptioner(onnx_dir, gen),
-        onnx_dir,
-        lambda bs: OnnxCaptioner(onnx_dir, gen.model_copy(update={"batch_size": bs})),
-    )
+
+def draft_spec(cfg, ctx):
+    """The ``DraftSpec`` of ``speculative`` (a label resolved to that stage's export or model);
+    without ``speculative``, an ONNX export's bundled draft (``export`` with ``speculative``) is
+    used when it has one (greedy captions are the same; the record gains ``spec_acceptance``).
+
+    Raises:
+        UserInputError: the label names no earlier stage's model.
+    """
+    from exporters.onnx.speculative import DraftSpec
+
+    sp = cfg.speculative
+    if sp is None:
+        return DraftSpec()
+    if sp.is_path:
+        path = sp.draft
+    else:
+        out = ctx.label_outputs.get(sp.draft)
+        if out is not None and (out / "onnx" / "export.json").is_file():
+            path = str(out / "onnx")
+        elif sp.draft in ctx.labels:
+            path = str(ctx.labels[sp.draft])
+        else:
+            raise UserInputError(f"speculative.draft: no earlier stage is labelled '{sp.draft}'")
+    return DraftSpec(path=path, num_draft_tokens=sp.num_draft_tokens, variant=sp.variant)
 
 
 def check_recipe(cfg, recipe) -> None:
-    """Pre-flight without the model: Java, metric model folders, the teacher (raises UserInputError)."""
+    """Pre-flight without the model: Java, metric model folders, the teacher, the draft (raises UserInputError)."""
     check(cfg, recipe.data.task)
+    sp = cfg.speculative
+    if sp is None:
+        return
+    if recipe.generation.num_beams > 1:
+        raise UserInputError(
+            f"speculative: speculative decoding is greedy only, but generation.num_beams is "
+            f"{recipe.generation.num_beams}; set num_beams: 1 or remove `speculative`"
+        )
+    check_draft_path(sp)
+
+
+def check_draft_path(sp) -> None:
+    """A ``speculative.draft`` folder must exist and be an export or a model folder (pre-flight).
+
+    Raises:
+        UserInputError: naming ``speculative.draft`` (or ``.variant`` for a model folder's variant).
+    """
+    from compressor.models.loading import is_model_dir
+    from exporters.onnx.metadata import is_onnx_dir
+
+    if not sp.is_path:
+        return
+    p = Path(sp.draft).expanduser()
+    if not (is_onnx_dir(p) or is_onnx_dir(p / "onnx") or is_model_dir(p)):
+        raise UserInputError(
+            f"speculative.draft: {sp.draft} is neither an ONNX export (a folder with export.json) nor a model folder; "
+            "give a folder, or the label of an earlier stage (no `/`)"
+        )
+    if sp.variant is not None and not (is_onnx_dir(p) or is_onnx_dir(p / "onnx")):
+        raise UserInputError(f"speculative.variant: {sp.draft} is a model folder; variant applies to ONNX exports")
 
 
 def check_data(cfg, recipe, datasets: dict) -> None:
@@ -174,7 +249,15 @@ STAGE = Declaration(
     produces_model=False,
     uses_generation=True,
     data=lambda cfg: {cfg.data: cfg.limit},
-    references=lambda cfg: {"teacher": (cfg.teacher, ("teacher",))} if cfg.teacher else {},
+    references=lambda cfg: {
+        **({"teacher": (cfg.teacher, ("teacher",))} if cfg.teacher else {}),
+        **(
+            {"draft": (cfg.speculative.draft, ("speculative", "draft"))}
+            if cfg.speculative is not None and not cfg.speculative.is_path
+            else {}
+        ),
+    },
+    folders=lambda cfg: {"draft": cfg.speculative.draft} if cfg.speculative is not None and cfg.speculative.is_path else {},
     reads_export=lambda cfg: cfg.backend == "onnx",
     output="evaluation",
     check_recipe=check_recipe,

@@ -1,8 +1,10 @@
 """``export``: write the current model as verified safetensors and/or a split ONNX export.
 
 Output: ``safetensors/`` (save_pretrained folder + processor + ``recipe.resolved.yaml`` +
-``SHA256SUMS``) and ``onnx/`` (graphs + ``validation.json``). The run directory's ``onnx/``
-is hard-linked from the last export.
+``SHA256SUMS``) and ``onnx/`` (graphs + ``validation.json``; with ``speculative``, the draft's
+export in ``onnx/draft/``, named in ``export.json``, which ONNX Runtime captioning then uses to
+give the model's own greedy captions faster). The run directory's ``onnx/`` is hard-linked from
+the last export.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from compressor.models.folders import load_working_model
 from compressor.recipe.schema import Dtype, StageBase, Strict
 from compressor.stages import Declaration
+from compressor.stages.evaluate import SpeculativeSpec, draft_spec
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,17 @@ class ExportStage(StageBase):
     dtype: Dtype | None = Field(None, description="Weights dtype of the export (default: the recipe's).")
     max_shard_size: str = Field("5GB", description="safetensors shard size, e.g. 500MB, 5GB.")
     onnx: OnnxSpec = Field(default_factory=OnnxSpec, description="ONNX settings.")
+    speculative: SpeculativeSpec | None = Field(
+        None,
+        description="Bundle a draft with the ONNX export (`onnx/draft/`, named in export.json): `{draft: <label or folder>, "
+        "num_draft_tokens: 4}`; ONNX Runtime captioning uses it (speculative decoding, the same greedy captions).",
+    )
+
+    @model_validator(mode="after")
+    def _draft_needs_onnx(self):
+        if self.speculative is not None and "onnx" not in self.formats:
+            raise ValueError("speculative bundles a draft with the ONNX export: add onnx to formats")
+        return self
 
     @field_validator("max_shard_size")
     @classmethod
@@ -82,23 +96,52 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         summary["safetensors"] = {k: v for k, v in info.items() if k != "files"}
     if "onnx" in cfg.formats:
         from exporters.onnx import OnnxOptions, export_onnx
+        from exporters.onnx.export import export_onnx_with_draft
 
         opts = OnnxOptions.from_stage(cfg)
         opts.dtype = cfg.dtype or ctx.dtype
-        meta = export_onnx(
-            input_dir,
-            out_dir / "onnx",
-            opts,
-            device=ctx.device,
-            extra_files={"recipe.resolved.yaml": resolved} if resolved else None,
-        )
+        extra = {"recipe.resolved.yaml": resolved} if resolved else None
+        if cfg.speculative is not None:
+            sp = cfg.speculative
+            meta = export_onnx_with_draft(
+                input_dir, out_dir / "onnx", opts, Path(draft_spec(cfg, ctx).path), sp.num_draft_tokens, sp.variant,
+                device=ctx.device, extra_files=extra,
+            )
+        else:
+            meta = export_onnx(input_dir, out_dir / "onnx", opts, device=ctx.device, extra_files=extra)
         summary["onnx"] = {
             "graphs": {k: v["bytes"] for k, v in meta["graphs"].items()},
             "dtype": meta["dtype"],
             "quantized": meta["quantized"],
             "seconds": meta["seconds"]["total"],
         }
+        if meta.get("draft"):
+            summary["onnx"]["draft"] = meta["draft"]
     return summary
+
+
+def check_recipe(cfg, recipe) -> None:
+    """Pre-flight without the model: a draft folder must be an export or a model folder."""
+    from compressor.stages.evaluate import check_draft_path
+
+    if cfg.speculative is not None:
+        check_draft_path(cfg.speculative)
+
+
+def card(record: dict):
+    """The model card's line for an export that bundles a draft."""
+    from compressor.stages import StageCard
+
+    draft = ((record.get("summary") or {}).get("onnx") or {}).get("draft")
+    if not draft:
+        return StageCard()
+    return StageCard(
+        details=[
+            f"bundles a speculative-decoding draft ({draft.get('source')}, {draft.get('num_draft_tokens')} tokens per target "
+            "call) in onnx/draft/: ONNX Runtime captioning checks the draft's tokens and keeps the model's own greedy captions"
+        ],
+        tags=["speculative-decoding"],
+    )
 
 
 STAGE = Declaration(
@@ -107,4 +150,10 @@ STAGE = Declaration(
     produces_model=False,
     needs_merged=True,
     output="export",
+    references=lambda cfg: {"draft": (cfg.speculative.draft, ("speculative", "draft"))}
+    if cfg.speculative is not None and not cfg.speculative.is_path
+    else {},
+    folders=lambda cfg: {"draft": cfg.speculative.draft} if cfg.speculative is not None and cfg.speculative.is_path else {},
+    check_recipe=check_recipe,
+    card=card,
 )

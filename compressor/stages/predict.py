@@ -17,7 +17,7 @@ from compressor.evaluation import answers_rows, caption_rows, predict, prompt_fn
 from compressor.models.folders import load_working_model
 from compressor.recipe.schema import StageBase
 from compressor.stages import Declaration
-from compressor.stages.evaluate import onnx_captioner
+from compressor.stages.evaluate import onnx_dir
 from eval.predictions import write_answers_csv, write_captions_csv
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     data = ctx.data(cfg.data, cfg.limit)
     gen = ctx.recipe.generation
     if cfg.backend == "onnx":
-        captioner = onnx_captioner(ctx)[0]
+        from compressor.evaluation import EvalTarget
+
+        captioner = EvalTarget.onnx(onnx_dir(ctx), gen, ctx.device).captioner  # its bundled draft, if any
     else:
         from compressor.evaluation import TorchCaptioner
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from compressor.errors import ModelSpecError, UserInputError, VerificationError
 from exporters.onnx.metadata import read_export_json, verify_onnx_dir
+from exporters.onnx.passes import NUM_LOGITS
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,20 @@ class OnnxCaptioner:
             returns (see :func:`exporters.onnx.runtime.make_session`): the faster choice, and a
             pool never holds the cores between calls. False: no spinning at all, for a machine
             shared with other busy processes.
+        scoring: run the decoder as its scoring graph (:func:`exporters.onnx.passes.score_last_positions`,
+            derived in memory; the export is not changed): :meth:`extend` can then return the
+            logits of every new position (a speculative target, :mod:`exporters.onnx.speculative`).
+            Greedy and beam decoding are unchanged (one position's logits per call).
 
     Raises:
-        ModelSpecError: not an ONNX export folder, or a variant it does not hold (exit 2).
+        ModelSpecError: not an ONNX export folder, or a variant it does not hold (exit 2);
+            ``scoring`` on an export whose topology or decoder cannot score several positions.
         UserInputError: the export's dtype cannot run on these providers (bf16 on CPU).
         VerificationError: a file does not match ``SHA256SUMS``.
     """
+
+    #: the decoder graph run as its scoring graph (``scoring``), else None
+    scoring_graph: str | None = None
 
     def __init__(
         self,
@@ -84,6 +93,7 @@ class OnnxCaptioner:
         threads: int | None = None,
         verify: bool = True,
         spinning: bool = True,
+        scoring: bool = False,
     ):
         import numpy as np
         import onnxruntime as ort
@@ -91,6 +101,7 @@ class OnnxCaptioner:
 
         from compressor.evaluation.captioner import generate_kwargs
         from compressor.families import family_for_config
+        from exporters.onnx.passes import score_last_positions
         from exporters.onnx.runtime import make_session
         from exporters.onnx.topologies import by_kind
 
@@ -128,6 +139,14 @@ class OnnxCaptioner:
         self.sessions: dict[str, Any] = {}
         #: graph name → the file this captioner runs (the variant's choice)
         self.graph_files: dict[str, str] = {}
+        self.scoring_graph = None
+        if scoring:
+            if not getattr(self.topology, "SPECULATIVE", False):
+                raise ModelSpecError(
+                    f"{self.dir}: speculative decoding runs decoder-only exports (kind causal); this export is "
+                    f"kind {self.kind}"
+                )
+            self.scoring_graph = self.topology.DECODER
         for name, g in self.meta["graphs"].items():
             file, optimized = g["onnx"], False
             if self.variant in ("optimized", "int8") and g.get("optimized"):
@@ -146,7 +165,10 @@ class OnnxCaptioner:
                     optimize=not optimized,
                     threads=1 if name in self.topology.SINGLE_THREAD_GRAPHS else threads,
                     spinning=spinning,
+                    rewrite=score_last_positions if name == self.scoring_graph else None,
                 )
+            except ModelSpecError:
+                raise
             except Exception as exc:  # onnxruntime raises its own exception types for bad files
                 raise VerificationError(f"{self.dir / file}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
         self.config = AutoConfig.from_pretrained(str(self.dir))
@@ -227,8 +249,44 @@ class OnnxCaptioner:
     # ---------------------------------------------------------------- what the topologies use
 
     def run(self, graph: str, feed: dict) -> list:
-        """Run one graph's session: its outputs in signature order (numpy arrays)."""
-        return self.sessions[graph].run(None, feed)
+        """Run one graph's session: its outputs in signature order (numpy arrays).
+
+        The scoring decoder (``scoring``) is fed ``num_logits = 1`` when the caller does not say
+        how many positions it wants, and then answers ``logits (batch, vocab)`` as the exported
+        decoder does: the topologies' prefill and step run on it unchanged.
+        """
+        if graph != self.scoring_graph or NUM_LOGITS in feed:
+            return self.sessions[graph].run(None, feed)
+        import numpy as np
+
+        out = self.sessions[graph].run(None, {**feed, NUM_LOGITS: np.ones(1, dtype=np.int64)})
+        return [out[0][:, -1], *out[1:]]
+
+    def extend(self, tokens, valid, state: dict, all_logits: bool = False):
+        """Feed several tokens in one decoder call (speculative decoding; decoder-only topologies).
+
+        Args:
+            tokens: ``(batch, n)`` int64 token ids.
+            valid: ``(batch, n)`` 0/1: 0 marks a slot that is a hole (masked for this call and
+                every later one; its logits and cache entries are never read).
+            state: the state of :meth:`prefill` / :meth:`step` / :meth:`extend`.
+            all_logits: return every new position's logits (needs ``scoring``); else the last one's.
+
+        Returns:
+            ``(logits, new state)``: ``(batch, n, vocab)`` with ``all_logits``, else ``(batch, vocab)``.
+        """
+        if all_logits and self.scoring_graph is None:
+            raise ModelSpecError(f"{self.dir}: this captioner was not opened with scoring=True")
+        return self.topology.extend(self, tokens, valid, state, tokens.shape[1] if all_logits else None)
+
+    def trim(self, state: dict, keep) -> dict:
+        """Mask the newest cache slots per row and drop trailing slots no row keeps.
+
+        Args:
+            state: a decoder-only state.
+            keep: ``(batch, n)`` 0/1 for the last ``n`` cache slots (1: keep).
+        """
+        return self.topology.trim(self, state, keep)
 
     def graph_feed(self, graph: str, inputs: dict) -> dict:
         """The feed of ``graph`` from the processor's arrays, by the input names and element types of

@@ -348,3 +348,83 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def export_onnx_with_draft(
+    model_dir: Path,
+    out_dir: Path,
+    opts,
+    draft_dir: Path,
+    num_draft_tokens: int | None = None,
+    draft_variant: str | None = None,
+    device: str = "cpu",
+    extra_files: dict[str, str] | None = None,
+) -> dict:
+    """Export ``model_dir`` with a draft bundled for speculative decoding (the ``export`` stage's
+    ``speculative``, ``compress export --draft``).
+
+    The folder is the model's export plus ``draft/``: the draft's own export (a model folder is
+    exported with the same options; an export folder is hard-linked as it is). ``export.json``
+    names it (``"draft": {"folder": "draft", "num_draft_tokens": k, "variant": …, "source": …}``)
+    and the captioner uses it unless told not to (:func:`exporters.onnx.speculative.resolve_draft`).
+    ``SHA256SUMS`` covers the draft's files too. The draft is checked against the model before
+    anything is exported (tokenizers, decoder-only kinds, its image tokens when it is an export),
+    and both are opened as a speculative pair before the folder is published (scoring graph,
+    vocabulary, image tokens); the folder appears complete or not at all.
+
+    Args:
+        model_dir: the model folder to export (the target).
+        out_dir: the folder to create.
+        opts: :class:`~exporters.onnx.options.OnnxOptions` (also used for a draft model folder).
+        draft_dir: the draft: a model folder or an ONNX export folder.
+        num_draft_tokens: ``k`` recorded for the captioner (None: 4).
+        draft_variant: the draft export's variant the captioner runs (None: its default).
+        device: where validation runs.
+        extra_files: as for :func:`export_onnx`.
+
+    Returns:
+        The target's ``export.json`` content, with its ``draft`` entry.
+
+    Raises:
+        UserInputError: the draft cannot draft for the model (exit 2, nothing written).
+        ModelSpecError, OnnxValidationError, VerificationError: see :func:`export_onnx`.
+    """
+    from compressor.fileio import link_tree
+    from exporters.onnx.metadata import is_onnx_dir
+    from exporters.onnx.speculative import (
+        DEFAULT_DRAFT_TOKENS,
+        DRAFT_KEY,
+        OpenDraft,
+        check_folders,
+        onnx_captioner,
+    )
+    from exporters.safetensors_export import write_checksums
+
+    model_dir, out_dir, draft_dir = Path(model_dir), Path(out_dir), Path(draft_dir)
+    if draft_dir.is_dir() and not is_onnx_dir(draft_dir) and is_onnx_dir(draft_dir / "onnx"):
+        draft_dir = draft_dir / "onnx"
+    k = int(num_draft_tokens or DEFAULT_DRAFT_TOKENS)
+    check_folders(model_dir, draft_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-bundle-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        meta = export_onnx(model_dir, tmp, opts, device=device, extra_files=extra_files)
+        if is_onnx_dir(draft_dir):
+            link_tree(draft_dir, tmp / "draft")
+        else:
+            export_onnx(draft_dir, tmp / "draft", opts, device=device)
+        meta[DRAFT_KEY] = {"folder": "draft", "num_draft_tokens": k, "variant": draft_variant, "source": str(draft_dir)}
+        md.write_json(tmp / ".export.json.new", meta)
+        os.replace(tmp / ".export.json.new", tmp / md.EXPORT_JSON)  # a new file: never writes through a hard link
+        write_checksums(tmp)
+        from exporters.onnx.captioner import OnnxCaptioner
+
+        draft = OnnxCaptioner(tmp / "draft", None, variant=draft_variant, verify=False, providers=["CPUExecutionProvider"])
+        onnx_captioner(tmp, None, OpenDraft(draft, k, str(draft_dir)), verify=False, providers=["CPUExecutionProvider"])
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("onnx export: %s bundles the draft %s (k = %d)", out_dir, draft_dir, k)
+    return meta

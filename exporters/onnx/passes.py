@@ -226,3 +226,88 @@ def fold_attention_layout_file(path: Path) -> int:
         onnx.save_model(m, str(tmp))
         tmp.replace(path)
     return n
+
+
+#: The input :func:`score_last_positions` adds: how many trailing positions get logits.
+NUM_LOGITS = "num_logits"
+#: Nodes :func:`score_last_positions` walks back from the last-position selection to the
+#: sequence slice in front of the language-model head (the head, and an int8 activation quantiser).
+_HEAD_DEPTH = 4
+
+
+def score_last_positions(model, logits: str = "logits") -> bool:
+    """Let a decoder graph return the logits of its last ``n`` positions instead of the last one (in place).
+
+    The decoder graphs of this project return ``logits (batch, vocab)`` of the last position:
+    transformers' ``logits_to_keep=1`` slices the hidden states before the head
+    (``Slice(starts=[-1], axes=[1])``) and the wrapper selects that position
+    (``Gather(axis=1, index=-1)``), in both exporters, in the ORT_ENABLE_ALL copy and in the int8
+    decoder. Speculative decoding (Leviathan et al. 2023) scores several draft tokens in one
+    call, so the target needs every new position's logits; this pass derives that graph from
+    the exported one, leaving the export itself as it is. The slice's start becomes
+    ``-num_logits`` (a new int64 input of shape ``(1,)``) and the last-position selection an
+    ``Identity``: ``logits (batch, num_logits, vocab)``. With ``num_logits = [1]`` the graph
+    computes what the original computed (the head still runs on one position), so one session
+    serves the prefill, single steps and scoring calls.
+
+    Args:
+        model: an ``onnx.ModelProto`` of a decoder (weights may stay external; only nodes change).
+        logits: the logits output's name.
+
+    Returns:
+        True when rewritten; False when the graph does not end in that pattern (nothing changed).
+    """
+    import onnx
+    from onnx import helper
+
+    g = model.graph
+    out = next((o for o in g.output if o.name == logits), None)
+    if out is None or any(i.name == NUM_LOGITS for i in g.input):
+        return False
+    prod = {o: n for n in g.node for o in n.output}
+    node = prod.get(logits)
+    passed = []
+    while node is not None and node.op_type in ("Cast", "Identity"):
+        passed.append(node.output[0])
+        node = prod.get(node.input[0])
+    if node is None or node.op_type != "Gather" or _attr(node, "axis", 0) != 1 or _const_ints(g, node.input[1]) != [-1]:
+        return False
+    gather = node
+    # the sequence slice in front of the head: breadth-first over the head's inputs
+    found, frontier = None, [gather.input[0]]
+    visited = set(frontier)
+    for _ in range(_HEAD_DEPTH):
+        nxt = []
+        for t in frontier:
+            visited.add(t)
+            n = prod.get(t)
+            if n is None:
+                continue
+            if n.op_type == "Slice" and len(n.input) >= 4 and _const_ints(g, n.input[1]) == [-1]:
+                steps = _const_ints(g, n.input[4]) if len(n.input) > 4 and n.input[4] else [1]
+                if _const_ints(g, n.input[3]) in ([1], [-2]) and steps == [1]:
+                    found = n
+                    break
+            nxt += [i for i in n.input if i and i in prod]
+        if found is not None or not nxt:
+            break
+        frontier = nxt
+    if found is None:
+        return False
+    neg = f"{NUM_LOGITS}/neg"
+    found.input[1] = neg
+    nodes = list(g.node)
+    nodes.insert(0, helper.make_node("Neg", [NUM_LOGITS], [neg], name=neg))
+    i = next(j for j, n in enumerate(nodes) if n is gather)
+    nodes[i] = helper.make_node("Identity", [gather.input[0]], [gather.output[0]], name=gather.name or "score/identity")
+    del g.node[:]
+    g.node.extend(nodes)
+    g.input.append(helper.make_tensor_value_info(NUM_LOGITS, onnx.TensorProto.INT64, [1]))
+    dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    batch, vocab = (dims[0], dims[-1]) if len(dims) == 2 else ("batch", None)
+    out.CopyFrom(helper.make_tensor_value_info(logits, out.type.tensor_type.elem_type, [batch, NUM_LOGITS, vocab]))
+    # shape hints that fixed the sequence axis to 1 (the head's output, the selection, casts)
+    stale = {gather.output[0], found.output[0], *passed, *visited}
+    for vi in [v for v in g.value_info if v.name in stale]:
+        g.value_info.remove(vi)
+    return True

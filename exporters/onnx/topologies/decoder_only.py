@@ -41,6 +41,8 @@ KIND = "causal"
 DECODER = "decoder"
 INT8_GRAPH = DECODER
 SINGLE_THREAD_GRAPHS = (image_tokens.EMBED_GRAPH,)
+#: Speculative decoding runs on this topology (:func:`extend`, :func:`trim`, :func:`scoring_module`).
+SPECULATIVE = True
 
 
 @dataclass
@@ -98,7 +100,33 @@ def wrappers() -> SimpleNamespace:
             presents = [t for layer in out.cache.layers for t in (layer.keys, layer.values)]
             return (out.logits[:, -1, :].float(), *presents)
 
-    return SimpleNamespace(CausalDecoder=CausalDecoder)
+    class ScoringDecoder(nn.Module):
+        """The decoder's scoring form in PyTorch (never exported): the logits of the last
+        ``num_logits`` positions, ``(batch, num_logits, vocab)``, as the graph that
+        :func:`exporters.onnx.passes.score_last_positions` derives from the exported decoder."""
+
+        def __init__(self, decoder):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, inputs_embeds, attention_mask, *past, num_logits: int = 1):
+            d = self.decoder
+            cache = DynamicCache(config=d.lm.config)
+            for i in range(d.layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            pos = generation_position_ids(attention_mask, inputs_embeds.shape[1])
+            out = d.lm(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=pos,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=int(num_logits),
+            )
+            presents = [t for layer in out.cache.layers for t in (layer.keys, layer.values)]
+            return (out.logits.float(), *presents)
+
+    return SimpleNamespace(CausalDecoder=CausalDecoder, ScoringDecoder=ScoringDecoder)
 
 
 def build_plan(parts: Parts) -> ExportPlan:
@@ -175,3 +203,55 @@ def step(cap, tokens, state: dict):
     emb = cap.run(image_tokens.EMBED_GRAPH, {"input_ids": tok})[0]
     out = cap.run(DECODER, {"inputs_embeds": emb, "attention_mask": mask, **cap.past_feed(state["past"])})
     return out[0], {"past": out[1:], "mask": mask}
+
+
+# -------------------------------------------------------------------------- speculative decoding
+
+
+def scoring_module(plan: ExportPlan):
+    """The decoder's scoring form as a PyTorch module (see ``wrappers().ScoringDecoder``)."""
+    return wrappers().ScoringDecoder(plan.graph(DECODER).module)
+
+
+def extend(cap, tokens, valid, state: dict, num_logits: int | None):
+    """Several tokens through the decoder in one call (a draft catching up, a target scoring drafts).
+
+    Args:
+        cap: the captioner (its decoder session is the scoring graph when ``num_logits`` is given).
+        tokens: ``(batch, n)`` int64.
+        valid: ``(batch, n)`` 0/1; 0 marks a hole: masked now and in every later call, so a
+            row's positions (``cumsum(mask) - 1``) skip it.
+        state: ``{"past", "mask"}`` of :func:`prefill` / :func:`step` / :func:`extend`.
+        num_logits: the number of last positions to return logits for, or None for the
+            exported decoder's ``(batch, vocab)`` of the last position.
+
+    Returns:
+        ``(logits, new state)``: ``(batch, num_logits, vocab)`` or ``(batch, vocab)``.
+    """
+    import numpy as np
+
+    from exporters.onnx.passes import NUM_LOGITS
+
+    tok = tokens.astype(np.int64)
+    mask = np.concatenate([state["mask"], valid.astype(np.int64)], axis=1)
+    emb = cap.run(image_tokens.EMBED_GRAPH, {"input_ids": tok})[0]
+    feed = {"inputs_embeds": emb, "attention_mask": mask, **cap.past_feed(state["past"])}
+    if num_logits is not None:
+        feed[NUM_LOGITS] = np.array([num_logits], dtype=np.int64)
+    out = cap.run(DECODER, feed)
+    return out[0], {"past": out[1:], "mask": mask}
+
+
+def trim(cap, state: dict, keep) -> dict:
+    """Mask the newest ``n`` cache slots where ``keep (batch, n)`` is 0, then drop the trailing
+    slots that no row keeps (at batch 1 the cache is simply cut back to the accepted length)."""
+    import numpy as np
+
+    mask = state["mask"].copy()
+    n = keep.shape[1]
+    mask[:, mask.shape[1] - n :] *= keep.astype(mask.dtype)
+    used = np.flatnonzero(mask.any(0))
+    length = int(used[-1]) + 1 if used.size else 0
+    if length == mask.shape[1]:
+        return {"past": state["past"], "mask": mask}
+    return {"past": [np.ascontiguousarray(p[:, :, :length]) for p in state["past"]], "mask": mask[:, :length]}

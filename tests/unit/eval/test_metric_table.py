@@ -24,7 +24,7 @@ LISTED_CHARS = (
     "params_total", "params_trainable", "params_vision", "params_qformer", "params_projection", "params_language_model",
     "gflops", "gflops_vision", "gflops_qformer", "gflops_projection", "gflops_language_model",
     "latency_p50_s", "latency_p95_s", "tokens_per_s", "avg_inference_s", "peak_rss_mb", "peak_cuda_mb", "size_mb",
-    "spec_acceptance",
+    "spec_acceptance", "spec_tokens_per_call",
 )
 REPORT_METRICS = (
     "bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "rouge_1", "rouge_2", "cider", "spice",
@@ -33,8 +33,8 @@ REPORT_METRICS = (
 REPORT_CHARS = (
     "params_total", "params_trainable", "params_vision", "params_qformer", "params_projection", "params_language_model",
     "gflops", "gflops_vision", "gflops_qformer", "gflops_projection", "gflops_language_model",
-    "avg_inference_s", "latency_p50_s", "latency_p95_s", "tokens_per_s", "spec_acceptance", "peak_rss_mb",
-    "peak_cuda_mb", "size_mb",
+    "avg_inference_s", "latency_p50_s", "latency_p95_s", "tokens_per_s", "spec_acceptance", "spec_tokens_per_call",
+    "peak_rss_mb", "peak_cuda_mb", "size_mb",
 )
 RUNS_COLUMNS = (
     "params_total", "params_vision", "params_qformer", "params_projection", "params_language_model",

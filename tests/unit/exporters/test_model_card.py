@@ -126,3 +126,17 @@ def test_malformed_model_index_is_an_error_when_loaded_strictly(tmp_path):
     path.write_text("---\nmodel-index:\n- name: x\n  results:\n  - task: {}\n---\n# x\n")
     with pytest.raises(ValueError):
         card_metrics(path)
+
+
+def test_card_explains_speculative_decoding():
+    """An evaluation with a draft and an export bundling one are explained (and none is when absent)."""
+    report = copy.deepcopy(REPORT)
+    assert "Speculative decoding" not in _card(report).text and "speculative" not in _card(report).text
+    cand = report["evaluations"]["candidate"]
+    cand["decoding"]["speculative"] = {"draft": "runs/cand/onnx", "draft_backend": "onnxruntime", "num_draft_tokens": 4}
+    cand["characteristics"]["spec_acceptance"] = 0.72
+    report["stages"].append({"index": 3, "type": "export", "label": None, "seconds": 9.0, "status": "ran", "summary": {
+        "onnx": {"graphs": {}, "draft": {"folder": "draft", "num_draft_tokens": 4, "source": "runs/cand/final"}}}})
+    text = _card(report).text
+    assert "speculative decoding with the draft `runs/cand/onnx` (4 tokens per call, 72% accepted)" in text
+    assert "its own greedy captions" in text and "bundles a speculative-decoding draft (runs/cand/final" in text
