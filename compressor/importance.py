@@ -259,11 +259,15 @@ def calibration_batches(model, processor, dataset, calibration, prompt_template:
     chosen = (first + rest)[:want]
     out = []
     for i in range(0, len(chosen), calibration.batch_size):
-        chunk = chosen[i : i + calibration.batch_size]
+        # with skip_invalid, a pair whose image cannot be decoded leaves the batch (counted by the dataset)
+        loaded = [(ex, t, dataset.load_image(ex)) for ex, t in chosen[i : i + calibration.batch_size]]
+        chunk = [(ex, t) for ex, t, img in loaded if img is not None]
+        if not chunk:
+            continue
         batch = training_batch(
             family,
             processor,
-            [ex.load_image() for ex, _ in chunk],
+            [img for _, _, img in loaded if img is not None],
             [t for _, t in chunk],
             [build_prompt(prompt_template, ex.question) for ex, _ in chunk],
         )

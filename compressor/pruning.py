@@ -12,8 +12,10 @@ wrong for grouped KV heads (torch-pruning 1.6.1 then skips the heads altogether)
 
 Grouped KV heads (Llama / SmolLM2: ``G = heads / kv_heads`` query heads share one key/value head)
 are removed in whole KV groups — a key/value head with its ``G`` query heads — so every kept
-query head keeps its own key/value head and ``G`` is unchanged; ``heads.ratio`` is then rounded to
-whole groups.
+query head keeps its own key/value head and ``G`` is unchanged; ``heads.ratio`` must then be a
+multiple of ``1 / kv_heads`` (within :data:`HEADS_RATIO_TOLERANCE`): a ratio that whole groups cannot
+meet is refused naming the nearest ratios they can (:func:`heads_to_remove`), and a rounded one is
+reported (log, ``pruning.json``), never silently changed.
 
 Importance, ranked within each layer (every layer loses the same share, as Torch-Pruning's local
 pruning does):
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +44,48 @@ from compressor.families import Family, Width, get_module
 from compressor.models.shapes import MARKER
 
 log = logging.getLogger(__name__)
+
+#: How far (as a share of heads) the heads removed may be from ``heads.ratio``: 32 heads round any
+#: ratio within 1/64; 2 key/value groups (4 heads sharing 2) meet only 0.5.
+HEADS_RATIO_TOLERANCE = 0.025
+
+
+def heads_to_remove(ratio: float, heads: int, kv_heads: int, where: str = "") -> int:
+    """How many key/value groups ``heads.ratio`` removes from a layer, or a refusal.
+
+    Grouped heads go in whole key/value groups (``heads / kv_heads`` query heads each), so the share
+    removed is a multiple of ``1 / kv_heads``; the nearest one is used when it is within
+    :data:`HEADS_RATIO_TOLERANCE` of ``ratio``.
+
+    Args:
+        ratio: the recipe's ``heads.ratio``.
+        heads: query heads of the layer.
+        kv_heads: key/value heads (= groups) of the layer.
+        where: where, for messages (``" of layer 3"``).
+
+    Returns:
+        The number of groups to remove, ``1 ≤ n < kv_heads``.
+
+    Raises:
+        UserInputError: no multiple of ``1 / kv_heads`` is close enough (naming the nearest allowed
+            ratios), or the layer has a single key/value head.
+    """
+    group = heads // kv_heads
+    if kv_heads < 2:
+        raise UserInputError(
+            f"prune_width heads: the {heads} heads{where} share one key/value head, which cannot be removed; prune `mlp` only"
+        )
+    n = min(max(math.floor(ratio * kv_heads + 0.5), 1), kv_heads - 1)
+    if abs(n / kv_heads - ratio) > HEADS_RATIO_TOLERANCE + 1e-12:
+        allowed = [k / kv_heads for k in range(1, kv_heads)]
+        near = sorted(sorted(allowed, key=lambda a: (abs(a - ratio), a))[:2])
+        layout = f"{kv_heads} key/value groups of {group}" if group > 1 else f"{kv_heads} heads"
+        raise UserInputError(
+            f"prune_width heads.ratio {ratio} cannot be met{where}: its {heads} heads form {layout}, removed whole, so "
+            f"the share removed is a multiple of 1/{kv_heads}; nearest allowed: "
+            + " or ".join(f"{a:.4g} ({round(a * kv_heads) * group} heads)" for a in near)
+        )
+    return n
 
 
 @dataclass
@@ -133,7 +178,7 @@ def check_width_on_config(config, family: Family, stage) -> None:
 
     Raises:
         UserInputError: width pruning unavailable for the family, heads on a T5, or a heads ratio
-            that removes no KV group or all of them.
+            that whole KV groups cannot meet (:func:`heads_to_remove`).
     """
     if not family.width:
         raise UserInputError(f"width pruning is not available for a {family.name} model with a {family.lm_model_type} language model")
@@ -146,14 +191,7 @@ def check_width_on_config(config, family: Family, stage) -> None:
     heads = int(getattr(text, "num_attention_heads", 0) or 0)
     kv = int(getattr(text, "num_key_value_heads", None) or heads)
     if kv:
-        n_rm = int(round(stage.heads.ratio * kv))
-        if n_rm == 0:
-            raise UserInputError(
-                f"prune_width heads.ratio {stage.heads.ratio} removes no head: the {heads} heads form {kv} key/value "
-                f"group(s) of {heads // kv}, removed whole; use a ratio of at least {0.5 / kv:.3g}"
-            )
-        if n_rm >= kv:
-            raise UserInputError(f"prune_width heads.ratio {stage.heads.ratio} would remove every head")
+        heads_to_remove(stage.heads.ratio, heads, kv)
 
 
 def plan_width(model, family: Family, heads_ratio: float | None, mlp_ratio: float | None, importance: str,
@@ -174,8 +212,8 @@ def plan_width(model, family: Family, heads_ratio: float | None, mlp_ratio: floa
         One :class:`LayerPlan` per layer that loses something.
 
     Raises:
-        UserInputError: heads asked where they cannot be pruned (T5), a ratio that removes
-            nothing or everything.
+        UserInputError: heads asked where they cannot be pruned (T5), a heads ratio whole KV
+            groups cannot meet, an MLP ratio that removes nothing or everything.
     """
     import torch
 
@@ -207,15 +245,11 @@ def plan_width(model, family: Family, heads_ratio: float | None, mlp_ratio: floa
                 attn_names = [names[id(get_module(layer, p))] for p in (w.q, w.k, w.v, w.o)]
                 if not _ignored(attn_names, ignored_layers):
                     layout = head_layout(layer, w)
-                    n_rm = int(round(heads_ratio * layout["kv_heads"]))
-                    if n_rm == 0:
-                        raise UserInputError(
-                            f"prune_width heads.ratio {heads_ratio} removes no head of layer {i}: its "
-                            f"{layout['heads']} heads form {layout['kv_heads']} key/value group(s) of {layout['group']}, "
-                            f"removed whole; use a ratio of at least {0.5 / layout['kv_heads']:.3g}"
-                        )
-                    if n_rm >= layout["kv_heads"]:
-                        raise UserInputError(f"prune_width heads.ratio {heads_ratio} would remove every head of layer {i}")
+                    n_rm = heads_to_remove(heads_ratio, layout["heads"], layout["kv_heads"], f" in layer {i}")
+                    if n_rm / layout["kv_heads"] != heads_ratio:
+                        log.info("prune_width heads.ratio %s: layer %d loses %d of %d heads (%.4g, the nearest whole "
+                                 "key/value groups allow)", heads_ratio, i, n_rm * layout["group"], layout["heads"],
+                                 n_rm / layout["kv_heads"])
                     s = torch.tensor(_head_scores(layer, w, score))
                     plan.heads = sorted(torch.argsort(s, stable=True)[:n_rm].tolist())
             if mlp_ratio is not None:

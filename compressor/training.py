@@ -4,7 +4,10 @@ One loop for every trainable setup (LoRA through peft, full or per-part finetune
 transformers' ``get_scheduler`` with warm-up, gradient accumulation and clipping through
 ``accelerate.Accelerator`` (DDP / FSDP / DeepSpeed when started with ``accelerate launch``),
 seeded shuffling, optional evaluation every N steps with best-checkpoint selection, and a loss
-curve written beside the stage output (``loss.json``, ``loss.png``).
+curve written beside the stage output (``loss.json``, ``loss.png``). With a checkpoint folder it
+saves its whole state every ``save_every`` steps / ``save_every_minutes`` and continues from the
+newest saved state (:mod:`compressor.training_state`); the log and the progress bar show steps per
+second and the time left.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ def train(
     evaluate: Callable[[Any], dict[str, float]] | None = None,
     save_checkpoint: Callable[[Any, Path], None] | None = None,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place.
 
@@ -103,6 +107,9 @@ def train(
         save_checkpoint: ``(model, folder)`` saving what trains (adapter or weights), used for
             best-checkpoint selection by ``train_spec.select_best_by``.
         progress: show a tqdm bar.
+        checkpoint_dir: where the loop saves its state (``train_spec.save_every`` /
+            ``save_every_minutes``) and from whose newest complete state it continues; None: no
+            checkpoints. The same path in every process.
 
     Returns:
         A :class:`TrainResult`; with ``select_best_by`` the best checkpoint is in
@@ -153,16 +160,32 @@ def train(
     # The scheduler is stepped by hand once per optimizer step: accelerate's prepared scheduler
     # steps num_processes times per step (it assumes a sharded dataloader, which this loop does not use).
     model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)
     model.train()
+
+    from compressor.training_state import Checkpoints, Speed, format_duration, save_best
 
     result = TrainResult()
     best_value: float | None = None
     higher_is_better = train_spec.select_best_by not in (None, "perplexity")
     world = acc.num_processes
     batches = _batches(pairs, train_spec.batch_size * world, seed)
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress or not acc.is_main_process, leave=False)
+    step, seconds_before = 0, 0.0
+    ckpt = Checkpoints(checkpoint_dir, acc, train_spec, total, out_dir) if checkpoint_dir is not None else None
+    saved = ckpt.restore() if ckpt is not None else None
+    if saved is not None:  # continue where the saved state left off: same weights, optimizer, schedule, RNG, data
+        step, seconds_before = saved["step"], saved.get("seconds", 0.0)
+        result.losses = [tuple(x) for x in saved["losses"]]
+        result.parts = [tuple(x) for x in saved.get("parts", [])]
+        result.evals = [tuple(x) for x in saved.get("evals", [])]
+        result.best_step, best_value = saved.get("best_step"), saved.get("best_value")
+        for _ in range(saved["batches"]):
+            next(batches)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress or not acc.is_main_process,
+               leave=False)
+    speed = Speed(step, total)
     t0 = time.perf_counter()
-    step = 0
+    last_log = t0
     while step < total:
         micro_losses = []
         micro_logs: dict[str, list[float]] = {}
@@ -189,10 +212,13 @@ def train(
         if not math.isfinite(mean):
             raise FloatingPointError(f"the training loss became {mean} at step {step}; lower learning_rate")
         result.losses.append((step, mean))
+        speed.tick(step)
         bar.update(1)
         bar.set_postfix(loss=f"{mean:.3f}")
-        if step % train_spec.log_every == 0 or step == total:
-            log.info("step %d/%d loss %.4f lr %.2e", step, total, mean, sched.get_last_lr()[0])
+        # Every log_every steps, and at least once a minute when steps are slow.
+        if step % train_spec.log_every == 0 or step == total or time.perf_counter() - last_log >= 60:
+            log.info("step %d/%d loss %.4f lr %.2e, %s", step, total, mean, sched.get_last_lr()[0], speed.text(step))
+            last_log = time.perf_counter()
         if evaluate is not None and train_spec.eval_every and (step % train_spec.eval_every == 0 or step == total):
             model.eval()
             metrics = evaluate(acc.unwrap_model(model))
@@ -207,10 +233,22 @@ def train(
                 ):
                     best_value = value
                     result.best_step = step
-                    save_checkpoint(acc.unwrap_model(model), out_dir / "best")
+                    save_best(save_checkpoint, acc.unwrap_model(model), out_dir)
+        if ckpt is not None and ckpt.due(step):
+            ckpt.save(step, {
+                "batches": step * train_spec.gradient_accumulation_steps,
+                "seconds": round(seconds_before + time.perf_counter() - t0, 3),
+                "losses": result.losses, "parts": result.parts, "evals": result.evals,
+                "best_step": result.best_step, "best_value": best_value,
+            })
     bar.close()
+    if ckpt is not None:
+        ckpt.close()
     result.steps = step
-    result.seconds = time.perf_counter() - t0
+    result.seconds = seconds_before + time.perf_counter() - t0
+    rate = speed.overall()
+    log.info("trained %d steps in %s%s", total, format_duration(result.seconds),
+             f" ({rate:.2f} steps/s)" if rate else "")
     model.eval()
     acc.wait_for_everyone()
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):

@@ -20,38 +20,53 @@ log = logging.getLogger(__name__)
 
 
 class ImageCache:
-    """Decoded images by example id, so epochs over small sets do not re-decode (LRU, ``size`` images)."""
+    """Decoded images by example id, so epochs over small sets do not re-decode (LRU, ``size`` images).
 
-    def __init__(self, size: int = 4096):
+    Args:
+        size: images kept.
+        load: example → image, or None for an image skipped as undecodable (a Dataset's
+            ``load_image`` with ``skip_invalid``); default ``ex.load_image()``.
+    """
+
+    def __init__(self, size: int = 4096, load=None):
         self.size = size
+        self.load = load or (lambda ex: ex.load_image())
         self._d: OrderedDict[tuple, Any] = OrderedDict()
 
     def get(self, ex):
         key = (ex.image_id, ex.image_path, ex.render)
-        img = self._d.get(key)
-        if img is None:
-            img = ex.load_image()
+        if key not in self._d:
+            img = self.load(ex)
             self._d[key] = img
             if len(self._d) > self.size:
                 self._d.popitem(last=False)
         else:
+            img = self._d[key]
             self._d.move_to_end(key)
         return img
 
 
-def batch_maker(model, processor, prompt_template: str | None):
+def batch_maker(model, processor, prompt_template: str | None, data=None):
     """``make_batch(pairs) -> dict`` for :func:`compressor.training.train`.
 
     Args:
         model: the (possibly peft-wrapped) model, for its family.
         processor: its processor.
         prompt_template: the recipe's ``generation.prompt`` (VQA questions fill ``{question}``).
+        data: the Dataset the pairs come from: with ``skip_invalid``, a pair whose image cannot be
+            decoded leaves its batch (counted in the dataset's ``skipped``) instead of failing.
     """
+    from compressor.errors import DataError
+
     family = family_for_model(model)
-    cache = ImageCache()
+    cache = ImageCache(load=data.load_image if data is not None else None)
 
     def make_batch(pairs: list) -> dict:
-        images = [cache.get(ex) for ex, _ in pairs]
+        loaded = [(p, cache.get(p[0])) for p in pairs]
+        pairs = [p for p, img in loaded if img is not None]
+        if not pairs:
+            raise DataError("no image of a training batch can be decoded", [str(p[0].image_path) for p, _ in loaded])
+        images = [img for _, img in loaded if img is not None]
         targets = [t for _, t in pairs]
         prompts = [build_prompt(prompt_template, ex.question) for ex, _ in pairs]
         batch = training_batch(family, processor, images, targets, prompts)

@@ -169,7 +169,9 @@ TABLE: tuple[Metric, ...] = (
     Metric("spec_tokens_per_call", "Tokens per target call", HIGHER, "characteristic", "speculative_decoding",
            description="Speculative decoding: tokens emitted per target decoder call (plain greedy: 1)."),
     Metric("peak_rss_mb", "Peak RSS (MB)", LOWER, "characteristic", "peak_memory", listed=9, runs_column=7,
-           description="Peak resident memory of the process, MB."),
+           description="Peak resident memory of the process while this evaluation ran, MB: it starts from what the process "
+           "already holds (earlier stages' models, caches), so a later evaluation in one run can read higher; "
+           "`compress eval` measures a model alone."),
     Metric("peak_cuda_mb", "Peak CUDA memory (MB)", LOWER, "characteristic", "peak_memory", listed=10,
            description="Peak CUDA memory allocated, MB (on GPU)."),
     Metric("size_mb", "Size on disk (MB)", LOWER, "characteristic", "size", listed=11, runs_column=6,

@@ -97,7 +97,8 @@ def _metric_keys(evals: list[dict]) -> list[str]:
 
 
 def metric_bars(names: list[str], evals: list[dict], path: Path, title: str = "", roles: list[str] | None = None) -> Path | None:
-    """Grouped bars: x = metric, one bar per evaluation; perplexity in a separate panel.
+    """Grouped bars: x = metric, one bar per evaluation; metrics above 100 (CIDEr) and perplexity
+    each in a separate panel, so one scale does not squash the others.
 
     Args:
         names: a legend name per evaluation (``baseline``, ``candidate``, a run name …).
@@ -112,14 +113,22 @@ def metric_bars(names: list[str], evals: list[dict], path: Path, title: str = ""
     keys = _metric_keys(evals)
     if not keys:
         return None
-    main = [k for k in keys if higher_is_better(k)]
+    def over_100(k: str) -> bool:
+        return any((_num(e.get("metrics", {}).get(k)) or 0.0) > 100 for e in evals)
+
+    higher = [k for k in keys if higher_is_better(k)]
+    main = [k for k in higher if not over_100(k)]
+    wide = [k for k in higher if over_100(k)]  # CIDEr (0-1000) beside, so it does not squash the others
     side = [k for k in keys if not higher_is_better(k)]
+    groups = [(g, label) for g, label in ((main, "score (×100 scale)"), (wide, "score (×100 scale; above 100)"),
+                                          (side, "perplexity (lower is better)")) if g]
     colors = _colors(names, roles)
     n = len(evals)
-    fig = _figure(min(14.0, max(4.5, 1.1 * len(main) * max(1, n / 2) + 2.0)) + (2.2 if side else 0), 3.8)
-    axes = fig.subplots(1, 2, width_ratios=[max(len(main), 1), max(len(side), 1) * 0.9]) if side and main else [fig.subplots()]
+    fig = _figure(min(14.0, max(4.5, 1.1 * len(higher) * max(1, n / 2) + 2.0)) + (2.2 if side else 0), 3.8)
+    axes = (fig.subplots(1, len(groups), width_ratios=[max(len(g), 1) * (1 if g is main else 0.9) for g, _ in groups])
+            if len(groups) > 1 else [fig.subplots()])
     width = 0.8 / n
-    for ax, group in zip(axes, [g for g in (main, side) if g]):
+    for ax, (group, ylabel) in zip(axes, groups):
         for i, (name, ev, col) in enumerate(zip(names, evals, colors)):
             xs = [j + (i - (n - 1) / 2) * width for j in range(len(group))]
             vals = [_num(ev.get("metrics", {}).get(k)) for k in group]
@@ -128,7 +137,7 @@ def metric_bars(names: list[str], evals: list[dict], path: Path, title: str = ""
                 ax.annotate("n/a" if v is None else f"{v:.1f}", (b.get_x() + b.get_width() / 2, b.get_height()),
                             xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(group)), group)
-        ax.set_ylabel("score (×100 scale)" if group is main else "perplexity (lower is better)")
+        ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.15)
     axes[0].legend(fontsize=8, loc="best")
@@ -256,7 +265,7 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = Tru
     return sorted(front, key=lambda i: points[i][0])
 
 
-def pareto_plot(entries: list[dict], metric: str, against: str, path: Path) -> Path:
+def pareto_plot(entries: list[dict], metric: str, against: str, path: Path, warning: str | None = None) -> Path:
     """A metric against latency, parameters or GFLOPs; the non-dominated experiments joined.
 
     Args:
@@ -264,6 +273,7 @@ def pareto_plot(entries: list[dict], metric: str, against: str, path: Path) -> P
         metric: a metric key (``cider`` …).
         against: ``latency``, ``params`` or ``gflops``.
         path: the PNG to write.
+        warning: a line shown under the title (experiments evaluated on different data).
 
     Raises:
         ValueError: ``against`` is unknown.
@@ -289,7 +299,7 @@ def pareto_plot(entries: list[dict], metric: str, against: str, path: Path) -> P
     for i, ((x, y), name, col) in enumerate(zip(pts, names, colors)):
         on = i in front
         ax.scatter([x], [y], s=60, color=col if on else "white", edgecolors=col, linewidths=1.5, zorder=3)
-        ax.annotate(name, (x, y), xytext=(5, 5), textcoords="offset points", fontsize=8)
+        ax.annotate(name, (x, y), xytext=(5, _label_offset(pts, i)), textcoords="offset points", fontsize=8)
     if len(front) > 1:
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="black", lw=0.8, zorder=2,
                 drawstyle="steps-post", label="Pareto front")
@@ -297,14 +307,25 @@ def pareto_plot(entries: list[dict], metric: str, against: str, path: Path) -> P
     better = "higher" if higher_is_better(metric) else "lower"
     ax.set_xlabel(f"{xlabel} (lower is better)")
     ax.set_ylabel(f"{metric} ({better} is better)")
-    ax.set_title(f"{metric} against {against}: filled = not dominated", fontsize=10)
+    ax.set_title(f"{metric} against {against}: filled = not dominated" + (f"\n{warning}" if warning else ""), fontsize=10,
+                 **({"color": "darkred"} if warning else {}))
     ax.grid(alpha=0.3)
     ax.margins(0.15)
     return save_png(fig, path)
 
 
-def experiment_plots(entries: list[dict], out_dir: Path, metric: str, against: str) -> list[Path]:
-    """Every cross-run figure: metrics, parameters, latency, GFLOPs per experiment, and the Pareto plot.
+def _label_offset(pts: list[tuple[float, float]], i: int) -> float:
+    """Vertical label offset (points) of point ``i``: labels of points close to an earlier one step
+    down in turn, so they do not print over each other."""
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    near = sum(1 for j in range(i) if abs(xs[j] - xs[i]) < 0.08 * dx and abs(ys[j] - ys[i]) < 0.08 * dy)
+    return 5.0 - 10.0 * near
+
+
+def experiment_plots(entries: list[dict], out_dir: Path, metric: str, against: str, warning: str | None = None) -> list[Path]:
+    """Every cross-run figure: metrics, parameters, latency, GFLOPs per experiment, and the Pareto plot
+    (``warning`` under its title: experiments evaluated on different data).
 
     Returns:
         The PNG files written (``metrics.png``, ``params.png``, ``latency.png``, ``gflops.png``,
@@ -322,5 +343,5 @@ def experiment_plots(entries: list[dict], out_dir: Path, metric: str, against: s
     files.append(single_characteristic(entries, "latency_p50_s", "inference time per caption (s; p50, p95 whisker)", 1.0,
                                        out_dir / "latency.png", "latency_p95_s"))
     files.append(single_characteristic(entries, "gflops", "GFLOPs per caption", 1.0, out_dir / "gflops.png"))
-    files.append(pareto_plot(entries, metric, against, out_dir / f"pareto_{metric}_{against}.png"))
+    files.append(pareto_plot(entries, metric, against, out_dir / f"pareto_{metric}_{against}.png", warning))
     return files

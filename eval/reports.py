@@ -96,6 +96,20 @@ def _same_eval(a: dict, b: dict) -> bool:
     )
 
 
+def data_groups(entries: list[dict]) -> dict[str, list[str]]:
+    """The experiments grouped by the data they were evaluated on (its fingerprint; ``unknown`` when
+    the record has none): more than one group means their metrics are not comparable.
+
+    Returns:
+        ``{fingerprint: [experiment names]}``, in the order of ``entries``.
+    """
+    groups: dict[str, list[str]] = {}
+    for e in entries:
+        fp = str((e["eval"].get("data") or {}).get("fingerprint") or "unknown")
+        groups.setdefault(fp, []).append(e["name"])
+    return groups
+
+
 def experiments_from_reports(named: list[tuple[str, dict]], labels: list[str] | None = None) -> list[dict]:
     """One entry per compared model across runs: each run's candidate, plus baselines once.
 

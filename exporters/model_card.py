@@ -183,7 +183,7 @@ def build_model_card(
 
 
 def _notes(stage_notes, record: dict) -> dict:
-    empty = {"description": "", "details": [], "tags": [], "limitations": []}
+    empty = {"description": "", "details": [], "tags": [], "limitations": [], "loading": None}
     return {**empty, **(stage_notes(record) if stage_notes is not None else {})}
 
 
@@ -249,8 +249,11 @@ def _body(report, repo_id, what, recipe, recipe_yaml, base_model, base_model_des
               f"(candidate `{gate.get('candidate')}` against baseline `{gate.get('baseline')}`):", ""]
         p += [f"- {_rule_sentence(v)}" for v in gate.get("verdicts", [])] + [""]
     p += ["## How it was made", ""] + _stage_lines(report, notes) + [""]
+    loading = next((n["loading"] for n in notes if n.get("loading")), None)
+    if loading is None and "shape_plan.json" in files:  # a width-pruned folder pushed without its run
+        from compressor.models.shapes import LOADING as loading
     p += ["## How to use it", ""] + _load_section(repo_id, what, config, evals.get(cand, {}) if cand else {}, base_model,
-                                                  adapter_note)
+                                                  adapter_note, loading)
     if onnx_files:
         p += _onnx_section(repo_id, onnx_files)
     p += ["## Limitations", ""] + _limitations(report, notes, base_model, base_model_desc, base, cand, fmt) + [""]
@@ -312,7 +315,10 @@ def _stage_lines(report: dict, notes: list[dict]) -> list[str]:
     return out or ["(no stage record)"]
 
 
-def _load_section(repo_id, what, config, cand_eval, base_model, adapter_note) -> list[str]:
+def _load_section(repo_id, what, config, cand_eval, base_model, adapter_note, loading: str | None = None) -> list[str]:
+    """How to load the upload: transformers (or peft for an adapter), or, for a model a stage made
+    unloadable by ``from_pretrained`` (``loading``: a width-pruned model's shape plan), the loader
+    that works."""
     from compressor.families import model_class_for
 
     cls = (config.get("architectures") or [None])[0] or model_class_for(config.get("model_type", "")) or "AutoModelForImageTextToText"
@@ -332,6 +338,10 @@ def _load_section(repo_id, what, config, cand_eval, base_model, adapter_note) ->
         if adapter_note:
             lines += [adapter_note, ""]
         return lines
+    if loading:
+        return [loading.format(repo_id=repo_id, cls=cls, text_arg=text_arg, beams=beams, new=new).rstrip(), "",
+                "Decoder-only language models (OPT, Llama) return the prompt followed by the caption; the settings "
+                "above are the ones the metrics were measured with.", ""]
     return [
         "With transformers:", "", "```python", "from PIL import Image",
         f"from transformers import AutoProcessor, {cls}", "",

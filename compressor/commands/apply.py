@@ -44,8 +44,28 @@ def apply(obj: Ctx, recipe, out, overrides, resume, dry_run):
     except GateFailed:
         _print_summary(obj, runner.run_dir)
         raise
+    except KeyboardInterrupt:
+        if not runner.dist.main:
+            raise
+        click.echo(_resume_hint(runner, recipe, out, overrides), err=True)
+        sys.exit(130)
     _print_summary(obj, runner.run_dir)
     del report
+
+
+def _resume_hint(runner, recipe: Path, out, overrides) -> str:
+    """What Ctrl-C tells: where the run stopped, what was saved, the command that continues it."""
+    import shlex
+
+    args = ["compress", "apply", str(recipe)] + (["--out", str(out)] if out is not None else [])
+    for o in overrides:
+        args += ["--set", o]
+    where = ""
+    if runner.interrupted is not None:
+        index, type_, step = runner.interrupted
+        where = f" during stage {index} {type_}" + (
+            f" (its training state at step {step} is saved)" if step is not None else " (no training state saved yet)")
+    return f"interrupted{where}; continue with: {shlex.join(args + ['--resume'])}"
 
 
 def _print_summary(obj: Ctx, run_dir: Path) -> None:

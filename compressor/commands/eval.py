@@ -9,7 +9,9 @@ Two modes (DESIGN.md "CLI contract"):
 * ``compress eval --predictions P.json --references R.json --out eval.json`` (or ``--data PATH``
   instead of ``--references``): score without any model. Predictions: a COCO results list
   ``[{image_id, caption}]``, a mapping ``{image_id: caption}``, a VQA results list, or the answers
-  CSV of ``compress predict`` (with ``--data``). Ids that do not match are listed in the error.
+  CSV of ``compress predict`` (with ``--data``). Ids that do not match are listed in the error;
+  with ``--references`` and ``--limit N`` (after ``compress predict --limit N``) the predicted
+  ids are scored and the record's notes say how many references were left out.
 
 Everything that can fail on input (paths, data rows, metric names, Java, metric model folders)
 is checked before a model is loaded, and nothing is written then (exit 2).
@@ -77,7 +79,8 @@ def eval_command(obj, model, data_path, data_format, task, images, limit, skip_i
     """Score MODEL_OR_ONNX_DIR on --data, or score --predictions against --references / --data.
 
     Writes an evaluation record (metrics on the 0-100 scale, characteristics, decoding settings)
-    that `compress gate` reads. Exit 2 on bad input (nothing written).
+    that `compress gate` reads. Exit 2 on bad input (nothing written). With --references, --limit N
+    scores the predicted ids of `compress predict --limit N` (the notes count the references left out).
     """
     from compressor.evaluation import check_data_for_metrics, check_metric_requirements, resolve_metrics
     from compressor.recipe.schema import CharacteristicsSpec, LatencySpec
@@ -171,6 +174,9 @@ def _score_files(predictions, references, data_path, data_format, task, images, 
         preds = _answers_csv_to_ids(predictions, data)
     else:
         preds = load_predictions(predictions)
+    left_out: list[str] = []
+    if data is None:
+        refs, left_out = _predicted_references(preds, refs, limit, references)
     names = resolve_metrics(metric_list, task)
     if data is not None:
         check_data_for_metrics(names, data)
@@ -186,7 +192,7 @@ def _score_files(predictions, references, data_path, data_format, task, images, 
     from eval.captioning import CaptionScorer
 
     values: dict[str, Any] = {}
-    notes: list[str] = []
+    notes: list[str] = list(left_out)
     with CaptionScorer() as scorer:
         plain = [m for m in names if m not in model_metric_keys()]
         if data is not None:
@@ -218,6 +224,39 @@ def _score_files(predictions, references, data_path, data_format, task, images, 
         "data": {"examples": len(preds), **({"fingerprint": data.fingerprint} if data is not None else {})},
         "notes": notes + ["scored from a predictions file: no model, so no characteristics"],
     }
+
+
+def _predicted_references(preds, refs, limit, references) -> tuple[dict, list[str]]:
+    """The references to score ``preds`` against with ``--references`` (and ``--limit``).
+
+    ``compress predict --limit N`` captions the first N examples; their references file holds every
+    id. With ``--limit``, the predicted ids are scored (what pycocoevalcap does: it scores the
+    results' images) and the note says how many references were left out; without it, that
+    mismatch is refused (exit 2) with the fix.
+
+    Returns:
+        ``(references, notes)``.
+
+    Raises:
+        UserInputError: references hold ids without predictions and ``--limit`` is not given.
+    """
+    pred_ids = {str(k) for k in preds}
+    ref_ids = {str(k) for k in refs}
+    missing = ref_ids - pred_ids
+    if not missing or not pred_ids <= ref_ids:
+        return refs, []  # equal, or predictions without references: scoring lists those ids
+    if limit is None:
+        raise UserInputError(
+            f"{references}: {len(missing)} ids in references have no prediction ({len(pred_ids)} predicted). "
+            f"To score only the predicted ones (after `compress predict --limit {len(pred_ids)}`), add "
+            f"--limit {len(pred_ids)}, or score against --data with the same --limit"
+        )
+    if len(pred_ids) > limit:
+        raise UserInputError(
+            f"--limit {limit}: the predictions file holds {len(pred_ids)} predictions; raise --limit to {len(pred_ids)}"
+        )
+    kept = {k: v for k, v in refs.items() if str(k) in pred_ids}
+    return kept, [f"--limit {limit}: scored the {len(kept)} predicted ids; {len(missing)} references without a prediction left out"]
 
 
 def _score_against(preds, refs, metrics, task, scorer, notes) -> dict[str, float]:

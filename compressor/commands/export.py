@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import click
@@ -44,8 +46,7 @@ def newest_final(root: Path = Path("runs")) -> Path:
     return max(finals, key=lambda p: (p / "config.json").stat().st_mtime)
 
 
-def _targets(model_dir: Path, out: Path | None, onnx: bool, safetensors: bool) -> dict[str, Path]:
-    base = model_dir.resolve().parent
+def _targets(base: Path, out: Path | None, onnx: bool, safetensors: bool) -> dict[str, Path]:
     if onnx and safetensors:
         parent = out or base
         return {"onnx": parent / "onnx", "safetensors": parent / "safetensors"}
@@ -87,10 +88,9 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
     the safetensors folder with --safetensors alone (default: safetensors/ beside it),
     and the parent of onnx/ and safetensors/ with both (default: beside MODEL_DIR).
     Every ONNX graph is checked against PyTorch (validation.json); a folder that is
-    not a model exits 2 before anything is written.
+    not a model exits 2 before anything is written. MODEL_DIR may name a preset
+    (as for inspect): it is built (seed 0) and exported, outputs in the working folder.
     """
-    from compressor.models.loading import is_model_dir, resolve_device
-
     if not (onnx or safetensors):
         raise UserInputError("choose what to write: --onnx and/or --safetensors")
     if quantize and not onnx:
@@ -100,8 +100,37 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
     if draft is None and (num_draft_tokens or draft_variant):
         raise UserInputError("--num-draft-tokens / --draft-variant go with --draft DIR")
     model_dir = model_dir if model_dir is not None else newest_final()
-    if not model_dir.exists():
-        raise ModelSpecError(f"{model_dir}: no such folder")
+    beside = model_dir.resolve().parent
+    with contextlib.ExitStack() as stack:
+        if not model_dir.exists():
+            model_dir = _preset_folder(model_dir, stack)
+        _export(obj, model_dir, beside, onnx, safetensors, out, dtype, opset, quantize, exporter, no_optimize, no_twin_check,
+                isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant)
+
+
+def _preset_folder(name: Path, stack: contextlib.ExitStack) -> Path:
+    """The folder of preset ``name`` (``inspect``'s presets export too): a shipped preset's own, or a
+    built one saved into a temporary folder that ``stack`` removes; the default outputs go beside
+    ``name`` (the working directory), as for a folder of that name.
+
+    Raises:
+        ModelSpecError: ``name`` is neither a folder nor a preset (exit 2).
+    """
+    from compressor.models.presets import PRESET_NAMES, SHIPPED, save_preset
+
+    if str(name) not in PRESET_NAMES:
+        raise ModelSpecError(f"{name}: no such folder (nor a preset: {', '.join(PRESET_NAMES)})")
+    if str(name) in SHIPPED:
+        return Path(SHIPPED[str(name)])
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vlm-compress-preset-")))
+    log.info("%s: a preset built in code (seed 0), saved to %s for the export", name, tmp)
+    return save_preset(str(name), tmp / str(name))
+
+
+def _export(obj, model_dir, beside, onnx, safetensors, out, dtype, opset, quantize, exporter, no_optimize, no_twin_check,
+            isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant):
+    from compressor.models.loading import is_model_dir, resolve_device
+
     if not is_model_dir(model_dir):
         hint = " (it is an ONNX export already)" if (model_dir / "export.json").is_file() else ""
         raise ModelSpecError(
@@ -116,7 +145,7 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, expor
 
         check_folders(model_dir, draft)  # before anything is written
     dev = resolve_device(device)
-    targets = _targets(model_dir, out, onnx, safetensors)
+    targets = _targets(beside, out, onnx, safetensors)
     for t in targets.values():
         if t.resolve() == model_dir.resolve() or model_dir.resolve() in t.resolve().parents:
             raise UserInputError(f"--out {t} would write inside the model folder {model_dir}; choose another folder")

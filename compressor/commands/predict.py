@@ -56,7 +56,7 @@ def predict_command(obj, model, data_path, data_format, task, images, limit, ski
     drafting = dict(draft=draft, num_draft_tokens=num_draft_tokens, draft_variant=draft_variant, no_draft=no_draft)
     tgt = load_target(model, overrides, device, dtype, drafting)
     gen = tgt.generation
-    preds = predict(tgt.captioner, data.examples, data.task, prompt_fn(gen), gen.batch_size, not (obj.quiet or obj.json))
+    preds = predict(tgt.captioner, data, data.task, prompt_fn(gen), gen.batch_size, not (obj.quiet or obj.json))
     if out.suffix.lower() == ".csv":
         if data.task == "vqa":
             write_answers_csv(out, answers_rows(data.examples, preds))
@@ -64,11 +64,13 @@ def predict_command(obj, model, data_path, data_format, task, images, limit, ski
             write_captions_csv(out, caption_rows(data.examples, preds))
     else:
         write_predictions(out, preds, data.task)
-    summary = {"out": str(out), "predictions": len(preds), "task": data.task, "decoding": {**tgt.captioner.settings, "settings_from": tgt.settings_from}}
+    summary = {"out": str(out), "predictions": len(preds), "skipped": len(data.skipped), "task": data.task,
+               "decoding": {**tgt.captioner.settings, "settings_from": tgt.settings_from}}
     stats = getattr(tgt.captioner, "stats", None)
     if stats is not None:
         summary["speculative"] = stats.record()
     if obj.json:
         click.echo(json.dumps(summary, indent=2, default=str))
     else:
-        click.echo(f"wrote {len(preds)} {'answers' if data.task == 'vqa' else 'captions'} to {out}")
+        skipped = f" ({len(data.skipped)} invalid row(s) skipped)" if data.skipped else ""
+        click.echo(f"wrote {len(preds)} {'answers' if data.task == 'vqa' else 'captions'} to {out}{skipped}")

@@ -56,6 +56,7 @@ def report(obj, runs, out: Path, metric, against, labels):
     from compressor.fileio import atomic_write_text
     from eval.plots import experiment_plots
     from eval.reports import (
+        data_groups,
         experiment_columns,
         experiments_csv,
         experiments_from_reports,
@@ -70,10 +71,17 @@ def report(obj, runs, out: Path, metric, against, labels):
     metric = metric or ("cider" if "cider" in mets else (mets[0] if mets else None))
     if metric is None or metric not in mets:
         raise UserInputError(f"--metric {metric}: not measured in these runs; measured: {', '.join(mets)}.{did_you_mean(str(metric), mets)}")
+    groups = data_groups(entries)
+    warning = None
+    if len(groups) > 1:
+        warning = ("these experiments were evaluated on different data, so their metrics are not comparable: "
+                   + "; ".join(f"data {fp[:12]}: {', '.join(names)}" for fp, names in groups.items()))
+        log.warning("%s", warning)
     out.mkdir(parents=True, exist_ok=True)
-    files = experiment_plots(entries, out, metric, against)
+    files = experiment_plots(entries, out, metric, against, warning="different data: not comparable" if warning else None)
     atomic_write_text(out / "comparison.csv", experiments_csv(entries))
-    md = ["# Comparison of runs", "", experiments_markdown(entries), "Runs:", ""]
+    md = ["# Comparison of runs", "", *([f"**Warning:** {warning}.", ""] if warning else []), experiments_markdown(entries),
+          "Runs:", ""]
     for name, rep in named:
         gate = rep.get("gate")
         verdict = "" if not gate else f"; gate {'passed' if gate.get('passed') else 'FAILED'} ({gate.get('summary', '')})"

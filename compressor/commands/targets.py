@@ -112,7 +112,8 @@ def resolve_target_path(target: str) -> tuple[Path, str]:
 
     Raises:
         UserInputError: the path is neither an ONNX export (``export.json``) nor a model folder
-            nor a shipped preset.
+            nor a shipped preset (a folder holding ``onnx/`` or ``model/``, as an export or a
+            stage folder does, stands for that).
     """
     from compressor.models.loading import is_model_dir
     from compressor.models.presets import PRESETS, SHIPPED
@@ -131,6 +132,9 @@ def resolve_target_path(target: str) -> tuple[Path, str]:
         return p.resolve(), "torch"
     if p.is_dir() and (p / "onnx" / "export.json").is_file():
         return (p / "onnx").resolve(), "onnx"
+    if is_model_dir(p / "model"):  # a run's stage folder (runs/x/stages/01-…/): its model/
+        log.info("%s: using the model folder inside it, %s", target, p / "model")
+        return (p / "model").resolve(), "torch"
     raise UserInputError(
         f"{target}: neither an ONNX export (a folder with export.json) nor a model folder "
         "(config.json and *.safetensors, as save_pretrained writes)"

@@ -92,8 +92,8 @@ class Example:
                 return im.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(
-                "cannot decode an image; replace the file or remove its rows "
-                "(data.skip_invalid: true skips only images whose header is bad)",
+                "cannot decode an image; replace the file or remove its rows (data.skip_invalid: true skips "
+                "it; data.verify_images: decode finds every such image before the run starts)",
                 [f"{self.image_path} (image_id={self.image_id}): {e}"],
             ) from e
 
@@ -147,6 +147,8 @@ class Dataset:
             :func:`compressor.data.section_fingerprint`).
         resolved: where the data came from after fallbacks, e.g. ``"data.test"`` or
             ``"data.source[val]"``.
+        skip_invalid: an image that fails to decode in :meth:`load_image` is skipped (its
+            examples leave ``examples``, a line joins ``skipped``) instead of raising.
     """
 
     section: str
@@ -155,6 +157,7 @@ class Dataset:
     skipped: list[str] = field(default_factory=list)
     fingerprint: str = ""
     resolved: str = ""
+    skip_invalid: bool = False
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -164,6 +167,27 @@ class Dataset:
 
     def __iter__(self) -> Iterator[Example]:
         return iter(self.examples)
+
+    def load_image(self, ex: Example) -> Image.Image | None:
+        """``ex.load_image()``; with ``skip_invalid``, None for an image that cannot be decoded, whose
+        examples are then dropped from this dataset and counted in ``skipped`` (once per image).
+
+        Raises:
+            DataError: the image cannot be decoded and ``skip_invalid`` is off.
+        """
+        try:
+            return ex.load_image()
+        except DataError as e:
+            if not self.skip_invalid:
+                raise
+            gone = [x for x in self.examples if x.image_path == ex.image_path and x.render == ex.render]
+            if gone:
+                self.examples = [x for x in self.examples if not (x.image_path == ex.image_path and x.render == ex.render)]
+                line = e.rows[0] if e.rows else f"{ex.image_path} (image_id={ex.image_id}): {e}"
+                self.skipped.append(line)
+                logger.warning("%s: skipped %d example(s) whose image cannot be decoded (skip_invalid is on): %s",
+                               self.resolved or self.section, len(gone), line)
+            return None
 
     @property
     def image_ids(self) -> list[str]:

@@ -6,7 +6,10 @@ Which data a section reads (its own key, a share of ``data.source``, a fallback)
 the format's reader, divided by ``data.split`` when the section is a share of ``data.source``,
 then sorted by image id (natural order: ``"9" < "10"``) and cut to ``limit``
 (the smaller of the section's ``limit`` and the caller's), and the images of the examples kept
-are checked cheaply (the file exists and PIL can open and verify its header), once per load.
+are checked once per load: the file exists, PIL can open and verify its header, and its end is
+where the format puts it (a JPEG's end-of-image marker, a PNG's ``IEND``: a truncated file is found
+without decoding it); every image is decoded when the section has at most
+:data:`DECODE_ALL_UP_TO` images or ``data.verify_images: decode``, and any whose end looks wrong.
 
 Bad rows (a missing or unreadable image, a file name escaping the image folder, an empty caption
 or question, an annotation for an unknown image id, a duplicate image entry) raise
@@ -50,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 #: Bump when a change in this package changes what a given spec loads (enters every fingerprint).
 DATA_LOADER_VERSION = 1
+#: ``verify_images: auto`` decodes every image of a section up to this size (about 5 ms per COCO image).
+DECODE_ALL_UP_TO = 1000
 
 
 def _check_fields(fmt: Format, r: Resolved) -> None:
@@ -70,6 +75,8 @@ def _check_fields(fmt: Format, r: Resolved) -> None:
 def _effective(spec: DataSpec, r: Resolved, settings: dict) -> dict:
     """The section's settings after defaults (part of the fingerprint), the format's own included."""
     eff: dict = {"format": spec.format, "task": spec.task, "skip_invalid": spec.skip_invalid, **settings}
+    if spec.skip_invalid and spec.verify_images != "auto":  # decides which images are skipped
+        eff["verify_images"] = spec.verify_images
     if r.part:
         eff["split"] = {"part": r.part, **spec.split.model_dump()}  # type: ignore[union-attr]
     return eff
@@ -135,11 +142,31 @@ def _fingerprint(c: _Collected) -> str:
     return h.hexdigest()
 
 
-def check_image(path: str) -> tuple[str, str] | None:
-    """Cheap check of one image file: it exists and PIL can open and verify it (no decoding).
+def _end_looks_wrong(path: str) -> bool:
+    """A JPEG without its end-of-image marker or a PNG without ``IEND`` near the end (truncated);
+    reads the first and last bytes only. Other formats: False (not checked)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 32))
+            tail = fh.read()
+    except OSError:
+        return True
+    if head.startswith(b"\xff\xd8"):
+        return b"\xff\xd9" not in tail
+    if head.startswith(b"\x89PNG"):
+        return b"IEND" not in tail
+    return False
+
+
+def check_image(path: str, decode: bool = False) -> tuple[str, str] | None:
+    """Check one image file: it exists, PIL can open and verify its header, its end is in place
+    (JPEG, PNG), and, when ``decode`` or its end looks wrong, it decodes.
 
     Args:
         path: absolute path.
+        decode: decode the pixels (finds damage inside the file; costs a decode).
 
     Returns:
         None when fine, else ``(kind, detail)``.
@@ -149,20 +176,26 @@ def check_image(path: str) -> tuple[str, str] | None:
     try:
         with Image.open(path) as im:
             im.verify()
+        if decode or _end_looks_wrong(path):  # verify() reads the header only: a truncated body passes it
+            with Image.open(path) as im:
+                im.load()
     except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, struct.error ...)
         return CORRUPT_IMAGE, f"{path}: {type(e).__name__}: {e}"
     return None
 
 
-def _check_images(rows: list[Row]) -> tuple[list[Problem], set[str]]:
+def _check_images(rows: list[Row], verify: str = "auto") -> tuple[list[Problem], set[str]]:
+    import functools
+
     paths = _image_paths(rows)
+    check = functools.partial(check_image, decode=verify == "decode" or len(paths) <= DECODE_ALL_UP_TO)
     if len(paths) > 64:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
-            results = list(pool.map(check_image, paths))
+            results = list(pool.map(check, paths))
     else:
-        results = [check_image(p) for p in paths]
+        results = [check(p) for p in paths]
     bad = {p: res for p, res in zip(paths, results, strict=True) if res is not None}
     if not bad:
         return [], set()
@@ -236,7 +269,7 @@ def load_section(
     """
     c = _collect(spec, section, limit)
     fingerprint = _fingerprint(c)
-    image_problems, bad_paths = _check_images(c.rows)
+    image_problems, bad_paths = _check_images(c.rows, spec.verify_images)
     skipped = _raise_or_skip(spec, c, [*c.parsed.problems, *image_problems], label or c.resolved.label, skip_hint)
     rows = [row for row in c.rows if row.example.image_path not in bad_paths]
     examples: list[Example] = [row.example for row in rows]
@@ -254,6 +287,7 @@ def load_section(
         skipped=skipped,
         fingerprint=fingerprint,
         resolved=c.resolved.label,
+        skip_invalid=spec.skip_invalid,
     )
 
 

@@ -104,6 +104,7 @@ class TorchCaptioner:
         self.generation = generation
         self.device = device
         self.family = family_for_model(model)
+        self.config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
         self.kwargs = generate_kwargs(generation)
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         self.settings = {
@@ -146,6 +147,7 @@ class TorchCaptioner:
         import torch
 
         inputs = generation_inputs(self.family, self.processor, imgs, prm, self.device)
+        self.family.check_inputs(self.config, inputs)  # never caption without the image tokens
         dtype = next(self.model.parameters()).dtype
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         with torch.inference_mode():

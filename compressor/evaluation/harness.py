@@ -66,7 +66,9 @@ def predict(
 
     Args:
         captioner: a Captioner.
-        examples: data examples (``image_id``, ``question_id``, ``load_image()``).
+        examples: data examples (``image_id``, ``question_id``, ``load_image()``), or a
+            :class:`~compressor.data.Dataset`, whose ``load_image`` skips (and counts) an image that
+            cannot be decoded when its data has ``skip_invalid``: that example gets no caption.
         task: ``caption`` or ``vqa``.
         prompt_for: example → prompt text (``""`` for none).
         batch_size: examples per call.
@@ -78,15 +80,20 @@ def predict(
     """
     from tqdm.auto import tqdm
 
+    if load_image is None and hasattr(examples, "load_image"):
+        load_image = examples.load_image
+    examples = list(examples)  # a Dataset drops skipped examples while this runs
     load = load_image or (lambda ex: ex.load_image())
     out: dict[str, str] = {}
     bar = tqdm(total=len(examples), desc="caption", unit="img", disable=not progress, leave=False)
     for i in range(0, len(examples), batch_size):
-        chunk = list(examples[i : i + batch_size])
-        caps = captioner.caption([load(ex) for ex in chunk], [prompt_for(ex) for ex in chunk])
-        for ex, cap in zip(chunk, caps):
-            out[example_key(ex, task)] = cap
-        bar.update(len(chunk))
+        loaded = [(ex, load(ex)) for ex in examples[i : i + batch_size]]
+        chunk = [(ex, im) for ex, im in loaded if im is not None]
+        if chunk:
+            caps = captioner.caption([im for _, im in chunk], [prompt_for(ex) for ex, _ in chunk])
+            for (ex, _), cap in zip(chunk, caps):
+                out[example_key(ex, task)] = cap
+        bar.update(len(loaded))
     bar.close()
     return out
 
@@ -188,7 +195,7 @@ def score_model(model, processor, dataset, generation, device: str, metrics=None
     from compressor.evaluation.captioner import TorchCaptioner
 
     captioner = TorchCaptioner(model, processor, generation, device)
-    preds = predict(captioner, dataset.examples, dataset.task, prompt_fn(generation), generation.batch_size, progress)
+    preds = predict(captioner, dataset, dataset.task, prompt_fn(generation), generation.batch_size, progress)
     wanted = None if metrics is None else [m for m in metrics if m not in model_metric_keys()]
     scored = score_predictions(preds, dataset, wanted, scorer)
     return {"metrics": scored["metrics"], "notes": scored["notes"], "predictions": preds, "settings": captioner.settings}
@@ -248,7 +255,7 @@ def evaluate(
         stats.reset()  # speculative decoding: count the evaluated set only
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        preds = predict(target.captioner, data.examples, task, prompt_fn(generation), generation.batch_size, progress)
+        preds = predict(target.captioner, data, task, prompt_fn(generation), generation.batch_size, progress)
         predict_s = time.perf_counter() - t0
         speculative = speculative_characteristics(target.captioner)
         scored = score_predictions(preds, data, [m for m in names if m not in model_keys], scorer)

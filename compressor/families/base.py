@@ -218,6 +218,44 @@ class Family:
         """The ids generation uses (bos, eos list, pad, decoder start): what ``generate`` reads."""
         return self.impl.token_ids(self, model, processor)
 
+    def reconcile(self, config, folder, processor=None) -> list[str]:
+        """Fill in place what an older-style model folder's ``config.json`` / processor config leave
+        out (from the other file), as transformers does; returns what was filled (see the family
+        module; nothing for families without such fields).
+
+        Raises:
+            ModelSpecError: a field that cannot be recovered, or the files disagree (exit 2).
+        """
+        fn = getattr(self.impl, "reconcile", None)
+        return fn(self, config, folder, processor) if fn is not None else []
+
+    def check_inputs(self, config, inputs: dict) -> None:
+        """Refuse generation inputs the model cannot caption from (BLIP-2: a row without its image
+        tokens would caption without the image); both captioners call this on every batch.
+
+        Raises:
+            ModelSpecError: naming what is wrong and the fix.
+        """
+        fn = getattr(self.impl, "check_inputs", None)
+        if fn is not None:
+            fn(self, config, inputs)
+
+    def layer_kv_heads(self, model, part: str = "language_model") -> tuple[int, ...] | None:
+        """Key/value heads of each self-attention of stack ``part`` as the weights are (width pruning
+        gives every layer its own), or None when the stack's heads are not described (T5).
+
+        Args:
+            model: a model of this family (not a peft wrapper; the meta device is enough).
+            part: the stack.
+        """
+        from compressor.families import get_module
+        from compressor.pruning import head_layout
+
+        w = next((w for w in self.width if w.part == part and w.k is not None), None)
+        if w is None or part not in self.stacks:
+            return None
+        return tuple(head_layout(layer, w)["kv_heads"] for layer in get_module(model, self.stack(part).layers))
+
     def onnx_graph_parts(self, model):
         """What this family's ONNX topology (``onnx_topology``) needs of a loaded model: the image
         path's wrapper and inputs, the language model or its wrappers, facts for ``export.json``

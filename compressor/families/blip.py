@@ -89,15 +89,33 @@ def generation_inputs(family: Family, processor, images: Sequence, prompts: Sequ
 
 
 def decode(family: Family, processor, sequences, inputs: dict, prompts: Sequence[str]) -> list[str]:
-    """Generated ids → captions: the output starts with the prompt, which is stripped (case-insensitive)."""
-    texts = processor.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+    """Generated ids → captions: the output repeats the prompt, which is cut off by its tokens.
+
+    ``generate`` starts from ``[DEC] prompt`` (``[CLS]`` overwritten, ``[SEP]`` dropped), so a row's
+    output is ``[DEC]``, the prompt's ids, then the new tokens; the prompt's ids are removed there.
+    (Comparing decoded text fails: WordPiece decodes ``Answer:`` as ``answer :``.)
+    """
+    tok = processor.tokenizer
+    pad = tok.pad_token_id
+    starts = {tok.bos_token_id, tok.cls_token_id} - {None}
     out = []
-    for text, prompt in zip(texts, prompts):
-        text = text.strip()
-        p = prompt.strip().lower()
-        if p and text.lower().startswith(p):
-            text = text[len(p):]
-        out.append(text.strip())
+    for row, prompt in zip(sequences, prompts):
+        ids = [int(t) for t in row]
+        if prompt:
+            want = tok(prompt).input_ids[1:-1]  # without [CLS] / [SEP]
+            k = 0
+            while k < len(ids) and ids[k] == pad:
+                k += 1
+            if k < len(ids) and ids[k] in starts:
+                k += 1
+            if ids[k : k + len(want)] == want:
+                ids = ids[k + len(want):]
+            else:  # not the expected layout: fall back to the decoded prompt text
+                text = tok.decode(ids, skip_special_tokens=True).strip()
+                p = tok.decode(want, skip_special_tokens=True).strip().lower()
+                out.append((text[len(p):] if p and text.lower().startswith(p) else text).strip())
+                continue
+        out.append(tok.decode(ids, skip_special_tokens=True).strip())
     return out
 
 
@@ -305,4 +323,5 @@ def onnx_graph_parts(family: Family, model):
         hidden_size=int(text.hidden_size),
         vocab_size=int(model.text_decoder.cls.predictions.decoder.weight.shape[0]),
         meta={"image_size": size, "num_patches": patches},
+        layer_heads=family.layer_kv_heads(model),
     )

@@ -195,6 +195,154 @@ def describe(
 
 
 # --------------------------------------------------------------------------------------------
+# Older configs: the fields the processor and the model must agree on
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _query_tokens_in_weights(folder) -> int | None:
+    """``num_query_tokens`` from the saved ``query_tokens (1, n, hidden)`` (safetensors headers only)."""
+    import json
+    import struct
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(folder.glob("*.safetensors"))
+    if index.is_file():
+        owner = _read_json(index).get("weight_map", {}).get("query_tokens")
+        files = [folder / owner] if owner else []
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            continue
+        if "query_tokens" in header:
+            return int(header["query_tokens"]["shape"][1])
+    return None
+
+
+def reconcile(family: Family, config, folder, processor=None) -> list[str]:
+    """Fill what an older-style BLIP-2 / InstructBLIP folder leaves out, as transformers does, or refuse.
+
+    Configs written before transformers moved the image tokens into the processor
+    (transformers#34223, #42203) lack ``num_query_tokens`` in ``processor_config.json`` (the
+    processor then inserts no ``<image>`` token: the language model never sees the image and
+    captions are empty), ``image_token_index`` in ``config.json`` (the model cannot find the image
+    positions) or ``num_query_tokens`` in ``config.json`` (the default 32 does not fit the saved
+    queries). A missing field is filled from the other file (or the saved ``query_tokens``'s shape),
+    with a warning; two files that disagree are refused.
+
+    Args:
+        family: the family of ``config``.
+        config: the loaded config (changed in place).
+        folder: the model folder (its raw ``config.json`` / ``processor_config.json`` are read).
+        processor: the loaded processor (changed in place), or None.
+
+    Returns:
+        One line per field filled in (also logged as warnings).
+
+    Raises:
+        ModelSpecError: a field that cannot be recovered, or the two files disagree (exit 2),
+            naming the field and the fix.
+    """
+    import logging
+    from pathlib import Path
+
+    log = logging.getLogger(__name__)
+    folder = Path(folder)
+    raw = _read_json(folder / "config.json")
+    raw_proc = _read_json(folder / "processor_config.json")
+    fixed: list[str] = []
+    if not raw:
+        return fixed
+    nq_cfg = raw.get("num_query_tokens")
+    nq_proc = raw_proc.get("num_query_tokens")
+    if processor is not None and getattr(processor, "num_query_tokens", None) is not None:
+        nq_proc = processor.num_query_tokens
+    if nq_cfg is None:
+        weights = _query_tokens_in_weights(folder)
+        nq = nq_proc if nq_proc is not None else weights
+        if nq is None:
+            raise ModelSpecError(
+                f"{folder / 'config.json'} has no num_query_tokens (an older-style config) and neither the processor "
+                f"nor the weights say how many; add \"num_query_tokens\": N (the Q-Former's learned queries) to it"
+            )
+        if weights is not None and weights != nq:
+            raise ModelSpecError(
+                f"{folder / 'processor_config.json'} says num_query_tokens {nq} but the saved query_tokens hold {weights}; "
+                f"set \"num_query_tokens\": {weights} in both {folder / 'config.json'} and processor_config.json"
+            )
+        config.num_query_tokens = int(nq)
+        fixed.append(f"config.json has no num_query_tokens: using {nq} from the "
+                     f"{'processor' if nq_proc is not None else 'saved query_tokens'}")
+    if processor is not None:
+        if getattr(processor, "num_query_tokens", None) is None:
+            processor.num_query_tokens = int(config.num_query_tokens)
+            fixed.append(f"processor_config.json has no num_query_tokens: using the model config's "
+                         f"{config.num_query_tokens} (without it the processor inserts no image token)")
+        elif int(processor.num_query_tokens) != int(config.num_query_tokens):
+            raise ModelSpecError(
+                f"{folder}: processor_config.json says num_query_tokens {processor.num_query_tokens} but config.json "
+                f"says {config.num_query_tokens}; make them equal (the model reads {config.num_query_tokens} image tokens)"
+            )
+    if getattr(config, "image_token_index", None) is None and getattr(config, "image_token_id", None) is None:
+        token_id = None
+        tok = getattr(processor, "tokenizer", None)
+        if tok is None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(folder))
+        image_token = str(getattr(processor, "image_token", None) or "<image>")
+        if tok is not None and image_token in tok.get_vocab():
+            token_id = int(tok.convert_tokens_to_ids(image_token))
+        if token_id is None:
+            raise ModelSpecError(
+                f"{folder / 'config.json'} has no image_token_index (an older-style config) and the tokenizer has no "
+                f"'{image_token}' token; add \"image_token_index\": <the id of {image_token}> to config.json"
+            )
+        config.image_token_index = token_id
+        fixed.append(f"config.json has no image_token_index: using {token_id}, the tokenizer's '{image_token}'")
+    for line in fixed:
+        log.warning("%s: %s (an older-style config, transformers#34223)", folder, line)
+    return fixed
+
+
+def check_inputs(family: Family, config, inputs: dict) -> None:
+    """Refuse a batch in which the processor did not put ``num_query_tokens`` image tokens in every row.
+
+    A row without them captions without the image (empty or generic captions, with no error).
+
+    Args:
+        config: the model's config.
+        inputs: the processor's output (torch tensors or numpy arrays), ``input_ids (batch, seq)``.
+
+    Raises:
+        ModelSpecError: naming the counts and the fix.
+    """
+    ids = inputs.get("input_ids")
+    image = getattr(config, "image_token_id", None)
+    if image is None:
+        image = getattr(config, "image_token_index", None)
+    if ids is None or image is None:
+        return
+    counts = [int(c) for c in (ids == int(image)).sum(1).tolist()]
+    want = int(config.num_query_tokens)
+    if any(c != want for c in counts):
+        raise ModelSpecError(
+            f"the processor put {sorted(set(counts))} image token(s) per row but the model reads {want}: captions would "
+            f"ignore the image. Set \"num_query_tokens\": {want} in the model folder's processor_config.json"
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------
 
@@ -469,7 +617,8 @@ def onnx_graph_parts(family: Family, model):
     if family.decoder_only:
         from exporters.onnx.topologies.decoder_only import Parts
 
-        return Parts(image=image, language_model=lm, text_config=cfg.text_config, meta=meta)
+        return Parts(image=image, language_model=lm, text_config=cfg.text_config, meta=meta,
+                     kv_heads=family.layer_kv_heads(model))
     from compressor.families.language_models import onnx_text_graphs
     from exporters.onnx.topologies.encoder_decoder import Parts as EncoderDecoderParts
 

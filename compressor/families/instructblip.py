@@ -30,6 +30,8 @@ caption_batch = blip2.caption_batch
 prompt_lengths = blip2.prompt_lengths
 gflops_replay = blip2.gflops_replay
 token_ids = blip2.token_ids
+reconcile = blip2.reconcile
+check_inputs = blip2.check_inputs
 
 
 def describe(config) -> Family:

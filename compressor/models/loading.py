@@ -204,9 +204,11 @@ def load_config(spec_or_path: Any):
         return model.config
     p = Path(str(spec_or_path)).expanduser()
     if p.is_file() and p.suffix == ".json":
-        return AutoConfig.from_pretrained(str(p))
+        config = AutoConfig.from_pretrained(str(p))
+        refuse_quantized(config, p)
+        return config
     if p.is_dir() and (p / "config.json").is_file():
-        return AutoConfig.from_pretrained(str(p))
+        return folder_config(p)
     raise ModelSpecError(f"{spec_or_path}: no config.json found (expected a model folder or a config file)")
 
 
@@ -267,36 +269,80 @@ def load_model(path: Path | str, dtype: str | None = None, device: str = "cpu", 
         with_processor: also load the processor (None if the folder has none).
 
     A folder with ``shape_plan.json`` (a width-pruned model) is loaded through
-    :func:`compressor.models.shapes.load_planned`, exactly.
+    :func:`compressor.models.shapes.load_planned`, exactly. An older-style folder whose config or
+    processor config lacks a field the other holds is completed by its family
+    (:func:`folder_config`), with a warning.
 
     Returns:
         ``(model, processor_or_None)``, the model in eval mode.
 
     Raises:
-        ModelSpecError: the folder is not a BLIP-family model.
+        ModelSpecError: the folder is not a BLIP-family model, or an older-style config that
+            cannot be completed (exit 2).
     """
-    from transformers import AutoConfig
-
     from compressor.families import family_for_config
     from compressor.models.shapes import SHAPE_PLAN, load_planned
 
     path = Path(path)
     if not is_model_dir(path):
         raise ModelSpecError(f"{path}: not a model folder (expected config.json and *.safetensors)")
+    processor = _load_raw_processor(path) if with_processor else None
+    config = folder_config(path, processor)
     if (path / SHAPE_PLAN).is_file():  # width-pruned: shapes the config cannot express
-        model = load_planned(path, torch_dtype(dtype) if dtype is not None else None)
+        model = load_planned(path, torch_dtype(dtype) if dtype is not None else None, config=config)
         model.to(device)
-        return model, (load_processor(path) if with_processor else None)
-    config = AutoConfig.from_pretrained(str(path))
+        return model, processor
     family = family_for_config(config)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = torch_dtype(dtype)
-    model = family.model_cls().from_pretrained(str(path), **kwargs)
+    model = family.model_cls().from_pretrained(str(path), config=config, **kwargs)
     model.to(device)
     model.eval()
-    processor = load_processor(path) if with_processor else None
     return model, processor
+
+
+def folder_config(path: Path | str, processor=None):
+    """A model folder's config, completed by its family where an older-style folder lacks a field
+    (``Family.reconcile``: BLIP-2's ``num_query_tokens`` / ``image_token_index``), and ``processor``
+    (when given) completed likewise.
+
+    Raises:
+        ModelSpecError: a field that cannot be recovered, or config and processor disagree (exit 2).
+    """
+    from transformers import AutoConfig
+
+    from compressor.families import family_for_config
+
+    config = AutoConfig.from_pretrained(str(path))
+    refuse_quantized(config, Path(path) / "config.json")
+    family_for_config(config).reconcile(config, Path(path), processor)
+    return config
+
+
+def refuse_quantized(config, where) -> None:
+    """Refuse (exit 2) a config whose weights are stored quantized (a ``quantization_config``:
+    bitsandbytes 4/8-bit, GPTQ, AWQ …), before anything is loaded or written.
+
+    Every stage rewrites full-precision weights (LoRA merges, layer removal, pruning, export), and
+    loading a bitsandbytes checkpoint needs bitsandbytes and a GPU; QLoRA keeps the base in full
+    precision on disk and quantises it while training (``lora_finetune.quantization``).
+
+    Raises:
+        ModelSpecError: naming the quantisation and what to use instead.
+    """
+    q = getattr(config, "quantization_config", None)
+    if not q:
+        return
+    q = q if isinstance(q, dict) else (q.to_dict() if hasattr(q, "to_dict") else vars(q))
+    method = q.get("quant_method", "unknown")
+    bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else (f"{q['bits']}-bit" if q.get("bits") else "")
+    raise ModelSpecError(
+        f"{where} carries a {method} quantization_config ({bits or 'quantized'} weights); vlm-compress works on "
+        "full-precision weights (LoRA merges, layer removal, pruning and export rewrite them) and cannot load or "
+        "change these. Start from the full-precision checkpoint of the same model (without quantization_config); "
+        "for QLoRA keep that base and set `quantization: {bits: 4}` on the lora_finetune stage."
+    )
 
 
 def load_skeleton(path: Path | str):
@@ -312,14 +358,14 @@ def load_skeleton(path: Path | str):
     Raises:
         ModelSpecError: the folder is not a BLIP-family model folder.
     """
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     from compressor.models.shapes import SHAPE_PLAN, apply_shape_plan, meta_skeleton
 
     path = Path(path)
     if not is_model_dir(path):
         raise ModelSpecError(f"{path}: not a model folder (expected config.json and *.safetensors)")
-    model = meta_skeleton(AutoConfig.from_pretrained(str(path)))
+    model = meta_skeleton(folder_config(path))
     if (path / SHAPE_PLAN).is_file():
         apply_shape_plan(model, json.loads((path / SHAPE_PLAN).read_text()))
     if (path / "generation_config.json").is_file():
@@ -328,7 +374,15 @@ def load_skeleton(path: Path | str):
 
 
 def load_processor(path: Path | str):
-    """The processor saved in a model folder, or None when the folder has none."""
+    """The processor saved in a model folder (completed where an older-style processor config lacks
+    a field the model's config holds), or None when the folder has none."""
+    processor = _load_raw_processor(path)
+    if processor is not None and (Path(path) / "config.json").is_file():
+        folder_config(path, processor)
+    return processor
+
+
+def _load_raw_processor(path: Path | str):
     from transformers import AutoProcessor
 
     path = Path(path)

@@ -25,6 +25,24 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SHAPE_PLAN = "shape_plan.json"
+#: How a model card tells to load a folder with a shape plan (``{repo_id}``, ``{cls}``, ``{text_arg}``,
+#: ``{beams}``, ``{new}`` filled in): transformers' ``from_pretrained`` refuses its weights.
+LOADING = """\
+Width pruning gave its layers shapes that `config.json` cannot express (per-layer head counts and MLP widths,
+recorded in `shape_plan.json`), so `{cls}.from_pretrained` refuses these weights (size mismatch). vlm-compress's
+loader rebuilds the layers from the plan (`pip install vlm-compress`):
+
+```python
+from PIL import Image
+from huggingface_hub import snapshot_download
+from compressor.models.loading import load_model
+
+model, processor = load_model(snapshot_download("{repo_id}"))
+inputs = processor(images=Image.open("photo.jpg"){text_arg}, return_tensors="pt")
+out = model.generate(**inputs, num_beams={beams}, max_new_tokens={new})
+print(processor.batch_decode(out, skip_special_tokens=True)[0].strip())
+```
+"""
 #: Attribute a pruned module carries: ``{attribute: value}`` to restore on reload.
 MARKER = "_vlmc_shape_attrs"
 PLAN_VERSION = 1
@@ -136,12 +154,13 @@ def _state_dict_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_planned(folder: Path | str, dtype=None):
+def load_planned(folder: Path | str, dtype=None, config=None):
     """Load a model folder that has a shape plan, exactly (no missing or unexpected keys).
 
     Args:
         folder: a save_pretrained folder with ``shape_plan.json``.
         dtype: a ``torch.dtype`` to cast to, or None for the saved dtype.
+        config: the folder's config as loaded (completed) by the caller, or None to read it.
 
     Returns:
         The model on the CPU, in eval mode.
@@ -151,7 +170,7 @@ def load_planned(folder: Path | str, dtype=None):
     """
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     from compressor.errors import ModelSpecError
     from compressor.families import family_for_config
@@ -163,7 +182,10 @@ def load_planned(folder: Path | str, dtype=None):
 
     folder = Path(folder)
     plan = json.loads((folder / SHAPE_PLAN).read_text())
-    config = AutoConfig.from_pretrained(str(folder))
+    if config is None:
+        from compressor.models.loading import folder_config
+
+        config = folder_config(folder)
     family = family_for_config(config)
     state: dict[str, torch.Tensor] = {}
     for f in _state_dict_files(folder):

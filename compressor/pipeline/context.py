@@ -29,6 +29,8 @@ class StageContext:
         progress: whether to draw progress bars.
         last_trainable: parameters trained by the latest training stage (reported as
             ``params_trainable``).
+        checkpoint_dir: where a training stage saves its training state (and from whose newest
+            state ``--resume`` continues it); set by the runner for stages that train, else None.
     """
 
     recipe: Any
@@ -41,6 +43,7 @@ class StageContext:
     exports: list[Path] = field(default_factory=list)
     progress: bool = True
     last_trainable: int = 0
+    checkpoint_dir: Path | None = None
     _data_cache: dict = field(default_factory=dict)
     _scorer: Any = None
 

@@ -73,7 +73,7 @@ def model_config(loaded: LoadedRecipe):
 
 
 def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
-    """All checks; raises on the first kind of problem, listing every instance of it.
+    """All checks, every problem reported at once (recipe, model, stages, data).
 
     Each stage is checked by its declaration's ``check`` (with the model's config),
     ``check_recipe`` (without it) and ``check_data`` (once the data is loaded); the data each
@@ -84,22 +84,29 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
     """
     import copy
 
+    from compressor.data import load_section
+    from compressor.errors import DataError
     from compressor.families import family_for_config
     from compressor.models.loading import resolve_device
     from compressor.stages import FieldProblem, declaration
 
     check_features(loaded)
     recipe = loaded.recipe
-    problems: list[str] = []
+    # Every problem is found before any is reported (a missing Hub token, the model, the stage
+    # checks, the data): (text, the exception to raise when it is the only one, or None).
+    problems: list[tuple[str, BaseException | None]] = []
     if recipe.push is not None and not recipe.push.dry_run:
         from exporters.hub import resolve_token
 
         try:
             resolve_token()  # no token: fail now (exit 2), not after the run; makes no network call
         except CompressError as exc:  # reported with the recipe's other problems
-            problems.append(_where(str(loaded.source), loaded.lines, ("push",)) + f"push: {exc}")
+            problems.append((_where(str(loaded.source), loaded.lines, ("push",)) + f"push: {exc}", None))
     pf = Preflight(recipe=recipe)
-    pf.config = model_config(loaded)
+    try:
+        pf.config = model_config(loaded)
+    except CompressError as exc:
+        problems.append((_where(str(loaded.source), loaded.lines, ("model",)) + f"model: {exc}", exc))
     if pf.config is not None:
         pf.family = family_for_config(pf.config)
         original, pf.config = pf.config, copy.deepcopy(pf.config)
@@ -113,32 +120,39 @@ def run_preflight(loaded: LoadedRecipe, load_data: bool = True) -> Preflight:
                 decl.check(st, pf)
             except FieldProblem as exc:
                 path = ("stages", i, *exc.field)
-                problems.append(_where(str(loaded.source), loaded.lines, path) + f"{'.'.join(map(str, path))}: {exc}")
+                problems.append((_where(str(loaded.source), loaded.lines, path) + f"{'.'.join(map(str, path))}: {exc}", None))
             except CompressError as exc:
-                problems.append(_where(str(loaded.source), loaded.lines, ("stages", i)) + f"stages.{i}: {exc}")
+                problems.append((_where(str(loaded.source), loaded.lines, ("stages", i)) + f"stages.{i}: {exc}", None))
         pf.config = original
-    if problems:
-        raise RecipeError(problems)
-    _check_stages(loaded)
+    try:
+        _check_stages(loaded)
+    except UserInputError as exc:
+        problems.append((str(exc), exc))
+    failed: list[UserInputError] = []
     if load_data and recipe.data is not None:
-        from compressor.data import load_section
-        from compressor.errors import DataError, UserInputError
-
-        failed: list[UserInputError] = []
         for st in recipe.stages:
             for section, limit in declaration(st.type).data(st).items():
                 key = (section, limit)
                 if key not in pf.datasets:
                     try:
                         pf.datasets[key] = load_section(recipe.data, section, limit=limit)
-                    except UserInputError as exc:  # every section's problems at once, then stop
+                    except UserInputError as exc:  # every section's problems at once
                         pf.datasets[key] = None
                         failed.append(exc)
-        if len(failed) == 1:
-            raise failed[0]
-        if failed:
-            raise DataError(f"{len(failed)} data sections have problems:", [str(e) for e in failed])
-        _check_stages(loaded, pf.datasets)
+        if not failed:
+            try:
+                _check_stages(loaded, pf.datasets)
+            except UserInputError as exc:
+                problems.append((str(exc), exc))
+    if problems:
+        entries = problems + [(f"data: {e}", e) for e in failed]
+        if len(entries) == 1 and entries[0][1] is not None:
+            raise entries[0][1]
+        raise RecipeError([text for text, _ in entries])
+    if len(failed) == 1:
+        raise failed[0]
+    if failed:
+        raise DataError(f"{len(failed)} data sections have problems:", [str(e) for e in failed])
     return pf
 
 

@@ -176,6 +176,7 @@ def stage_card(record: dict) -> dict:
         "details": notes.details,
         "tags": notes.tags,
         "limitations": notes.limitations,
+        "loading": notes.loading,
     }
 
 

@@ -14,9 +14,11 @@
 A stage folder's name carries a hash of its config, its input model's key, the fingerprints
 of the data it reads, any teacher's key, the decoding settings, and the library versions.
 A rerun reuses a folder whose ``stage.json`` exists and whose files still match the hashes
-recorded there; anything else reruns. Stage folders are built under ``.tmp-*`` and renamed
-when complete, so a run killed mid-stage (even by SIGKILL) leaves no folder that looks done;
-``--resume`` continues such a run.
+recorded there; anything else reruns. Stage folders are built under ``.tmp-<folder name>`` and
+renamed when complete, so a run killed mid-stage (even by SIGKILL) leaves no folder that looks done;
+``--resume`` continues such a run. A training stage saves its state into its temporary folder
+(``checkpoints/``, :mod:`compressor.training_state`): ``--resume`` continues that stage from its
+newest saved step instead of step 0; a run without ``--resume`` starts over.
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ from compressor.fileio import (
     tree_hash,
 )
 from compressor.recipe.loader import LoadedRecipe
+from compressor.training_state import checkpoint_step
 
 log = logging.getLogger(__name__)
 
 LOCK = ".lock"
 STAGE_RECORD = "stage.json"
+CHECKPOINTS = "checkpoints"  # a training stage's saved states, in its temporary folder
 
 
 def library_versions() -> dict[str, str]:
@@ -145,6 +149,8 @@ class Runner:
         self.progress = progress
         self.records: list[StageRecord] = []
         self.versions = library_versions()
+        #: set when the run was interrupted (Ctrl-C): ``(stage index, type, saved step or None)``
+        self.interrupted: tuple[int, str, int | None] | None = None
 
     # ---------------------------------------------------------------- pre-flight (writes nothing)
     def preflight(self):
@@ -186,12 +192,16 @@ class Runner:
             run_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         self.dist.barrier()
+        interrupted = False
         try:
             return self._run(lock)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
-            # A run that ends (even with an error) releases its lock; only a killed run leaves it,
-            # which is what --resume is for.
-            if self.dist.main:
+            # A run that ends (even with an error) releases its lock; a killed or interrupted
+            # (Ctrl-C) run leaves it, which is what --resume is for.
+            if self.dist.main and not interrupted:
                 lock.release()
 
     def _run(self, lock: RunLock) -> dict:
@@ -203,7 +213,18 @@ class Runner:
         if self.dist.main:
             (run_dir / "stages").mkdir(exist_ok=True)
             for tmp in (run_dir / "stages").glob(".tmp-*"):
-                shutil.rmtree(tmp, ignore_errors=True)  # half-written stages of a killed run: never trusted
+                # Half-written stages of a killed run are never trusted; with --resume, only the
+                # training states saved in them are kept (a stage continues from its newest).
+                if self.resume and checkpoint_step(tmp / CHECKPOINTS) is not None:
+                    for p in tmp.iterdir():
+                        if p.name != CHECKPOINTS:
+                            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                else:
+                    saved = checkpoint_step(tmp / CHECKPOINTS)
+                    if saved is not None:
+                        log.warning("%s: discarding its training state saved at step %d (--resume would continue "
+                                    "from it)", tmp.name, saved)
+                    shutil.rmtree(tmp, ignore_errors=True)
             atomic_write_text(run_dir / "recipe.resolved.yaml", self.loaded.resolved_yaml())
             resolved = materialize(self.recipe.model, run_dir / "inputs", self.recipe.dtype)
         self.dist.barrier()  # the other processes find the model the main one materialised
@@ -268,6 +289,8 @@ class Runner:
 
         if not self.dist.main:
             return {}
+        for tmp in (run_dir / "stages").glob(".tmp-*"):  # saved states of stages this recipe no longer has
+            shutil.rmtree(tmp, ignore_errors=True)
         final = run_dir / "final"
         tmp = make_tmp_dir(run_dir, "final")
         link_tree(current_dir, tmp)
@@ -302,7 +325,7 @@ class Runner:
         earlier stages by label, the latest export, the number of training processes)."""
         parts: dict[str, Any] = {
             "type": st.type,
-            "config": st.model_dump(mode="json", exclude={"label"}),
+            "config": key_config(st),
             "input": input_key,
             "data": {s: self._data_fp(ctx, s, st) for s in decl.data(st)},
             "versions": self.versions,
@@ -324,16 +347,32 @@ class Runner:
     def _run_stage(self, decl, st, ctx, input_dir: Path, folder: Path, key: str, key_parts: dict):
         from eval.characteristics import PeakMemory
 
-        tmp = make_tmp_dir(folder.parent, folder.name)
+        tmp = stage_tmp_dir(folder)
+        if tmp.exists():  # kept by --resume: only its saved training states remain in it
+            log.info("stage %d %s: continuing in %s (training state saved at step %s)", ctx.index, st.type, tmp.name,
+                     checkpoint_step(tmp / CHECKPOINTS))
+        else:
+            tmp.mkdir(parents=True)
         log.info("stage %d %s: running into %s", ctx.index, st.type, folder.name)
         seed_everything(self.recipe.seed + ctx.index)
+        ctx.checkpoint_dir = tmp / CHECKPOINTS if decl.trains else None
         t0 = time.perf_counter()
         try:
             with PeakMemory() as mem:
                 summary = decl.run(st, ctx, input_dir, tmp) or {}
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException as exc:
+            saved = checkpoint_step(tmp / CHECKPOINTS)
+            if isinstance(exc, KeyboardInterrupt):
+                self.interrupted = (ctx.index, st.type, saved)
+            if saved is not None:  # --resume continues this stage from there
+                log.warning("stage %d %s stopped; its training state at step %d is kept for --resume", ctx.index,
+                            st.type, saved)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            ctx.checkpoint_dir = None
+        shutil.rmtree(tmp / CHECKPOINTS, ignore_errors=True)  # the stage is complete: its saved states are not outputs
         seconds = time.perf_counter() - t0
         outputs = hash_files(tmp, skip=(STAGE_RECORD,))
         record = {
@@ -362,8 +401,10 @@ class Runner:
             scratch = self.dist.scratch_dir(self.run_dir, folder.name)
             try:
                 seed_everything(self.recipe.seed + ctx.index)
+                ctx.checkpoint_dir = stage_tmp_dir(folder) / CHECKPOINTS  # saved together with the main process
                 decl.run(st, ctx, input_dir, scratch)
             finally:
+                ctx.checkpoint_dir = None
                 self.dist.drop(scratch)
         self.dist.barrier()  # the main process has published the stage folder
         rec = _verify_stage(folder) or {}
@@ -415,6 +456,33 @@ class Runner:
             "stages": [dataclasses.asdict(r) for r in self.records],
         }
         atomic_write_json(self.run_dir / "manifest.json", manifest)
+
+
+def stage_tmp_dir(folder: Path) -> Path:
+    """Where stage ``folder`` is built (and its training states saved) before it is renamed into place."""
+    return folder.parent / f".tmp-{folder.name}"
+
+
+def key_config(cfg) -> dict:
+    """A stage config as its cache key sees it: without its label and without the fields marked
+    ``json_schema_extra={"cache_key": False}`` (settings that change no result, e.g. how often a
+    training state is saved)."""
+    from pydantic import BaseModel
+
+    def walk(model, data: dict) -> dict:
+        for name, info in type(model).model_fields.items():
+            if name not in data:
+                continue
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if extra.get("cache_key") is False:
+                del data[name]
+                continue
+            value = getattr(model, name)
+            if isinstance(value, BaseModel) and isinstance(data[name], dict):
+                walk(value, data[name])
+        return data
+
+    return walk(cfg, cfg.model_dump(mode="json", exclude={"label"}))
 
 
 def seed_everything(seed: int) -> None:

@@ -101,7 +101,9 @@ ModelSpec = Annotated[
 
 
 class DataSource(Strict):
-    """One section of the data (train, val, eval, test, calibration, or the single `source`)."""
+    """One section of the data (train, val, eval, test, calibration, or the single `source`). Relative paths
+    (`annotations`, `images`, `path`) resolve against the working folder `compress` runs in, not the recipe's folder
+    (as `--set` and the command line do); write absolute paths to run a recipe from anywhere."""
 
     annotations: str | None = Field(
         None,
@@ -160,7 +162,13 @@ class DataSpec(Strict):
     source: DataSource | None = Field(None, description="One file without splits, divided by `split`.")
     split: SplitSpec | None = Field(None, description="How to divide `source` into train/val/test.")
     skip_invalid: bool = Field(
-        False, description="Skip bad rows (missing/corrupt image, empty caption …) and count them, instead of exit 2."
+        False, description="Skip bad rows (missing/corrupt image, empty caption …) and count them, instead of exit 2; "
+        "an image that fails to decode later, while a stage reads it, is skipped and counted too."
+    )
+    verify_images: Literal["auto", "decode"] = Field(
+        "auto", description="How pre-flight checks images: `auto` decodes every image of a section of up to 1000 "
+        "images and, above that, checks each file's header and end (a truncated JPEG or PNG is found; other damage "
+        "inside a file only when a stage decodes it); `decode` decodes every image.",
     )
 
     @model_validator(mode="after")
@@ -215,6 +223,18 @@ class TrainSpec(Strict):
     )
     eval_limit: int | None = Field(None, ge=1, description="Validation examples per in-training evaluation.")
     resume_from: str | None = Field(None, description="Adapter folder to continue training from.")
+    # Checkpoints change no result (a resumed stage ends byte-identical): they are not part of the stage key.
+    save_every: int | None = Field(
+        None, ge=1, description="Save the training state every N optimizer steps (`compress apply --resume` continues from it).",
+        json_schema_extra={"cache_key": False},
+    )
+    save_every_minutes: float | None = Field(
+        30.0, gt=0, description="Also save it every N minutes of training (null = off).", json_schema_extra={"cache_key": False},
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Saved training states kept (the newest); deleted when the stage completes.",
+        json_schema_extra={"cache_key": False},
+    )
     log_every: int = Field(10, ge=1, description="Log the loss every N steps.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     data: Literal["train", "val", "eval", "test", "calibration"] = Field("train", description="Data section to train on.")

@@ -136,11 +136,14 @@ class Declaration:
 
 @dataclass
 class StageCard:
-    """What the model card says of one stage: details on its line, metadata tags, limitations."""
+    """What the model card says of one stage: details on its line, metadata tags, limitations,
+    and, when its output no longer loads with transformers' ``from_pretrained``, how it loads
+    (``loading``: a sentence and Python code, see :func:`exporters.model_card.build_model_card`)."""
 
     details: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     limitations: list[str] = field(default_factory=list)
+    loading: str | None = None
 
 
 class FieldProblem(UserInputError):

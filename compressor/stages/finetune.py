@@ -48,7 +48,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     pairs = data.training_pairs()
     result = train(
         model,
-        batch_maker(model, processor, ctx.recipe.generation.prompt),
+        batch_maker(model, processor, ctx.recipe.generation.prompt, data),
         pairs,
         cfg.train,
         seed=ctx.recipe.seed,
@@ -57,6 +57,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         evaluate=eval_hook(ctx, processor, cfg.train),
         save_checkpoint=lambda m, d: save_model(m, processor, d),
         progress=ctx.progress,
+        checkpoint_dir=ctx.checkpoint_dir,
     )
     best = out_dir / "best"
     if result.best_step is not None and best.is_dir():

@@ -155,7 +155,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     saver = adapter_saver if cfg.trainable == "lora" else (lambda m, d: save_model(m, processor, d))
     result = train(
         model,
-        batch_maker(model, processor, ctx.recipe.generation.prompt),
+        batch_maker(model, processor, ctx.recipe.generation.prompt, data),
         pairs,
         cfg.train,
         seed=ctx.recipe.seed,
@@ -165,6 +165,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         evaluate=eval_hook(ctx, processor, cfg.train),
         save_checkpoint=saver,
         progress=ctx.progress,
+        checkpoint_dir=ctx.checkpoint_dir,
     )
     best = out_dir / "best"
     use_best = result.best_step is not None and best.is_dir()

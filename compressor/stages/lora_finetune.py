@@ -95,7 +95,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     data = ctx.data(cfg.train.data)
     result = train(
         model,
-        batch_maker(model, processor, ctx.recipe.generation.prompt),
+        batch_maker(model, processor, ctx.recipe.generation.prompt, data),
         data.training_pairs(),
         cfg.train,
         seed=ctx.recipe.seed,
@@ -104,6 +104,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         evaluate=eval_hook(ctx, processor, cfg.train),
         save_checkpoint=adapter_saver,
         progress=ctx.progress,
+        checkpoint_dir=ctx.checkpoint_dir,
     )
     out_model = link_base_model(input_dir, model_dir(out_dir))
     best = out_dir / "best"

@@ -106,8 +106,9 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     """Merge ``input_dir/adapter`` into the model and verify; writes ``model/``.
 
     Raises:
-        UserInputError: no adapter, a never-trained adapter (no-op), a quantised base.
-        VerificationError: merged weights equal the base, or logits differ beyond tolerance.
+        UserInputError: no adapter, a never-trained adapter or one trained to nothing (merged weights
+            equal the base: no-op), a quantised base.
+        VerificationError: logits differ beyond tolerance.
     """
     import torch
 
@@ -143,7 +144,11 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
     after = dict(merged.named_modules())
     unchanged = [n for n in trained if torch.equal(after[n].weight.detach()[:ROWS], before_rows[n])]
     if len(unchanged) == len(trained):
-        raise VerificationError("merge_adapters: no adapted weight changed after merge_and_unload")
+        raise UserInputError(
+            f"merge_adapters: the adapter in {input_dir / 'adapter'} trained to nothing (its largest lora_B entry is "
+            f"{max(deltas.values()):.3g}, too small to change any weight in {work_dtype}), so merging would change "
+            "nothing; train it with a higher learning_rate or more steps (train.steps)"
+        )
     diff = float((out_logits - ref).abs().max())
     tol = cfg.tolerance * float(torch.finfo(check_dtype).eps / torch.finfo(torch.float32).eps) ** (check_dtype != torch.float64)
     if not diff <= tol:

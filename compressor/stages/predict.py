@@ -46,7 +46,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
 
         model, processor = load_working_model(input_dir, ctx)
         captioner = TorchCaptioner(model, processor, gen, ctx.device)
-    preds = predict(captioner, data.examples, data.task, prompt_fn(gen), gen.batch_size, ctx.progress)
+    preds = predict(captioner, data, data.task, prompt_fn(gen), gen.batch_size, ctx.progress)
     name = cfg.out or ("answers.csv" if data.task == "vqa" else "predictions.json")
     if name.lower().endswith(".csv"):
         if data.task == "vqa":
@@ -55,7 +55,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
             write_captions_csv(out_dir / name, caption_rows(data.examples, preds))
     else:
         write_predictions(out_dir / name, preds, data.task)
-    return {"file": name, "predictions": len(preds)}
+    return {"file": name, "predictions": len(preds), "skipped": len(data.skipped)}
 
 
 STAGE = Declaration(

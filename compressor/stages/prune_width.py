@@ -37,9 +37,11 @@ class PruneWidthStage(StageBase):
     type: Literal["prune_width"]
     part: Literal["language_model"] = Field("language_model", description="The part to prune.")
     heads: WidthRatio | None = Field(
-        None, description="Share of attention heads removed per layer; grouped KV heads go in whole groups (not T5)."
+        None, description="`{ratio: r}`: share of attention heads removed per layer (not T5); grouped KV heads go in "
+        "whole groups, so r must be within 0.025 of a multiple of 1/kv_heads (the nearest is used; others are refused "
+        "naming the nearest allowed).",
     )
-    mlp: WidthRatio | None = Field(None, description="Share of MLP hidden units removed per layer.")
+    mlp: WidthRatio | None = Field(None, description="`{ratio: r}`: share of MLP hidden units removed per layer (rounded to whole units).")
     importance: Literal["magnitude", "taylor"] = Field("magnitude", description="torch-pruning importance criterion.")
     ignored_layers: list[str] = Field(
         default_factory=list,
@@ -101,9 +103,15 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
         "plans": [{"part": p.part, "layer": p.index, "removed_kv_groups": p.heads, "removed_units": p.units} for p in plans],
         **report,
     }
+    heads = [r for r in report["layers"] if "heads_before" in r]
+    summary = {"layers_pruned": len(plans), "params_before": report["params_before"], "params_after": report["params_after"]}
+    if heads:  # what whole key/value groups made of heads.ratio
+        removed = 1 - sum(r["heads_after"] for r in heads) / sum(r["heads_before"] for r in heads)
+        record["heads_ratio"] = summary["heads_ratio"] = {"asked": cfg.heads.ratio, "removed": round(removed, 4)}
+        log.info("prune_width: heads.ratio %s removed %.4g of the heads of %d layers", cfg.heads.ratio, removed, len(heads))
     atomic_write_json(out_dir / "pruning.json", record)
     log.info("prune_width: %d layers pruned; parameters %d → %d", len(plans), report["params_before"], report["params_after"])
-    return {"layers_pruned": len(plans), "params_before": report["params_before"], "params_after": report["params_after"]}
+    return summary
 
 
 def check(cfg, pf) -> None:
@@ -119,9 +127,13 @@ def plan(cfg, pc) -> dict:
 
 
 def card(record: dict) -> StageCard:
-    return StageCard(limitations=[
-        f"Width pruning changed layer shapes (stage {record.get('index')}); the model needs vlm-compress's shape plan to load."
-    ])
+    from compressor.models.shapes import LOADING
+
+    return StageCard(
+        limitations=[f"Width pruning changed layer shapes (stage {record.get('index')}); the model needs vlm-compress's "
+                     "shape plan to load."],
+        loading=LOADING,
+    )
 
 
 STAGE = Declaration(

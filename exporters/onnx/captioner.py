@@ -172,8 +172,10 @@ class OnnxCaptioner:
             except Exception as exc:  # onnxruntime raises its own exception types for bad files
                 raise VerificationError(f"{self.dir / file}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
         self.config = AutoConfig.from_pretrained(str(self.dir))
-        self.family = family_for_config(self.config)
         self.processor = AutoProcessor.from_pretrained(str(self.dir))
+        # an older-style processor config (no num_query_tokens …) is completed from the model config
+        family_for_config(self.config).reconcile(self.config, self.dir, self.processor)
+        self.family = family_for_config(self.config)
         ids = self.meta["token_ids"]
         self.eos = [int(e) for e in ids["eos_token_id"]]
         pad = ids.get("pad_token_id")
@@ -205,6 +207,7 @@ class OnnxCaptioner:
 
         def run(imgs: list, prm: list[str]) -> list[str]:
             inputs = {k: v.numpy() for k, v in generation_inputs(self.family, self.processor, imgs, prm, "cpu").items()}
+            self.family.check_inputs(self.config, inputs)  # never caption without the image tokens
             return decode(self.family, self.processor, self.generate(inputs), inputs, prm)
 
         prompts = list(prompts) if prompts is not None else [self.generation.prompt or ""] * len(images)
@@ -309,12 +312,14 @@ class OnnxCaptioner:
         return feed
 
     def empty_past(self, batch: int) -> list:
-        """``2 × num_layers`` empty key/value arrays ``(batch, kv_heads, 0, head_dim)`` in the export dtype."""
+        """``2 × num_layers`` empty key/value arrays ``(batch, kv_heads, 0, head_dim)`` in the export dtype
+        (a width-pruned model's layers have their own ``kv_heads``)."""
         import numpy as np
 
+        from exporters.onnx.graphs import layer_kv_heads
+
         m = self.meta
-        shape = (batch, m["num_kv_heads"], 0, m["head_dim"])
-        return [np.zeros(shape, dtype=self.np_dtype) for _ in range(2 * m["num_layers"])]
+        return [np.zeros((batch, h, 0, m["head_dim"]), dtype=self.np_dtype) for h in layer_kv_heads(m) for _ in "kv"]
 
     def past_feed(self, past: list, cross: list | None = None) -> dict:
         """``past.{i}.key/value`` (and ``cross.{i}.key/value``) feed entries from per-layer lists."""

@@ -162,9 +162,34 @@ def past_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
 
-def kv_specs(prefix: str, layers: int, heads: int, head_dim: int, length: str | int) -> tuple[TensorSpec, ...]:
-    """Key/value tensors ``(batch, heads, length, head_dim)`` named by :func:`past_names`."""
-    return tuple(TensorSpec(n, ("batch", heads, length, head_dim)) for n in past_names(prefix, layers))
+def kv_specs(prefix: str, layers: int, heads, head_dim: int, length: str | int) -> tuple[TensorSpec, ...]:
+    """Key/value tensors ``(batch, heads, length, head_dim)`` named by :func:`past_names`.
+
+    Args:
+        heads: key/value heads, one number for every layer or one per layer (a width-pruned model's
+            layers have their own).
+    """
+    per_layer = [int(heads)] * layers if isinstance(heads, int) else [int(h) for h in heads]
+    if len(per_layer) != layers:
+        raise ValueError(f"kv_specs: {len(per_layer)} head counts for {layers} layers")
+    names = past_names(prefix, layers)
+    return tuple(TensorSpec(n, ("batch", per_layer[i // 2], length, head_dim)) for i, n in enumerate(names))
+
+
+def layer_kv_heads(meta: dict) -> list[int]:
+    """Key/value heads of each decoder layer recorded in ``export.json``: ``layer_kv_heads`` (a
+    width-pruned model) or ``num_kv_heads`` for every layer."""
+    heads = meta.get("layer_kv_heads")
+    return [int(h) for h in heads] if heads else [int(meta["num_kv_heads"])] * int(meta["num_layers"])
+
+
+def kv_heads_meta(heads: list[int]) -> dict:
+    """``export.json``'s head facts: ``num_kv_heads`` (the most any layer has) and, when layers
+    differ, ``layer_kv_heads`` (one per layer)."""
+    out: dict = {"num_kv_heads": max(heads)}
+    if len(set(heads)) > 1:
+        out["layer_kv_heads"] = list(heads)
+    return out
 
 
 def generation_position_ids(attention_mask, seq_len: int):

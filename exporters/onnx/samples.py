@@ -69,9 +69,10 @@ class SampleContext:
         """``2 × num_layers`` empty key/value tensors ``(batch, kv_heads, 0, head_dim)``."""
         import torch
 
+        from exporters.onnx.graphs import layer_kv_heads
+
         m = self.meta
-        shape = (self.batch, m["num_kv_heads"], 0, m["head_dim"])
-        return [torch.zeros(shape, dtype=self.dtype) for _ in range(2 * m["num_layers"])]
+        return [torch.zeros((self.batch, h, 0, m["head_dim"]), dtype=self.dtype) for h in layer_kv_heads(m) for _ in "kv"]
 
 
 def sample_cases(plan, model, batch: int = 3, seed: int = 0, dry: bool = False) -> dict[str, list[tuple[str, list]]]:

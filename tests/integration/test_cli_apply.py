@@ -41,7 +41,7 @@ stages:
     loss: distill
     distill: {{teacher: baseline}}
     parts: [language_model.attention]
-    train: {{steps: {heal_steps}, batch_size: 8, learning_rate: 1.0e-3}}
+    train: {{steps: {heal_steps}, batch_size: 8, learning_rate: 1.0e-3{heal_extra}}}
   - type: merge_adapters
   - type: export
   - type: evaluate
@@ -58,9 +58,9 @@ SYNTHETIC = "  train: {size: 16}\n  eval: {size: 8}"
 
 
 def write_recipe(tmp_path: Path, model="tiny-blip2-opt", gate="{params_total: {max_ratio: 0.95}}", heal_steps=3,
-                 fmt="synthetic", data=SYNTHETIC, name="r.yaml") -> Path:
+                 fmt="synthetic", data=SYNTHETIC, name="r.yaml", heal_extra="") -> Path:
     p = tmp_path / name
-    p.write_text(RECIPE.format(model=model, gate=gate, heal_steps=heal_steps, fmt=fmt, data=data))
+    p.write_text(RECIPE.format(model=model, gate=gate, heal_steps=heal_steps, fmt=fmt, data=data, heal_extra=heal_extra))
     return p
 
 
@@ -228,8 +228,9 @@ def test_data_file_change_reruns_stages(tmp_path):
 
 
 def test_killed_run_resumes_and_equals_uninterrupted_run(tmp_path):
-    """SIGKILL during the heal stage; --resume redoes only unfinished stages; results are identical."""
-    recipe = write_recipe(tmp_path, heal_steps=300)
+    """SIGKILL during the heal stage after it saved its training state; --resume redoes only unfinished
+    stages and continues the heal from its newest saved step (not step 0); results are identical."""
+    recipe = write_recipe(tmp_path, heal_steps=300, heal_extra=", save_every: 20")
     ref = run_cli("apply", str(recipe), "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-2000:]
 
@@ -239,10 +240,10 @@ def test_killed_run_resumes_and_equals_uninterrupted_run(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
-    while time.time() < deadline and not list((run / "stages").glob(".tmp-04-heal-*")):
-        assert proc.poll() is None, "the run ended before the heal stage started"
+    while time.time() < deadline and not list((run / "stages").glob(".tmp-04-heal-*/checkpoints/step-*")):
+        assert proc.poll() is None, "the run ended before the heal stage saved its training state"
         time.sleep(0.05)
-    time.sleep(1.0)
+    time.sleep(0.5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert list((run / "stages").glob(".tmp-04-heal-*")), "killed outside the heal stage"
@@ -251,8 +252,11 @@ def test_killed_run_resumes_and_equals_uninterrupted_run(tmp_path):
     res = run_cli("apply", str(recipe), "--out", str(run))
     assert res.returncode == 2 and "--resume" in res.stderr
 
+    saved = sorted((run / "stages").glob(".tmp-04-heal-*/checkpoints/step-*"))[-1].name
+    step = int(saved.split("-")[1])
     res = run_cli("apply", str(recipe), "--out", str(run), "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resuming training at step {step} of 300" in res.stderr, res.stderr[-2000:]
     assert statuses(run) == ["reused"] * 4 + ["ran"] * 4
     assert not list((run / "stages").glob(".tmp-*"))
     assert sha(run / "final" / "model.safetensors") == sha(tmp_path / "ref" / "final" / "model.safetensors")

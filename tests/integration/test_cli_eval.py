@@ -98,6 +98,29 @@ def test_mismatched_ids_are_listed_and_nothing_is_written(teacher_eval, files, t
     assert not out.exists()
 
 
+def test_references_after_predict_limit(teacher_eval, files, tmp_path):
+    """`compress predict --limit 4` then `eval --predictions --references --limit 4` scores the 4
+    predicted images, as `--data --limit 4` does, and says how many references were left out; without
+    --limit the error names the fix (issue 20)."""
+    _, preds, _ = teacher_eval
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps(json.loads(preds.read_text())[:4]))
+    out = tmp_path / "e.json"
+    args = ("eval", "--predictions", str(few), "--out", str(out), "--metrics", "bleu_4,cider")
+    r = run_inprocess(*args, "--references", str(files["caps"]))
+    assert r.returncode == 2 and "8 ids in references have no prediction" in r.stderr and "--limit 4" in r.stderr
+    assert not out.exists()
+    r = run_inprocess(*args, "--references", str(files["caps"]), "--limit", "4")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(out.read_text())
+    assert any("8 references without a prediction left out" in n for n in rec["notes"])
+    by_data = tmp_path / "d.json"
+    r = run_inprocess("eval", "--predictions", str(few), "--out", str(by_data), "--metrics", "bleu_4,cider",
+                      "--data", str(files["caps"]), "--limit", "4")
+    assert r.returncode == 0, r.stderr
+    assert rec["metrics"] == pytest.approx(json.loads(by_data.read_text())["metrics"])
+
+
 def test_java_missing_is_a_clear_error_through_the_cli(teacher_eval, files, tmp_path):
     _, preds, _ = teacher_eval
     assert os.path.exists("/usr/bin/java") or any(

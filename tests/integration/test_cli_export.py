@@ -48,6 +48,27 @@ def test_not_a_model_exits_2_and_writes_nothing(tmp_path, workdir):
     assert sorted(os.listdir(tmp_path)) == ["junk"]
 
 
+def test_presets_export_and_stage_folders_name_their_model(tmp_path, workdir):
+    """`compress export tiny-blip2-opt` exports the preset as `inspect` takes it; `eval`/`predict` on a run's
+    stage folder use the model/ inside it (issue 20, newcomer friction)."""
+    from tests.integration.inprocess import run_inprocess
+
+    out = tmp_path / "st"
+    res = run_inprocess("export", "tiny-blip2-opt", "--safetensors", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "SHA256SUMS").is_file() and (out / "config.json").is_file()
+    res = run_inprocess("export", "tiny-nothing", "--safetensors", "--out", str(tmp_path / "x"))
+    assert res.returncode == 2 and "nor a preset" in res.stderr and "tiny-blip2-opt" in res.stderr
+    assert not (tmp_path / "x").exists()
+
+    from compressor.commands.targets import resolve_target_path
+
+    stage = tmp_path / "stages" / "01-merge_adapters-abc"
+    stage.mkdir(parents=True)
+    (stage / "model").symlink_to(workdir / "runs" / "a" / "final")
+    assert resolve_target_path(str(stage)) == ((stage / "model").resolve(), "torch")
+
+
 RECIPE = """\
 name: onnx-eval
 model: tiny-blip2-opt

@@ -170,7 +170,7 @@ def test_two_processes_write_the_same_artifacts_with_decreasing_loss(tmp_path):
   - type: lora_finetune
     parts: [language_model.attention, language_model.mlp]
     lora: {r: 8, lora_alpha: 16, lora_dropout: 0.0}
-    train: {steps: 10, batch_size: 4, learning_rate: 2.0e-2}
+    train: {steps: 10, batch_size: 4, learning_rate: 2.0e-2, save_every: 4}
   - type: merge_adapters
   - type: evaluate
     label: tuned
@@ -185,6 +185,7 @@ def test_two_processes_write_the_same_artifacts_with_decreasing_loss(tmp_path):
         runs[n] = tmp_path / f"run{n}"
     assert _files(runs[1]) == _files(runs[2])
     assert not [p for p in runs[2].iterdir() if p.name.startswith(".rank")]  # scratch folders removed
+    assert not list((runs[2] / "stages").glob(".tmp-*"))  # training states saved by both processes, then removed
     for n, run in runs.items():
         stage = next((run / "stages").glob("00-lora_finetune-*"))
         losses = [v for _, v in json.loads((stage / "loss.json").read_text())["loss"]]

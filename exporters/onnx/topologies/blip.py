@@ -21,6 +21,7 @@ from exporters.onnx.graphs import (
     GraphSpec,
     ImageGraph,
     TensorSpec,
+    kv_heads_meta,
     kv_specs,
     past_names,
 )
@@ -45,12 +46,15 @@ class Parts:
         decoder: the text-decoder wrapper: ``(input_ids, attention_mask, *past, *cross)`` →
             ``(logits (batch, vocab) float32, present.0.key, …)``.
         num_layers: text-decoder layers.
-        num_heads: attention heads.
+        num_heads: attention heads (of the cross-attention; of the self-attention too unless
+            ``layer_heads`` says otherwise).
         head_dim: per-head width.
         image_hidden: width of the image states.
         hidden_size: the text decoder's width.
         vocab_size: the logits' width.
         meta: facts for ``export.json``, written after the topology's own.
+        layer_heads: self-attention heads of each layer when width pruning gave them their own
+            (past and present follow them), else None.
     """
 
     image: ImageGraph
@@ -62,11 +66,13 @@ class Parts:
     hidden_size: int
     vocab_size: int
     meta: dict[str, Any] = field(default_factory=dict)
+    layer_heads: tuple[int, ...] | None = None
 
 
 def build_plan(parts: Parts) -> ExportPlan:
     """``vision_encoder``, ``text_decoder`` and the facts for ``export.json``."""
     L, heads, head_dim, tokens = parts.num_layers, parts.num_heads, parts.head_dim, parts.image.num_tokens
+    self_heads = list(parts.layer_heads) if parts.layer_heads else [heads] * L
     vocab = parts.vocab_size
     venc = GraphSpec(
         IMAGE_GRAPH,
@@ -78,10 +84,10 @@ def build_plan(parts: Parts) -> ExportPlan:
         (
             TensorSpec("input_ids", ("batch", "seq"), "int64"),
             TensorSpec("attention_mask", ("batch", "total"), "int64"),
-            *kv_specs("past", L, heads, head_dim, "past"),
+            *kv_specs("past", L, self_heads, head_dim, "past"),
             *kv_specs("cross", L, heads, head_dim, tokens),
         ),
-        (TensorSpec("logits", ("batch", vocab), "float32"), *kv_specs("present", L, heads, head_dim, "total")),
+        (TensorSpec("logits", ("batch", vocab), "float32"), *kv_specs("present", L, self_heads, head_dim, "total")),
         valid={n: (2, "attention_mask") for n in past_names("present", L)},
     )
     graphs = [GraphDef(venc, parts.image.module, sample=parts.image.sample), GraphDef(tdec, parts.decoder)]
@@ -89,7 +95,7 @@ def build_plan(parts: Parts) -> ExportPlan:
         "hidden_size": parts.hidden_size,
         "vocab_size": vocab,
         "num_layers": L,
-        "num_kv_heads": heads,
+        **kv_heads_meta(self_heads),
         "head_dim": head_dim,
         **parts.meta,
     }

@@ -29,6 +29,7 @@ from exporters.onnx.graphs import (
     ImageGraph,
     TensorSpec,
     generation_position_ids,
+    kv_heads_meta,
     kv_specs,
     past_names,
 )
@@ -57,19 +58,47 @@ class Parts:
             they differ from the defaults, ``num_key_value_heads`` and ``head_dim``.
         meta: facts for ``export.json``, written after ``hidden_size`` and ``vocab_size``; must
             hold ``image_token_id`` (the placeholder the image embeddings replace).
+        kv_heads: key/value heads of each layer when they are not the config's (width pruning
+            gives every layer its own), else None.
     """
 
     image: ImageGraph
     language_model: Any
     text_config: Any
     meta: dict[str, Any] = field(default_factory=dict)
+    kv_heads: tuple[int, ...] | None = None
+
+
+def full_length_cache(config):
+    """A ``DynamicCache`` whose every layer keeps every position, even a sliding-window layer's.
+
+    transformers' cache for a config with ``layer_types`` holding ``sliding_attention`` (Qwen2/3
+    with ``use_sliding_window``, Gemma 2/3, Mistral) keeps only the last ``sliding_window - 1``
+    positions in those layers, so their ``present`` tensors would be shorter than the attention
+    mask and than the other layers' (the exported graph's one ``past`` length per call breaks once a
+    caption grows past the window). A cache of full layers keeps them all, and the model's own
+    sliding-window mask (``masking_utils.create_sliding_window_causal_mask``, built from
+    ``config.layer_types`` whatever the cache) limits what each sliding layer attends to: the same
+    keys as transformers' generation, at the cost of cache memory beyond the window.
+
+    Args:
+        config: the language model's config.
+
+    Returns:
+        ``DynamicCache``: built from ``config`` when no layer slides (unchanged), else lazily of full layers.
+    """
+    from transformers import DynamicCache
+
+    types = getattr(config.get_text_config(decoder=True), "layer_types", None) or ()
+    if "sliding_attention" in types:
+        return DynamicCache()
+    return DynamicCache(config=config)
 
 
 @functools.cache
 def wrappers() -> SimpleNamespace:
     """The decoder wrapper class, built on first use (this module imports without torch)."""
     from torch import nn
-    from transformers import DynamicCache
 
     class CausalDecoder(nn.Module):
         """Decoder-only LM with past: one graph for prefill (past 0) and each decode step.
@@ -85,7 +114,7 @@ def wrappers() -> SimpleNamespace:
             self.layers = layers
 
         def forward(self, inputs_embeds, attention_mask, *past):
-            cache = DynamicCache(config=self.lm.config)
+            cache = full_length_cache(self.lm.config)
             for i in range(self.layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             pos = generation_position_ids(attention_mask, inputs_embeds.shape[1])
@@ -111,7 +140,7 @@ def wrappers() -> SimpleNamespace:
 
         def forward(self, inputs_embeds, attention_mask, *past, num_logits: int = 1):
             d = self.decoder
-            cache = DynamicCache(config=d.lm.config)
+            cache = full_length_cache(d.lm.config)
             for i in range(d.layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             pos = generation_position_ids(attention_mask, inputs_embeds.shape[1])
@@ -135,7 +164,7 @@ def build_plan(parts: Parts) -> ExportPlan:
     text = parts.text_config
     L = int(text.num_hidden_layers)
     heads = int(text.num_attention_heads)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    kv_heads = list(parts.kv_heads) if parts.kv_heads else [int(getattr(text, "num_key_value_heads", None) or heads)] * L
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
     dec = GraphSpec(
         DECODER,
@@ -148,7 +177,8 @@ def build_plan(parts: Parts) -> ExportPlan:
         valid={n: (2, "attention_mask") for n in past_names("present", L)},
     )
     graphs.append(GraphDef(dec, wrappers().CausalDecoder(parts.language_model, L)))
-    meta = {"hidden_size": hidden, "vocab_size": vocab, **parts.meta, "num_layers": L, "num_kv_heads": kv_heads, "head_dim": head_dim}
+    meta = {"hidden_size": hidden, "vocab_size": vocab, **parts.meta, "num_layers": L, **kv_heads_meta(kv_heads),
+            "head_dim": head_dim}
     return ExportPlan(KIND, graphs, meta)
 
 

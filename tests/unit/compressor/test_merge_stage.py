@@ -25,8 +25,8 @@ PARTS = {
 }
 
 
-def adapter_folder(name, root, trained=True, seed=0):
-    """The preset's folder (hard links) + an adapter whose lora_B are random (as after training) or zero."""
+def adapter_folder(name, root, trained=True, seed=0, scale=0.1):
+    """The preset's folder (hard links) + an adapter whose lora_B are random × ``scale`` (as after training) or zero."""
     from compressor.models.loading import load_model
 
     folder = link_base_model(saved_preset(name), root / "model")
@@ -37,7 +37,7 @@ def adapter_folder(name, root, trained=True, seed=0):
         with torch.no_grad():
             for n, p in peft_model.named_parameters():
                 if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
     peft_model.save_pretrained(str(folder / "adapter"))
     return folder
 
@@ -88,6 +88,17 @@ def test_untrained_adapter_is_a_noop_error(tmp_path):
     with pytest.raises(UserInputError, match="never trained") as err:
         run_stage(recipe, 1, src, tmp_path / "out")
     assert err.value.exit_code == 2
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_adapter_trained_to_nothing_is_bad_input_too(tmp_path):
+    """An adapter trained with learning_rate 1e-30 has lora_B ~1e-30: merging changes no weight.
+    That is bad input as a never-trained adapter is (exit 2), not a verification failure (issue 20)."""
+    src = adapter_folder("tiny-blip2-opt", tmp_path / "in", scale=1e-30)
+    recipe = make_recipe([{"type": "lora_finetune", "parts": ["language_model.attention"]}, {"type": "merge_adapters"}])
+    with pytest.raises(UserInputError, match="trained to nothing") as err:
+        run_stage(recipe, 1, src, tmp_path / "out")
+    assert err.value.exit_code == 2 and "learning_rate" in str(err.value)
     assert not (tmp_path / "out" / "model").exists()
 
 

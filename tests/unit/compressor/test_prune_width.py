@@ -145,9 +145,23 @@ def test_refusals():
     model, _, family = preset("tiny-blip2-t5")
     with pytest.raises(UserInputError, match="relative position bias"):
         plan_width(model, family, 0.5, None, "magnitude", [])
-    model, _, family = preset("tiny-blip2-llama")  # 2 KV groups: a ratio of 0.2 removes none
-    with pytest.raises(UserInputError, match="removes no head"):
-        plan_width(model, family, 0.2, None, "magnitude", [])
+    model, _, family = preset("tiny-blip2-llama")  # 2 KV groups: only 0.5 can be met
+    for ratio in (0.2, 0.25, 0.3):  # 0.3 silently removed 50%, 0.25 was refused "use at least 0.25"
+        with pytest.raises(UserInputError, match=rf"heads.ratio {ratio} cannot be met in layer 0: .* nearest allowed: 0.5 \(2 heads\)"):
+            plan_width(model, family, ratio, None, "magnitude", [])
+
+
+def test_heads_ratio_is_met_by_whole_groups_or_refused_naming_the_nearest():
+    """Issue 20, item 3: `heads: {ratio: 0.3}` on 2 key/value groups removed 50% without a word."""
+    from compressor.pruning import heads_to_remove
+
+    assert heads_to_remove(0.5, 4, 2) == 1
+    assert heads_to_remove(0.3, 32, 32) == 10  # 0.3125: within the tolerance, reported
+    assert heads_to_remove(0.25, 32, 8) == 2
+    with pytest.raises(UserInputError, match=r"nearest allowed: 0.25 \(8 heads\) or 0.375 \(12 heads\)"):
+        heads_to_remove(0.3, 32, 8)
+    with pytest.raises(UserInputError, match="share one key/value head"):
+        heads_to_remove(0.5, 8, 1)
 
 
 def test_planned_folder_with_wrong_weights_is_refused(tmp_path):

@@ -38,6 +38,25 @@ def _truncated_png(ann, imgs, tmp_path):
     return "images[1] (id=10", "image file cannot be read", 3
 
 
+def _jpeg_bytes(seed: int = 0) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _truncated_jpeg(ann, imgs, tmp_path):
+    """Issue 20, item 7: a JPEG cut after its header passes PIL's verify(); only decoding finds it."""
+    data = _jpeg_bytes()
+    with open(os.path.join(imgs, "000000000010.png"), "wb") as f:
+        f.write(data[: len(data) * 2 // 3])
+    return "images[1] (id=10", "image file is truncated", 3
+
+
 def _escape_relative(ann, imgs, tmp_path):
     (tmp_path / "outside.png").write_bytes(open(os.path.join(imgs, "000000000002.png"), "rb").read())
     _edit_coco(ann, lambda d: d["images"][2].update(file_name="../outside.png"))
@@ -68,6 +87,7 @@ CASES = [
     _missing_image,
     _corrupt_image,
     _truncated_png,
+    _truncated_jpeg,
     _escape_relative,
     _escape_absolute,
     _empty_caption,
@@ -202,3 +222,41 @@ def test_karpathy_duplicate_and_empty_sentence(tmp_path, write_images):
         "k.json images[0] (id=0, filename=a.png) sentences[1]",
         "k.json images[1] (id=0, filename=b.png)",
     ]
+
+
+def test_truncated_jpeg_is_found_in_large_sections_by_its_end(coco_dir, coco_spec, tmp_path, monkeypatch):
+    """Above DECODE_ALL_UP_TO images nothing is decoded, but a JPEG without its end marker still is."""
+    import compressor.data.loader as loader
+
+    ann, imgs = coco_dir
+    _truncated_jpeg(ann, imgs, tmp_path)
+    monkeypatch.setattr(loader, "DECODE_ALL_UP_TO", 0)
+    with pytest.raises(DataError, match="truncated"):
+        load_section(coco_spec(), "test")
+
+
+def test_damage_inside_a_file_decode_option_and_skipping_at_load_time(coco_dir, coco_spec, tmp_path, monkeypatch):
+    """Damage the cheap checks miss (simulated: a large section, the end check blind) is found by
+    `verify_images: decode`; otherwise, with skip_invalid, a stage reading the image skips and counts it."""
+    import compressor.data.loader as loader
+    from compressor.evaluation.harness import predict
+
+    ann, imgs = coco_dir
+    _truncated_jpeg(ann, imgs, tmp_path)
+    monkeypatch.setattr(loader, "DECODE_ALL_UP_TO", 0)
+    monkeypatch.setattr(loader, "_end_looks_wrong", lambda path: False)
+    with pytest.raises(DataError, match="truncated"):
+        load_section(coco_spec(verify_images="decode"), "test")
+
+    class Stub:  # a captioner: one caption per image it is given
+        def caption(self, images, prompts):
+            return [f"{im.size[0]} px" for im in images]
+
+    ds = load_section(coco_spec(), "test")  # passes: nothing decoded
+    assert len(ds) == 4 and not ds.skipped
+    with pytest.raises(DataError, match="cannot decode an image"):
+        predict(Stub(), ds, "caption", lambda ex: "", 2)
+    ds = load_section(coco_spec(skip_invalid=True), "test")
+    preds = predict(Stub(), ds, "caption", lambda ex: "", 2)
+    assert sorted(preds) == ["2", "3", "7"] and len(ds) == 3 and sorted(ds.references()) == ["2", "3", "7"]
+    assert len(ds.skipped) == 1 and "000000000010.png" in ds.skipped[0] and "truncated" in ds.skipped[0]

@@ -102,3 +102,36 @@ def test_perplexity_gets_its_own_panel(tmp_path):
     narrow = metric_bars(["baseline", "candidate"], [{"metrics": {"cider": 80.0}}, {"metrics": {"cider": 70.0}}],
                          tmp_path / "without.png", roles=["baseline", ""])
     assert Image.open(wide).size[0] > Image.open(narrow).size[0]
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures the plots would save, kept open for inspection."""
+    import eval.plots
+
+    kept = []
+    monkeypatch.setattr(eval.plots, "save_png", lambda fig, path: kept.append(fig) or path)
+    return kept
+
+
+def test_cider_gets_its_own_panel_and_different_data_is_flagged(tmp_path, figures):
+    """CIDEr (~290) does not squash BLEU (~30) on one axis; a Pareto plot across runs evaluated on different
+    data says so, and labels of nearby points do not overprint (issue 20, reports)."""
+    from eval.plots import _label_offset
+    from eval.reports import data_groups
+
+    metric_bars(["a", "b"], [_ev(290.0, 30.0, 1000, 0.5), _ev(280.0, 29.0, 900, 0.4)], tmp_path / "m.png")
+    axes = figures[-1].axes
+    assert len(axes) == 2 and axes[0].get_ylim()[1] < 60 and axes[1].get_ylim()[1] > 280
+    assert [t.get_text() for t in axes[1].get_xticklabels()] == ["cider"]
+
+    base = _ev(80.0, 30.0, 1000, 0.5)
+    same = experiments_from_reports([("a", _report("a", base, _ev(78.0, 29.0, 900, 0.4))),
+                                     ("b", _report("b", base, _ev(70.0, 25.0, 700, 0.6)))])
+    assert len(data_groups(same)) == 1
+    mixed = experiments_from_reports([("a", _report("a", base, _ev(78.0, 29.0, 900, 0.4))),
+                                      ("b", _report("b", _ev(80.0, 30.0, 1000, 0.5, fp="y"), _ev(70.0, 25.0, 700, 0.6, fp="y")))])
+    assert data_groups(mixed) == {"x": ["a:baseline", "a"], "y": ["b:baseline", "b"]}
+    experiment_plots(mixed, tmp_path, "cider", "params", warning="different data: not comparable")
+    assert "different data" in figures[-1].axes[0].get_title()
+    assert [_label_offset([(1.0, 1.0), (1.01, 1.0), (5.0, 9.0)], i) for i in range(3)] == [5.0, -5.0, 5.0]

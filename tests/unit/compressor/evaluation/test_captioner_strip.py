@@ -87,3 +87,23 @@ def test_batched_captions_equal_one_by_one(preset, images):
     batched = TorchCaptioner(model, processor, GenerationSpec(batch_size=3, max_new_tokens=6)).caption(images, prompts)
     single = TorchCaptioner(model, processor, GenerationSpec(batch_size=1, max_new_tokens=6)).caption(images, prompts)
     assert batched == single, name
+
+
+@pytest.mark.parametrize("prompt", ["Question: what is in the picture? Answer:", "a picture of"])
+def test_blip_strips_a_prompt_by_its_tokens(images, prompt):
+    """Issue 20, item 2: BLIP's WordPiece decodes "Answer:" as "answer :", so comparing decoded text left
+    "question : what is in the picture? answer : …" in the captions; the prompt's ids are cut instead."""
+    from compressor.evaluation.captioner import TorchCaptioner
+    from compressor.models.presets import build_preset
+    from compressor.recipe.schema import GenerationSpec
+
+    model, processor = build_preset("tiny-blip")
+    gen = GenerationSpec(batch_size=3, max_new_tokens=8, min_new_tokens=8, prompt=prompt)
+    caps = TorchCaptioner(model, processor, gen).caption(images, [prompt] * 3)
+    family, inputs, seq = _raw(model, processor, images, [prompt] * 3)
+    tok = processor.tokenizer
+    n = len(tok(prompt).input_ids) - 1  # [DEC] + the prompt's ids ([SEP] dropped by generate)
+    first = prompt.split()[0].lower().rstrip(":")
+    assert tok.decode(seq[0], skip_special_tokens=True).startswith(first)  # teeth: the output repeats the prompt
+    assert caps == [tok.decode(s[n:], skip_special_tokens=True).strip() for s in seq]
+    assert all(c and not c.lower().startswith(first) for c in caps), caps

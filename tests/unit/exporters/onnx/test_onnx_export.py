@@ -364,3 +364,33 @@ def test_disk_full_while_writing_is_a_clear_error(tmp_path, monkeypatch):
         export_model_onnx(model, proc, out, OnnxOptions(exporter="legacy"))
     assert (out / "export.json").read_text() == '{"earlier": true}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+def test_onnx_captioner_strips_blip_prompts_and_completes_old_processor_configs(onnx_export, images, tmp_path):
+    """Issue 20, items 1 and 2 under ONNX Runtime: BLIP's prompt is cut by its tokens, an export whose
+    processor config has no num_query_tokens is completed from config.json, and a processor that
+    inserts no image token is refused rather than captioned."""
+    from compressor.errors import ModelSpecError
+    from compressor.evaluation.captioner import TorchCaptioner
+    from exporters.onnx import OnnxCaptioner
+
+    prompt = "Question: what is in the picture? Answer:"
+    model, proc, out = onnx_export("tiny-blip")
+    gen = _gen(prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+    ours = OnnxCaptioner(out, gen).caption(images[:2], [prompt] * 2)
+    assert ours == TorchCaptioner(model, proc, gen).caption(images[:2], [prompt] * 2)
+    assert all(c and not c.lower().startswith("question") for c in ours), ours
+
+    model, proc, out = onnx_export("tiny-blip2-opt")
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    cfg = json.loads((old / "processor_config.json").read_text())
+    del cfg["num_query_tokens"]
+    (old / "processor_config.json").write_text(json.dumps(cfg))
+    gen = _gen(max_new_tokens=6)
+    ref = OnnxCaptioner(out, gen).caption(images[:2])
+    cap = OnnxCaptioner(old, gen, verify=False)
+    assert cap.caption(images[:2]) == ref and len(set(ref)) == 2
+    cap.processor.num_query_tokens = None
+    with pytest.raises(ModelSpecError, match="image token"):
+        cap.caption(images[:2])
