@@ -4,6 +4,7 @@
 #   make demo             the embedded default: recipes/demo.yaml (synthetic shapes, shipped teacher)
 #   make demo DATA=../shared/data/coco-mini   the same chain on real COCO images and captions
 #   make demo-real        recipes/smollm2_coco.yaml: a BLIP-2 with the real SmolLM2-135M on real COCO (COCO=<folder>)
+#   make demo-smolvlm     recipes/smolvlm_coco.yaml: SmolVLM-256M assembled with the real SmolLM2-135M, same data
 # Overridable: PYTHON, TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0" or "torch" for a CUDA build), EXTRAS (cpu|gpu,dev,quant[,gptq])
 
 PYTHON ?= python3
@@ -19,7 +20,7 @@ DATA ?=
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: install install-real test lint format demo demo-real teacher bench docs clean
+.PHONY: install install-real test lint format demo demo-real demo-smolvlm teacher bench docs clean
 
 install: $(VENV)/.installed
 
@@ -78,6 +79,14 @@ demo-real: install-real
 	  --set data.train.annotations=$(COCO)/captions_train2017.json --set data.train.images=$(COCO)/train2017 \
 	  --set data.eval.annotations=$(COCO)/captions_val2017.json --set data.eval.images=$(COCO)/val2017 \
 	  || { rc=$$?; [ $$rc -eq 1 ] && echo "gate failed (see runs/smollm2_coco/report.md); the run completed"; [ $$rc -eq 1 ]; }
+
+# The same chain for SmolVLM (issue 18): the published SmolVLM-256M architecture filled with the real
+# SmolLM2-135M-Instruct weights, the real SmolVLM processor (shipped in the package) and a random SigLIP.
+demo-smolvlm: install-real
+	$(BIN)/compress apply recipes/smolvlm_coco.yaml --out runs/smolvlm_coco \
+	  --set data.train.annotations=$(COCO)/captions_train2017.json --set data.train.images=$(COCO)/train2017 \
+	  --set data.eval.annotations=$(COCO)/captions_val2017.json --set data.eval.images=$(COCO)/val2017 \
+	  || { rc=$$?; [ $$rc -eq 1 ] && echo "gate failed (see runs/smolvlm_coco/report.md); the run completed"; [ $$rc -eq 1 ]; }
 
 # Retrain the shipped teacher (about 2.5 minutes) and copy it into compressor/assets/shapes-teacher.
 teacher: install

@@ -15,7 +15,11 @@ Default set (about 10 minutes on 2 CPU cores):
 and ``bench.real_size_export`` (BLIP-2 OPT-2.7B with random weights: about 8-15 GB of memory and
 30 GB of disk each), ``bench.speculative`` (speculative decoding: the shapes teacher, and with the
 real-input wheels and COCO images the demo-real chain it prepares, about 30 minutes on 2 cores),
-``bench.search_demo`` (``compress search recipes/demo_search.yaml``, 20 trials, about 25 minutes on 2 cores). ``--only NAME[,NAME]`` runs just those.
+``bench.search_demo`` (``compress search recipes/demo_search.yaml``, 20 trials, about 25 minutes on 2 cores),
+``bench.distill_curve`` (the BLIP-2 shapes teacher distilled into SmolVLM students of four widths,
+student size against CIDEr; each width runs the whole recipe: 320 s of CPU for width 32 at 512
+images and 150 steps, several times that at the recipe's own budget).
+``--only NAME[,NAME]`` runs just those.
 
 Usage: ``python -m bench.run_all [--all] [--only eval_speed,onnx_speed] [--images DIR]``.
 Exit status: 0 when every benchmark exited 0, else 1 (the summary names the failed ones).
@@ -33,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ("eval_speed", "onnx_speed")
-LONG = ("healing", "real_size_apply", "real_size_export", "speculative", "search_demo")
+LONG = ("healing", "real_size_apply", "real_size_export", "speculative", "search_demo", "distill_curve")
 
 
 def demo_wheels_installed() -> bool:

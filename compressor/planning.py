@@ -64,7 +64,13 @@ def plan_model(spec, config_file: str | Path | None = None) -> PlanModel:
         UserInputError: a Hub id whose architecture is not shipped, without ``--config`` (exit 2).
         ModelSpecError: a folder or file that does not exist.
     """
-    from compressor.models.loading import KNOWN_HUB_CONFIGS, classify, load_config, load_processor
+    from compressor.models.loading import (
+        KNOWN_HUB_CONFIGS,
+        classify,
+        known_processor,
+        load_config,
+        load_processor,
+    )
     from compressor.models.presets import PRESETS, SHIPPED, build_preset
 
     if config_file is not None:
@@ -77,7 +83,7 @@ def plan_model(spec, config_file: str | Path | None = None) -> PlanModel:
                 f"model '{spec}': its architecture is not known offline (shipped configs: {known}). Pass its "
                 "config.json with `compress plan RECIPE --config FILE` (plan loads no weights and uses no network)."
             )
-        return PlanModel(load_config(spec), None, f"shipped config of {spec}")
+        return PlanModel(load_config(spec), known_processor(spec), f"shipped config of {spec}")
     if kind == "preset":
         if spec in SHIPPED:
             return PlanModel(load_config(str(SHIPPED[spec])), load_processor(SHIPPED[spec]), f"preset {spec}")
@@ -89,9 +95,9 @@ def plan_model(spec, config_file: str | Path | None = None) -> PlanModel:
         proc = None
         if spec.processor:
             src = spec.processor
-            proc = build_preset(src)[1] if src in PRESETS else load_processor(SHIPPED.get(src, src))
+            proc = build_preset(src)[1] if src in PRESETS else (known_processor(src) or load_processor(SHIPPED.get(src, src)))
         return PlanModel(load_config(spec.config), proc, f"config {spec.config}")
-    from compressor.models.assemble import assembled_config
+    from compressor.models.assembly import assembled_config
 
     config, proc, sources = assembled_config(spec.assemble)
     return PlanModel(config, proc, f"assembled from {sources['language_model']}")
@@ -115,8 +121,11 @@ def meta_model(config):
     return model, family
 
 
-def prompt_lengths(family, config, processor, prompt: str) -> tuple[int, int, bool]:
+def prompt_lengths(family, config, processor, prompt: str, image: str = "") -> tuple[int, int, bool]:
     """Token counts of the language-model input and of the image path's own text input for one image.
+
+    Args:
+        image: which of the family's images (``Family.gflops_images``; ``""``: the default one).
 
     Returns:
         ``(lm_tokens, image_text_tokens, exact)``: lm_tokens includes the image tokens the family
@@ -124,7 +133,7 @@ def prompt_lengths(family, config, processor, prompt: str) -> tuple[int, int, bo
         image path reads (InstructBLIP's instruction, 0 otherwise); exact is False when estimated
         without a tokenizer (one special token plus one token per word).
     """
-    return family.prompt_lengths(config, processor, prompt)
+    return family.prompt_lengths(config, processor, prompt, image)
 
 
 def flops_of(fn) -> tuple[int, Any]:
@@ -265,6 +274,9 @@ def meta_gflops_by_part(model, family, lm_tokens: int, image_text_tokens: int, n
 class PlanContext:
     """What a stage's ``plan`` hook sees: the meta model (changed in place), its family, notes, the stage index.
 
+    A stage that replaces the model (``distill``: the student) sets ``model``, ``family`` and
+    ``processor`` (the new model's, or None); later stages and the "after" figures read them.
+
     Attributes:
         weight_bytes: module name → bytes its ``weight`` takes on disk when not ``numel ×
             dtype_bytes`` (a quantized linear: packed integers + scales); read by ``size_mb``.
@@ -275,6 +287,7 @@ class PlanContext:
     family: Any
     notes: list[str]
     index: int
+    processor: Any = None
     weight_bytes: dict[str, float] = field(default_factory=dict)
     dtype_bytes: int = 4
 
@@ -310,28 +323,42 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
     new_tokens = next((st.characteristics.gflops_new_tokens for st in recipe.stages if hasattr(st, "characteristics")), 20)
     task = recipe.data.task if recipe.data is not None else "caption"
     prompt = build_prompt(gen.prompt, PLAN_QUESTION if task == "vqa" else None)
-    lm_tokens, q_tokens, exact = prompt_lengths(family, pm.config, pm.processor, prompt)
-    if not exact:
-        notes.append(f"no tokenizer without weights: the prompt is taken as {lm_tokens} language-model tokens")
     if task == "vqa":
         notes.append(f"VQA prompt sized with the question {PLAN_QUESTION!r}")
-
-    lengths: list[int] = []
     from compressor.quantization import dtype_bytes, part_bytes
 
-    width = dtype_bytes(recipe.dtype)
-    weight_bytes: dict[str, float] = {}
+    pc = PlanContext(model, family, notes, 0, pm.processor, {}, dtype_bytes(recipe.dtype))
+    settings: dict[str, Any] = {}
+    lengths: list[int] = []
 
     def measure() -> dict:
+        """Parameters and bytes per part and, per image the family counts (``Family.gflops_images``),
+        GFLOPs (the default image's also per part)."""
         # the family and the prompt length as the model now is: stages may change the image tokens
-        # the language model reads (fewer queries), and token options live in the config
-        fam = family_for_config(model.config)
-        lm, qt, _ = prompt_lengths(fam, model.config, pm.processor, prompt)
-        lengths.append(lm)
-        out: dict[str, Any] = dict(count_parameters(model, fam.parts))
-        if gflops:
-            out.update(meta_gflops_by_part(model, fam, lm, qt, new_tokens, gen.num_beams))
-        sizes = part_bytes(model, fam.parts, width, weight_bytes)
+        # the language model reads (fewer queries), token options live in the config, and a stage may
+        # replace the model (distill)
+        m = pc.model
+        fam = family_for_config(m.config)
+        out: dict[str, Any] = dict(count_parameters(m, fam.parts))
+        images = fam.gflops_images()
+        for key, what in images.items():
+            lm_tokens, q_tokens, exact = prompt_lengths(fam, m.config, pc.processor, prompt, key)
+            if not exact:
+                note = f"no tokenizer without weights: the prompt is taken as {lm_tokens} language-model tokens"
+                notes.extend([note] if note not in notes else [])
+            name = f"gflops_{key}" if key else "gflops"
+            if not key:
+                lengths.append(lm_tokens)
+            if gflops and key:
+                out[name] = meta_gflops(m, fam, lm_tokens, q_tokens, new_tokens, gen.num_beams)
+            elif gflops:
+                out.update(meta_gflops_by_part(m, fam, lm_tokens, q_tokens, new_tokens, gen.num_beams))
+            if not settings or len(images) > 1:
+                entry = {"lm_input_tokens": lm_tokens, "image_text_tokens": q_tokens}
+                if not key:
+                    settings.setdefault("gflops", entry)
+                settings.setdefault("images", {}).setdefault(name, {"image": what, **entry})
+        sizes = part_bytes(m, fam.parts, pc.dtype_bytes, pc.weight_bytes)
         out["size_mb"] = sizes.pop("total") / 1e6
         out.update({f"size_mb_{p}": b / 1e6 for p, b in sizes.items()})
         return out
@@ -341,24 +368,31 @@ def plan_recipe(loaded, config_file: str | Path | None = None, gflops: bool = Tr
     for i, st in enumerate(recipe.stages):
         row: dict[str, Any] = {"index": i, "type": st.type, "label": st.label}
         decl = declaration(st.type)
+        pc.index = i
         if decl.plan is not None:
-            row.update(decl.plan(st, PlanContext(model, family, notes, i, weight_bytes, width)))
-        row["params_total"] = sum(p.numel() for p in model.parameters())
+            row.update(decl.plan(st, pc))
+        row["params_total"] = sum(p.numel() for p in pc.model.parameters())
         stages.append(row)
     after = measure()
-    settings = {"images": 1, "new_tokens": new_tokens, "num_beams": gen.num_beams,
-                "lm_input_tokens": lm_tokens, "image_text_tokens": q_tokens}
+    first = settings["gflops"]
+    gflops_settings = {"images": 1, "new_tokens": new_tokens, "num_beams": gen.num_beams, **first}
     if lengths[-1] != lengths[0]:
-        settings["lm_input_tokens_after"] = lengths[-1]
+        gflops_settings["lm_input_tokens_after"] = lengths[-1]
+    if len(settings["images"]) > 1:
+        gflops_settings["per_image"] = settings["images"]
     return {
         "recipe": recipe.name,
         "model": {"source": pm.source, "family": family.name, "language_model": family.lm_model_type},
         "before": before,
         "after": after,
         "stages": stages,
-        "gflops_settings": settings,
+        "gflops_settings": gflops_settings,
         "notes": notes,
     }
+
+
+def _or_dash(v) -> str:
+    return "—" if v is None else f"{v:.3f}"
 
 
 def format_plan(plan: dict) -> str:
@@ -375,29 +409,41 @@ def format_plan(plan: dict) -> str:
         return f"{n:.0f}"
 
     b, a = plan["before"], plan["after"]
-    keys = [k for k in b if k.startswith("params_") and k != "params_total"] + ["params_total"]
+    # a stage may replace the model by one of another family (distill): parts of either side
+    parts = [k for k in dict.fromkeys([*b, *a]) if k.startswith("params_") and k != "params_total"]
+    keys = parts + ["params_total"]
     lines = [f"plan for {plan['recipe']} ({plan['model']['source']}; {plan['model']['family']} with "
              f"{plan['model']['language_model']})", ""]
     lines.append(f"{'':24}{'before':>16}{'after':>16}{'change':>16}{'':>9}")
     for k in keys:
-        d = a[k] - b[k]
-        pct = f"{100 * d / b[k]:+.2f}%" if b[k] else ""
-        lines.append(f"{k:24}{b[k]:>16,}{a[k]:>16,}{d:>+16,}{pct:>9}")
+        bk, ak = b.get(k, 0), a.get(k, 0)
+        d = ak - bk
+        pct = f"{100 * d / bk:+.2f}%" if bk else ""
+        lines.append(f"{k:24}{bk:>16,}{ak:>16,}{d:>+16,}{pct:>9}")
     lines.append(f"{'':24}{'(' + fmt(b['params_total']) + ')':>16}{'(' + fmt(a['params_total']) + ')':>16}"
                  f"{'(' + fmt(a['params_total'] - b['params_total']) + ')':>16}")
-    for k in [k for k in b if k.startswith("size_mb")]:
-        d = a[k] - b[k]
-        pct = f"{100 * d / b[k]:+.2f}%" if b[k] else ""
-        lines.append(f"{k:24}{b[k]:>16,.2f}{a[k]:>16,.2f}{d:>+16,.2f}{pct:>9}")
+    for k in [k for k in dict.fromkeys([*b, *a]) if k.startswith("size_mb")]:
+        bk, ak = b.get(k, 0.0), a.get(k, 0.0)
+        d = ak - bk
+        pct = f"{100 * d / bk:+.2f}%" if bk else ""
+        lines.append(f"{k:24}{bk:>16,.2f}{ak:>16,.2f}{d:>+16,.2f}{pct:>9}")
     g = plan["gflops_settings"]
-    if "gflops" in b:
-        for k in [k for k in b if k.startswith("gflops_") and k in a] + ["gflops"]:
+    for k in dict.fromkeys([*b, *a]):
+        if not k.startswith("gflops"):
+            continue
+        if k in b and k in a:
             d = a[k] - b[k]
             pct = f"{100 * d / b[k]:>+8.2f}%" if b[k] else ""
             lines.append(f"{k:24}{b[k]:>16.3f}{a[k]:>16.3f}{d:>+16.3f}{pct}")
+        else:  # a figure only one side's family counts (a distilled student of another family)
+            lines.append(f"{k:24}{_or_dash(b.get(k)):>16}{_or_dash(a.get(k)):>16}")
+    if "gflops" in b:
         after_tokens = f" ({g['lm_input_tokens_after']} after)" if "lm_input_tokens_after" in g else ""
         lines.append(f"  GFLOPs of one caption: 1 image, {g['new_tokens']} new tokens, {g['num_beams']} beam(s), "
                      f"{g['lm_input_tokens']} language-model input tokens{after_tokens}")
+        for name, img in (g.get("per_image") or {}).items():
+            lines.append(f"  {name}: {img['image']} ({img['lm_input_tokens']} language-model input tokens, "
+                         f"image path input {img['image_text_tokens']})")
     lines.append("")
     lines.append("stages:")
     for s in plan["stages"]:

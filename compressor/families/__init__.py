@@ -6,8 +6,8 @@ stacks and their rules, LoRA patterns, widths, batch layout, token ids, GFLOPs r
 topology), built by the family module registered for the config's ``model_type``.
 
 Families: ``blip2`` (BLIP-2 with an OPT, Llama-architecture or T5 language model),
-``instructblip``, ``blip``. Adding a family is one module plus one line in :data:`FAMILIES`
-(and its presets); a family module defines ``MODEL_CLASS``, ``MODEL_TYPES``, ``REMOVAL_KEYS``,
+``instructblip``, ``blip``, ``smolvlm`` (Idefics3 / SmolVLM). Adding a family is one module plus
+one line in :data:`FAMILIES` (and its presets); a family module defines ``MODEL_CLASS``, ``MODEL_TYPES``, ``REMOVAL_KEYS``,
 ``ENCODER_DECODER_KEYS``, ``LORA_NAMES``, ``PARTS``, ``TRAINABLE_NAMES``, ``describe(config) -> Family`` and the behaviour functions that
 :class:`~compressor.families.base.Family` dispatches to. Paths follow transformers 5.x
 (shared/notes/stack-facts.md §2).
@@ -47,6 +47,7 @@ FAMILIES: dict[str, str] = {
     "blip2": "compressor.families.blip2",
     "instructblip": "compressor.families.instructblip",
     "blip": "compressor.families.blip",
+    "smolvlm": "compressor.families.smolvlm",
 }
 
 

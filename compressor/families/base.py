@@ -202,12 +202,29 @@ class Family:
         """A labelled batch for the model's own loss."""
         return self.impl.training_batch(self, processor, images, targets, prompts)
 
-    def prompt_lengths(self, config, processor, prompt: str) -> tuple[int, int, bool]:
-        """``(lm_tokens, text_tokens_of_the_image_path, exact)`` for one image (``compress plan``)."""
+    def gflops_images(self) -> dict[str, str]:
+        """The images ``compress plan`` counts GFLOPs for: key suffix → what the image is.
+
+        ``""`` is the ``gflops`` figure; a family whose cost depends on the image's layout adds
+        others (SmolVLM's ``split``: an image split into tiles → ``gflops_split``). Default: one
+        image (the family module's ``GFLOPS_IMAGES`` otherwise).
+        """
+        return dict(getattr(self.impl, "GFLOPS_IMAGES", {"": "one image"}))
+
+    def prompt_lengths(self, config, processor, prompt: str, image: str = "") -> tuple[int, int, bool]:
+        """``(lm_tokens, image_path_input, exact)`` for one image (``compress plan``).
+
+        ``image_path_input`` is what the image path reads besides the pixels, family by family
+        (InstructBLIP: the instruction's tokens; SmolVLM: the number of tiles; else 0); ``image``
+        is a key of :meth:`gflops_images`.
+        """
+        if image:
+            return self.impl.prompt_lengths(self, config, processor, prompt, image)
         return self.impl.prompt_lengths(self, config, processor, prompt)
 
     def gflops_replay(self, model, lm_tokens: int, image_text_tokens: int, new_tokens: int, num_beams: int) -> float:
-        """GFLOPs of captioning one image, replayed on the meta model (``compress plan``)."""
+        """GFLOPs of captioning one image, replayed on the meta model (``compress plan``);
+        ``image_text_tokens`` is :meth:`prompt_lengths`' ``image_path_input``."""
         return self.impl.gflops_replay(self, model, lm_tokens, image_text_tokens, new_tokens, num_beams)
 
     def token_ids(self, model, processor) -> dict[str, Any]:

@@ -79,6 +79,8 @@ PARTS = {
 PART_LABELS = {"qformer": "Q-Former"}
 #: Names ``finetune.parts`` / ``heal: {trainable: parts}`` may use.
 TRAINABLE_NAMES = (*PARTS, "language_model.encoder", "language_model.decoder", "query_tokens")
+#: The model-assembly module of this family (``model: {assemble: {…}}``, the default family).
+ASSEMBLY = "compressor.models.assemble"
 
 
 class CrossAttentionPattern:

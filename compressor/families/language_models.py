@@ -8,6 +8,7 @@ Facts from shared/notes/stack-facts.md §2–4 (transformers 5.x attribute paths
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,7 +40,7 @@ class LanguageModelKind:
     plan_checks: tuple[Callable[[dict[str, int], set[str]], None], ...] = ()
 
 
-def _opt(root: str) -> LanguageModelKind:
+def _opt(root: str, body: str | None = None) -> LanguageModelKind:
     layers = rf"{root}\.model\.decoder\.layers\.\d+"
     return LanguageModelKind(
         model_type="opt",
@@ -66,16 +67,21 @@ def _opt(root: str) -> LanguageModelKind:
     )
 
 
-def _llama_like(model_type: str, root: str) -> LanguageModelKind:
-    """Llama-architecture decoders (llama, mistral, qwen2, smollm …): ``model.layers``."""
-    layers = rf"{root}\.model\.layers\.\d+"
+def _llama_like(model_type: str, root: str, body: str | None = None) -> LanguageModelKind:
+    """Llama-architecture decoders (llama, mistral, qwen2, smollm …): ``model.layers``.
+
+    ``body`` is the decoder stack (``LlamaModel``): ``{root}.model`` inside a causal LM, or a
+    path of its own when the VLM holds the bare stack (Idefics3's ``model.text_model``).
+    """
+    body = body or f"{root}.model"
+    layers = rf"{re.escape(body)}\.layers\.\d+"
     return LanguageModelKind(
         model_type=model_type,
         decoder_only=True,
         stacks=(
             Stack(
                 part="language_model",
-                layers=f"{root}.model.layers",
+                layers=f"{body}.layers",
                 count_fields=("text_config.num_hidden_layers",),
                 layer_idx_modules=("self_attn",),
                 per_layer_fields=("text_config.layer_types",),
@@ -86,7 +92,7 @@ def _llama_like(model_type: str, root: str) -> LanguageModelKind:
             "language_model.attention": rf"{layers}\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
             "language_model.mlp": rf"{layers}\.mlp\.(gate_proj|up_proj|down_proj)",
         },
-        embed_tokens=f"{root}.model.embed_tokens",
+        embed_tokens=f"{body}.embed_tokens",
         width=(
             Width("language_model", ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",), "self_attn.q_proj",
                   "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn",
@@ -126,7 +132,7 @@ def check_t5_depths(depths: dict[str, int], changed: set[str]) -> None:
     )
 
 
-def _t5(root: str) -> LanguageModelKind:
+def _t5(root: str, body: str | None = None) -> LanguageModelKind:
     enc = rf"{root}\.encoder\.block\.\d+"
     dec = rf"{root}\.decoder\.block\.\d+"
     enc_attn = rf"{enc}\.layer\.0\.SelfAttention\.(q|k|v|o)"
@@ -182,12 +188,15 @@ def _t5(root: str) -> LanguageModelKind:
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")
 
 
-def language_model_kind(model_type: str, root: str = "language_model") -> LanguageModelKind:
+def language_model_kind(model_type: str, root: str = "language_model", body: str | None = None) -> LanguageModelKind:
     """Look up the language-model knowledge for ``text_config.model_type``.
 
     Args:
         model_type: e.g. ``opt``, ``llama``, ``t5``.
         root: dotted path of the language model inside the BLIP-family model.
+        body: dotted path of the bare decoder stack when the VLM holds it without its causal-LM
+            wrapper (Idefics3: ``model.text_model``; Llama-architecture models only); default
+            ``{root}.model``.
 
     Raises:
         KeyError: the architecture is not supported (callers turn this into a clear exit 2).
@@ -195,7 +204,7 @@ def language_model_kind(model_type: str, root: str = "language_model") -> Langua
     if model_type == "opt":
         return _opt(root)
     if model_type in LLAMA_LIKE:
-        return _llama_like(model_type, root)
+        return _llama_like(model_type, root, body)
     if model_type in ("t5", "mt5", "umt5"):
         return _t5(root)
     raise KeyError(model_type)

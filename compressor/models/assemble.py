@@ -60,6 +60,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -81,6 +82,9 @@ class WheelModel:
 class AssembleParts(Strict):
     """The parts of a BLIP-2 assembled from pretrained pieces (the real SmolLM2 and MiniLM weights of `make demo-real`)."""
 
+    family: Literal["blip2"] = Field(
+        "blip2", exclude=True, description="`blip2` (the default): assemble a BLIP-2 (other families: their own keys)."
+    )
     language_model: str = Field(
         description="A causal-LM folder (save_pretrained) or a GGUF file; becomes `language_model`."
     )
@@ -101,6 +105,8 @@ class AssembleParts(Strict):
     seed: int = Field(0, description="Seed of every randomly initialised part.")
 
 
+#: The ``assemble:`` keys of this family (:mod:`compressor.models.assembly`).
+Parts = AssembleParts
 
 #: Names usable for ``language_model`` / ``qformer_init`` (and ``--print-paths``).
 WHEEL_MODELS: dict[str, WheelModel] = {

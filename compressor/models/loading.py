@@ -31,7 +31,15 @@ KNOWN_HUB_CONFIGS = {
     "Salesforce/blip2-opt-2.7b": KNOWN_CONFIGS_DIR / "blip2-opt-2.7b.config.json",
     "Salesforce/blip2-flan-t5-xl": KNOWN_CONFIGS_DIR / "blip2-flan-t5-xl.config.json",
     "Salesforce/blip-image-captioning-base": KNOWN_CONFIGS_DIR / "blip-image-captioning-base.config.json",
+    "HuggingFaceTB/SmolVLM-256M-Instruct": KNOWN_CONFIGS_DIR / "smolvlm-256m-instruct" / "config.json",
 }
+
+
+def known_processor(hub_id: str):
+    """The processor shipped beside a known Hub id's config (None when only the config ships)."""
+    if hub_id not in KNOWN_HUB_CONFIGS or KNOWN_HUB_CONFIGS[hub_id].parent == KNOWN_CONFIGS_DIR:
+        return None
+    return load_processor(KNOWN_HUB_CONFIGS[hub_id].parent)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -148,7 +156,7 @@ def materialize(spec: Any, cache_dir: Path, dtype: str = "float32") -> ResolvedM
         digest = hashlib.sha256(f"{key}|{dtype}".encode()).hexdigest()[:12]
         path = _atomic_dir(cache_dir / f"config-{digest}", lambda d: _build_from_config(spec, d, dtype))
         return ResolvedModel(path, kind, f"config:{key}")
-    from compressor.models.assemble import assemble
+    from compressor.models.assembly import assemble
 
     digest = hashlib.sha256(f"{key}|{dtype}".encode()).hexdigest()[:12]
     path = _atomic_dir(cache_dir / f"assembled-{digest}", lambda d: assemble(spec.assemble, d, dtype))
@@ -227,6 +235,8 @@ def _build_from_config(spec, out: Path, dtype: str) -> None:
             from compressor.models.presets import build_preset
 
             _, proc = build_preset(src)
+        elif known_processor(src) is not None:
+            proc = known_processor(src)
         else:
             proc = AutoProcessor.from_pretrained(str(SHIPPED.get(src, src)))
         proc.save_pretrained(out)

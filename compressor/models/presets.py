@@ -12,6 +12,10 @@ tiny-blip2-llama     BLIP-2 with a Llama decoder, 4 heads / 2 KV heads (grouped,
 tiny-blip2-t5        BLIP-2 with a T5 encoder-decoder (4 + 4 blocks, gated-GELU as Flan-T5)
 tiny-instructblip    InstructBLIP: Q-Former reads the instruction (BERT WordPiece), OPT LM
 tiny-blip            BLIP: ViT + BERT text decoder (4 layers, cross-attention every layer)
+tiny-smolvlm         SmolVLM (Idefics3): SigLIP 2×32 on 32 px tiles, pixel shuffle 2, Llama 6×32
+                     (4 heads / 2 KV heads); image splitting on (64 px longest edge: up to 2×2 tiles
+                     + the global image, 4 image tokens each); SmolLM2-style special tokens
+small-smolvlm        SmolVLM: SigLIP 2×64, Llama 4×64, same processor (the distillation student, 0.50M)
 small-blip2-opt      BLIP-2 OPT sized to learn the synthetic shapes (the demo teacher's base)
 shapes-teacher       small-blip2-opt trained on the shapes set (shipped in compressor/assets)
 ===================  =====================================================================
@@ -241,6 +245,55 @@ def tiny_blip(seed: int = 0):
     return model, proc
 
 
+def _smolvlm(seed: int, *, vh: int, vl: int, th: int, tl: int, ffn: int, heads: int, kv_heads: int, init=(2.0, 0.1, 0)):
+    """A SmolVLM (Idefics3) on 32 px tiles (patch 8, pixel shuffle 2: 4 image tokens per tile), images
+    resized to a longest edge of 64 px and split (up to 2×2 tiles + the global image), untied head."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
+
+    from compressor.models.processors import smolvlm_processor, smolvlm_tokenizer
+
+    proc = smolvlm_processor(smolvlm_tokenizer(), tile_size=32, longest_edge=64, image_seq_len=4)
+    tok = proc.tokenizer
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=th,
+        intermediate_size=ffn,
+        num_hidden_layers=tl,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    ).to_dict()
+    cfg = Idefics3Config(
+        vision_config=dict(_vision(vh, vl, 32, 8), intermediate_size=vh * 2),
+        text_config=text,
+        scale_factor=2,
+        image_token_id=proc.image_token_id,
+        tie_word_embeddings=False,
+    )
+    return _finish(Idefics3ForConditionalGeneration(cfg), proc, seed, init)
+
+
+def tiny_smolvlm(seed: int = 0):
+    """SmolVLM (Idefics3): SigLIP 2×32 (32 px tiles, patch 8), pixel shuffle 2, Llama 6×32 with grouped KV heads.
+
+    The processor splits images as SmolVLM's does (resized to a longest edge of 64 px, then 32 px
+    tiles plus the global image; 4 ``<image>`` tokens per tile), with the published chat template
+    and the small SmolLM2-style tokenizer ``smolvlm.json``; the head is untied, as in SmolVLM-256M.
+    """
+    return _smolvlm(seed, vh=32, vl=2, th=32, tl=6, ffn=64, heads=4, kv_heads=2)
+
+
+def small_smolvlm(seed: int = 0):
+    """SmolVLM sized to learn the synthetic shapes (the distillation student of
+    ``recipes/distill_blip2_to_smolvlm.yaml``): SigLIP 2×64, Llama 4×64 (4 heads / 2 KV heads, MLP 128),
+    0.50M parameters (the shapes teacher has 0.83M)."""
+    return _smolvlm(seed, vh=64, vl=2, th=64, tl=4, ffn=128, heads=4, kv_heads=2)
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -249,6 +302,8 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-blip2-t5", "BLIP-2 Flan-T5 style, tiny", tiny_blip2_t5),
         Preset("tiny-instructblip", "InstructBLIP OPT, tiny", tiny_instructblip),
         Preset("tiny-blip", "BLIP captioning, tiny", tiny_blip),
+        Preset("tiny-smolvlm", "SmolVLM (Idefics3) with image splitting, tiny", tiny_smolvlm),
+        Preset("small-smolvlm", "SmolVLM sized for the shapes set (the distillation student)", small_smolvlm),
         Preset("small-blip2-opt", "BLIP-2 OPT sized for the shapes teacher", small_blip2_opt),
     )
 }

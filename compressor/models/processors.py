@@ -118,3 +118,59 @@ def blip_processor(image_size: int):
     from transformers import BlipProcessor
 
     return BlipProcessor(_image_processor(image_size), wordpiece_tokenizer())
+
+
+#: The published SmolVLM folder shipped with the project (config, processor, tokenizer, chat template).
+SMOLVLM_DIR = Path(__file__).resolve().parent.parent / "families" / "configs" / "smolvlm-256m-instruct"
+
+
+def smolvlm_tokenizer():
+    """The tiny SmolVLM tokenizer (``smolvlm.json``): byte-level BPE with SmolLM2's special tokens.
+
+    No BOS is added (the chat template writes ``<|im_start|>`` itself, as SmolVLM's does); EOS is
+    ``<end_of_utterance>`` and padding ``<|im_end|>``, as in HuggingFaceTB/SmolVLM-256M-Instruct.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_file(str(TOKENIZER_DIR / "smolvlm.json"))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        model_max_length=4096,
+    )
+
+
+def smolvlm_processor(tokenizer, tile_size: int, longest_edge: int, image_seq_len: int):
+    """An ``Idefics3Processor`` with image splitting on (SmolVLM's processor, scaled down).
+
+    Args:
+        tokenizer: the tokenizer (holds ``<image>``, ``<fake_token_around_image>``, ``<global-img>``
+            and the ``<row_i_col_j>`` tile tokens).
+        tile_size: side of one tile in pixels (the vision encoder's ``image_size``).
+        longest_edge: images are resized to this longest edge, then split into
+            ``tile_size`` tiles plus one global image (SmolVLM-256M: 2048 and 512).
+        image_seq_len: image tokens per tile after the pixel shuffle.
+
+    The chat template is the published one (``families/configs/smolvlm-256m-instruct``).
+    """
+    import json
+
+    import transformers
+    from transformers import Idefics3Processor
+
+    cls = getattr(transformers, "Idefics3ImageProcessorPil", None) or transformers.Idefics3ImageProcessor
+    image_processor = cls(
+        do_resize=True,
+        size={"longest_edge": longest_edge},
+        max_image_size={"longest_edge": tile_size},
+        do_image_splitting=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_convert_rgb=True,
+    )
+    template = json.loads((SMOLVLM_DIR / "chat_template.json").read_text())["chat_template"]
+    return Idefics3Processor(image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=template)

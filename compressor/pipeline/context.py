@@ -29,6 +29,8 @@ class StageContext:
         device: ``cpu`` or ``cuda`` (resolved).
         labels: label → model folder of earlier stages (a distillation teacher, evaluate teachers).
         label_outputs: label → output folder of the stage that carried the label.
+        label_keys: label → the cache key of the model a label names (a distillation teacher's
+            captions are cached under it).
         exports: output folders of earlier export stages, in order.
         progress: whether to draw progress bars.
         last_trainable: parameters trained by the latest training stage (reported as
@@ -45,6 +47,7 @@ class StageContext:
     device: str
     labels: dict[str, Path] = field(default_factory=dict)
     label_outputs: dict[str, Path] = field(default_factory=dict)
+    label_keys: dict[str, str] = field(default_factory=dict)
     exports: list[Path] = field(default_factory=list)
     progress: bool = True
     last_trainable: int = 0

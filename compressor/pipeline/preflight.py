@@ -60,7 +60,7 @@ def model_config(loaded: LoadedRecipe):
     spec = loaded.recipe.model
     kind = classify(spec)
     if kind == "assemble":
-        from compressor.models.assemble import assembled_config
+        from compressor.models.assembly import assembled_config
 
         return assembled_config(spec.assemble)[0]  # configs and tokenizer only, no weights
     if kind == "hub":

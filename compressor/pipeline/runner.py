@@ -294,7 +294,7 @@ class Runner:
             if st.label is not None:
                 ctx.labels[st.label] = current_dir
                 ctx.label_outputs[st.label] = folder
-                label_keys[st.label] = current_key
+                label_keys[st.label] = ctx.label_keys[st.label] = current_key
             self._write_manifest(resolved, current_key, t_run)
 
         if not self.dist.main:

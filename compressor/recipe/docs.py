@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from compressor.data.formats import formats
+from compressor.models.assembly import DEFAULT_FAMILY, parts_classes
 from compressor.recipe import schema as S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +36,10 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Recipe sections before the stages: (title, model).
 SECTIONS_BEFORE_STAGES: list[tuple[str, type[BaseModel]]] = [
     ("model: {config: …}", S.ConfigModelSpec),
-    ("model: {assemble: {…}}", S.AssembleParts),
+    *[
+        ("model: {assemble: {…}}" if name == DEFAULT_FAMILY else f"model: {{assemble: {{family: {name}, …}}}}", cls)
+        for name, cls in parts_classes().items()
+    ],
     ("data", S.DataSpec),
     ("data.<section> (train, val, eval, test, calibration, source)", S.DataSource),
     ("data.split", S.SplitSpec),

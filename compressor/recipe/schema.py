@@ -23,7 +23,8 @@ from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, mode
 
 from compressor.data.formats import format_names
 from compressor.families import lora_names, part_names, trainable_names
-from compressor.models.assemble import AssembleParts
+from compressor.models import assembly
+from compressor.models.assemble import AssembleParts  # noqa: F401 - BLIP-2's `assemble:` keys, re-exported
 from compressor.recipe.base import Strict
 from eval.metrics import characteristic_keys, default_metrics, metric_keys
 
@@ -58,7 +59,8 @@ class ConfigModelSpec(Strict):
 
     config: str = Field(
         description="Path to a config.json, or a Hub id whose architecture is known offline "
-        "(Salesforce/blip2-opt-2.7b, Salesforce/blip2-flan-t5-xl, Salesforce/blip-image-captioning-base)."
+        "(Salesforce/blip2-opt-2.7b, Salesforce/blip2-flan-t5-xl, Salesforce/blip-image-captioning-base, "
+        "HuggingFaceTB/SmolVLM-256M-Instruct)."
     )
     init: Literal["random"] = Field("random", description="How the weights start: `random` (seeded).")
     processor: str | None = Field(
@@ -70,10 +72,10 @@ class ConfigModelSpec(Strict):
 
 
 class AssembleModelSpec(Strict):
-    """`{assemble: {...}}`: a model built from a pretrained language model and other parts
-    (:mod:`compressor.models.assemble` declares the parts)."""
+    """`{assemble: {...}}`: a model built from a pretrained language model and other parts; the
+    `family` key chooses the builder (default `blip2`; :mod:`compressor.models.assembly`)."""
 
-    assemble: AssembleParts
+    assemble: assembly.parts_type()
 
 
 def _model_spec_tag(value: Any) -> str:

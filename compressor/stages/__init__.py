@@ -44,6 +44,7 @@ REGISTRY: dict[str, str] = {
     "merge_tokens": "compressor.stages.merge_tokens",
     "heal": "compressor.stages.heal",
     "quantize": "compressor.stages.quantize",
+    "distill": "compressor.stages.distill",
     "export": "compressor.stages.export",
     "evaluate": "compressor.stages.evaluate",
     "predict": "compressor.stages.predict",

@@ -220,7 +220,8 @@ def karpathy_data(m) -> list[str]:
 #: Recipes run by each test below (a test checks this covers recipes/).
 COVERED = {"q6.yaml", "q8.yaml", "q8_tokens16.yaml", "llm28.yaml", "llm28_q8.yaml", "llm28_q8_w4.yaml", "rsicd_lora.yaml", "coco5k_lora.yaml",
            "vizwiz_blip_base_full.yaml", "vizwiz_blip_large_lora.yaml", "vqa_lora.yaml", "instructblip_lora.yaml",
-           "shapes_teacher.yaml", "smollm2_coco.yaml", "demo.yaml", "demo_search.yaml"}
+           "shapes_teacher.yaml", "smollm2_coco.yaml", "demo.yaml", "demo_search.yaml",
+           "smolvlm_coco.yaml", "distill_blip2_to_smolvlm.yaml"}
 
 
 def check_run(out: Path, labels: list[str], code: int, log: str) -> dict:
@@ -459,6 +460,32 @@ def test_smollm2_coco(material, shared_scorer, monkeypatch, tmp_path):
     check_lora_matches(out, [0, 4])
     cand = report["evaluations"]["candidate"]
     assert cand["decoding"]["backend"] == "onnxruntime" and {"perplexity", "teacher_cider"} <= set(cand["metrics"])
+
+
+def test_smolvlm_coco(material, shared_scorer, monkeypatch, tmp_path):
+    """make demo-smolvlm's chain (SmolVLM: LoRA, block-influence removal, distillation heal, int8 ONNX
+    candidate) on tiny-smolvlm instead of the assembled SmolVLM-256M."""
+    out = tmp_path / "run"
+    m = material["root"] / "coco5k"
+    data = [f"data.{s}.{k}={v}" for s in ("train", "eval") for k, v in (("annotations", m / "captions.json"), ("images", m / "images"))]
+    code, log = apply("smolvlm_coco.yaml", out, ["model=tiny-smolvlm", *data, "stages.3.language_model.count=1"],
+                      shared_scorer, monkeypatch)
+    report = check_run(out, ["baseline", "candidate"], code, log)
+    check_lora_matches(out, [0, 4])
+    cand = report["evaluations"]["candidate"]
+    assert cand["decoding"]["backend"] == "onnxruntime" and {"perplexity", "teacher_cider"} <= set(cand["metrics"])
+    assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "idefics3"
+
+
+def test_distill_blip2_to_smolvlm(shared_scorer, monkeypatch, tmp_path):
+    """The shipped BLIP-2 shapes teacher distilled into a SmolVLM student (tiny-smolvlm here), exported to
+    ONNX and scored under ONNX Runtime against the teacher."""
+    out = tmp_path / "run"
+    code, log = apply("distill_blip2_to_smolvlm.yaml", out, ["stages.1.student=tiny-smolvlm"], shared_scorer, monkeypatch)
+    report = check_run(out, ["teacher", "student_eval"], code, log)
+    student = report["evaluations"]["student_eval"]
+    assert student["decoding"]["backend"] == "onnxruntime" and "teacher_cider" in student["metrics"]
+    assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "idefics3"
 
 
 def _hf_demo_data(path: Path, edited: str | None = None) -> None:

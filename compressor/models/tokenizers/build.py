@@ -8,7 +8,8 @@ Each corpus is a COCO captions file (``annotations[].caption``), e.g. the CC BY 
 ``shared/data/coco-captions-val2014-subset.json``; the shapes vocabulary of the synthetic set
 is always added. Writes ``bpe.json`` (byte-level BPE, as OPT/GPT-2), ``unigram.json``
 (Unigram + Metaspace, as T5/SentencePiece) and ``wordpiece.json`` (BERT WordPiece) beside
-this file. The WordPiece trainer is not deterministic across runs (stack-facts §1), which is
+this file; ``python -m compressor.models.tokenizers.build --smolvlm`` derives ``smolvlm.json``
+from ``bpe.json`` alone (:func:`build_smolvlm`, deterministic). The WordPiece trainer is not deterministic across runs (stack-facts §1), which is
 why the files are committed rather than rebuilt in tests.
 """
 
@@ -84,7 +85,42 @@ def build(paths: list[str]) -> None:
     wp.save(str(HERE / "wordpiece.json"))
 
 
+#: SmolLM2 / SmolVLM special tokens (HuggingFaceTB/SmolVLM-256M-Instruct's tokenizer): they replace
+#: bpe.json's five specials at the same ids, and the image-layout tokens follow the vocabulary.
+SMOLVLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<image>"]
+SMOLVLM_ADDED = ["<fake_token_around_image>", "<global-img>"] + [
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
+]
+
+
+def build_smolvlm() -> None:
+    """``smolvlm.json``: ``bpe.json`` with SmolLM2's special tokens and SmolVLM's image-layout tokens.
+
+    The byte-level BPE merges are bpe.json's; the five specials are renamed in place (ids 0–4:
+    ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, ``<end_of_utterance>``, ``<image>``) and
+    ``<fake_token_around_image>``, ``<global-img>`` and the 36 ``<row_i_col_j>`` tile tokens of the
+    Idefics3 processor are appended as special added tokens: a vocabulary of its own (2,038 ids, a
+    tokenizer other than the BLIP-2 presets'), built the same way every time.
+    """
+    data = json.loads((HERE / "bpe.json").read_text())
+    vocab = data["model"]["vocab"]
+    rename = dict(zip(BPE_SPECIALS, SMOLVLM_SPECIALS))
+    data["model"]["vocab"] = {rename.get(k, k): v for k, v in vocab.items()}
+    for tok in data["added_tokens"]:
+        tok["content"] = rename.get(tok["content"], tok["content"])
+    next_id = max(vocab.values()) + 1
+    for i, content in enumerate(SMOLVLM_ADDED):
+        data["added_tokens"].append(
+            {"id": next_id + i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+        )
+    (HERE / "smolvlm.json").write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    if sys.argv[1:] == ["--smolvlm"]:
+        build_smolvlm()
+    elif len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    build(sys.argv[1:])
+    else:
+        build(sys.argv[1:])

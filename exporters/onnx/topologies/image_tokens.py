@@ -80,19 +80,24 @@ def front_graphs(image: ImageGraph, language_model) -> tuple[list[GraphDef], int
 def front_cases(plan, ctx) -> tuple[dict[str, list], Any, Any, Any]:
     """Sample cases of the two front graphs, and what the language-model cases start from.
 
+    An image path may give several rows of features per example (one per image tile, in the
+    examples' order): their rows are then joined per example, as the ``<image>`` tokens of one
+    prompt take them.
+
     Returns:
         ``(cases, feats, embed, mask)``: the cases of ``image_encoder`` and ``embed_tokens``; the
-        image features ``(batch, num_tokens, hidden)``; ``embed(ids)``, the token embedding;
-        an all-ones mask ``(batch, num_tokens + PROMPT)`` for the topology to pad.
+        image features ``(batch, image tokens per example, hidden)``; ``embed(ids)``, the token
+        embedding; an all-ones mask ``(batch, image tokens + PROMPT)`` for the topology to pad.
     """
     import torch
 
     image_inputs = ctx.inputs_of(IMAGE_GRAPH)
     cases: dict[str, list] = {IMAGE_GRAPH: ctx.batch_cases(image_inputs)}
     feats = ctx.run(IMAGE_GRAPH, image_inputs)[0]
+    if feats.shape[0] != ctx.batch:  # several feature rows per example (tiles): one row per example
+        feats = feats.reshape(ctx.batch, -1, feats.shape[-1])
     cases[EMBED_GRAPH] = [("batch_1", [ctx.ids(1, 4)]), (f"batch_{ctx.batch}", [ctx.ids(ctx.batch, 7)])]
-    num_tokens = int(plan.graph(IMAGE_GRAPH).spec.outputs[0].dims[1])
-    mask = torch.ones((ctx.batch, num_tokens + PROMPT), dtype=torch.long)
+    mask = torch.ones((ctx.batch, feats.shape[1] + PROMPT), dtype=torch.long)
     return cases, feats, lambda x: ctx.module(EMBED_GRAPH, x), mask
 
 
@@ -118,8 +123,8 @@ def spliced_embeds(cap, inputs: dict):
     n = int(where.sum())
     if n != feats.shape[0] * feats.shape[1]:
         raise UserInputError(
-            f"the prompt holds {n} image tokens for {feats.shape[0]} images of {feats.shape[1]} query tokens; "
-            "the processor in the ONNX folder does not match the model"
+            f"the prompt holds {n} image tokens for {feats.shape[0]} feature rows (images or tiles) of "
+            f"{feats.shape[1]} tokens; the processor in the ONNX folder does not match the model"
         )
     emb[where] = feats.reshape(-1, feats.shape[-1]).astype(emb.dtype)
     return emb
