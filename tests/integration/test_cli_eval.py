@@ -281,7 +281,7 @@ def test_onnx_folder_goes_through_the_onnx_runtime_captioner(files, tmp_path, mo
     made = []
 
     class FakeOnnxCaptioner:
-        def __init__(self, onnx_dir, generation):
+        def __init__(self, onnx_dir, generation, **kwargs):
             made.append((str(onnx_dir), generation.batch_size, generation.max_new_tokens))
             self._inner = TorchCaptioner(model, processor, generation)
             self.settings = {**self._inner.settings, "backend": "onnxruntime"}

@@ -44,19 +44,19 @@ def _adapter(run: Path) -> Path:
 @pytest.fixture
 def interrupt_at(monkeypatch):
     """Make the training loop raise KeyboardInterrupt when it takes its ``n``-th batch (as Ctrl-C would)."""
-    import compressor.training as training
+    import compressor.data.workers as workers  # the training loop imports ordered_loader when it starts
 
-    original = training._batches
+    original = workers.ordered_loader
 
     def arm(n: int):
-        def batches(pairs, batch_size, seed):
-            for i, group in enumerate(original(pairs, batch_size, seed), start=1):
+        def loader(make, count, *args, **kwargs):
+            monkeypatch.setattr(workers, "ordered_loader", original)  # once
+            for i, batch in enumerate(original(make, count, *args, **kwargs), start=1):
                 if i == n:
-                    monkeypatch.setattr(training, "_batches", original)  # once
                     raise KeyboardInterrupt
-                yield group
+                yield batch
 
-        monkeypatch.setattr(training, "_batches", batches)
+        monkeypatch.setattr(workers, "ordered_loader", loader)
 
     return arm
 

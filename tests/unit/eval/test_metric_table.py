@@ -20,24 +20,26 @@ LISTED_METRICS = (
     "bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "rouge_1", "rouge_2", "spice",
     "vqa_accuracy", "bertscore_f1", "clipscore", "mme_acc", "mme_acc_plus", "perplexity", "teacher_cider",
 )
+# a family's part adds its params_/gflops_/size_mb_ rows after the others' (SmolVLM's connector last)
+PARTS = ("vision", "qformer", "projection", "language_model", "connector")
 LISTED_CHARS = (
-    "params_total", "params_trainable", "params_vision", "params_qformer", "params_projection", "params_language_model",
-    "gflops", "gflops_vision", "gflops_qformer", "gflops_projection", "gflops_language_model",
+    "params_total", "params_trainable", *(f"params_{p}" for p in PARTS),
+    "gflops", *(f"gflops_{p}" for p in PARTS),
     "latency_p50_s", "latency_p95_s", "tokens_per_s", "avg_inference_s", "peak_rss_mb", "peak_cuda_mb", "size_mb",
-    "spec_acceptance", "spec_tokens_per_call",
+    "spec_acceptance", "spec_tokens_per_call", *(f"size_mb_{p}" for p in PARTS),
 )
 REPORT_METRICS = (
     "bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "rouge_1", "rouge_2", "cider", "spice",
     "vqa_accuracy", "mme_acc", "mme_acc_plus", "bertscore_f1", "clipscore", "teacher_cider", "perplexity",
 )
 REPORT_CHARS = (
-    "params_total", "params_trainable", "params_vision", "params_qformer", "params_projection", "params_language_model",
-    "gflops", "gflops_vision", "gflops_qformer", "gflops_projection", "gflops_language_model",
+    "params_total", "params_trainable", *(f"params_{p}" for p in PARTS),
+    "gflops", *(f"gflops_{p}" for p in PARTS),
     "avg_inference_s", "latency_p50_s", "latency_p95_s", "tokens_per_s", "spec_acceptance", "spec_tokens_per_call",
-    "peak_rss_mb", "peak_cuda_mb", "size_mb",
+    "peak_rss_mb", "peak_cuda_mb", "size_mb", *(f"size_mb_{p}" for p in PARTS),
 )
 RUNS_COLUMNS = (
-    "params_total", "params_vision", "params_qformer", "params_projection", "params_language_model",
+    "params_total", *(f"params_{p}" for p in PARTS),
     "gflops", "latency_p50_s", "latency_p95_s", "tokens_per_s", "size_mb", "peak_rss_mb",
 )
 CARD_NAMES = {
@@ -122,7 +124,7 @@ def test_gate_directions_come_from_the_table(fake_table):
     for m in M.rows():
         assert lower_is_better(m.key) is (not m.higher_is_better), m.key
     gate_lower = {k for k in M.gate_keys() if lower_is_better(k)}
-    assert gate_lower == LOWER | {"fake_score"} | {k for k in M.gate_keys() if k.startswith(("params_", "gflops_"))}
+    assert gate_lower == LOWER | {"fake_score"} | {k for k in M.gate_keys() if k.startswith(("params_", "gflops_", "size_mb_"))}
     assert not lower_is_better("tokens_per_s") and not lower_is_better("cider")
     assert lower_is_better("params_connector") and lower_is_better("gflops_connector")  # another family's part
     assert rule_problems("fake_score", "max_drop", 1.0)  # refused: lower is better, as the table says

@@ -35,7 +35,7 @@ def test_predict_stage_captions_and_answers(tmp_path, teacher_dir):
     cfg, ctx = _ctx(tmp_path, "caption", {"type": "predict"})
     out = tmp_path / "p"
     out.mkdir()
-    assert predict.run(cfg, ctx, teacher_dir, out) == {"file": "predictions.json", "predictions": 3}
+    assert predict.run(cfg, ctx, teacher_dir, out) == {"file": "predictions.json", "predictions": 3, "skipped": 0}
     rows = json.loads((out / "predictions.json").read_text())
     assert [r["image_id"] for r in rows] == ["syn-2000-0", "syn-2000-1", "syn-2000-2"] and all(r["caption"] for r in rows)
 
