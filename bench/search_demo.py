@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     res = json.loads((args.out / "pareto.json").read_text())
     hand = hand_picked_params()
     print(f"compress search demo_search: {wall / 60:.1f} min wall (exit {rc}), 1-minute load {load:.1f} on "
-          f"{os.cpu_count()} cores; trials {res['trials']}: " + ", ".join(f"{n} {s}" for s, n in res["states"].items()))
+          f"{os.cpu_count()} cores; trials run {res['trials']}: " + ", ".join(f"{n} {s}" for s, n in res["states"].items())
+          + f"; {res.get('repeated_draws', 0)} repeated draws told, not run")
     keys = list(res["space"])
     q, c = res["objectives"][0], res["objectives"][-1]
     print(f"\n| trial | {' | '.join(keys)} | {q} | {c} | passes |\n|" + "---|" * (len(keys) + 4))

@@ -60,7 +60,8 @@ def search(obj: Ctx, recipe, trials, workers, storage, out, overrides, worker_on
         echo_json(result)
     else:
         states = ", ".join(f"{n} {s}" for s, n in result["states"].items())
-        click.echo(f"search {result['study']}: {result['trials']} trials ({states}); front of "
+        repeated = f", {result['repeated_draws']} repeated draws told, not run" if result.get("repeated_draws") else ""
+        click.echo(f"search {result['study']}: {result['trials']} trials run ({states}{repeated}); front of "
                    f"{len(result['front'])}; see {out / 'report.md'}")
         ch = result["chosen"]
         if ch is not None:

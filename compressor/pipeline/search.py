@@ -655,10 +655,12 @@ def write_results(s: Search) -> dict:
     sign_q = -1 if plan.directions[0] == "maximize" else 1
     chosen = min(passing, key=lambda r: (sign_c * r[cost], sign_q * r[q])) if passing else None
     base = _baseline(s)
+    ran = [r for r in rows if r.get("duplicate_of") is None]
     result: dict[str, Any] = {
         "study": s.name, "storage": s.storage_url, "objectives": plan.objectives, "directions": plan.directions,
-        "space": {d.key: d.values for d in plan.dims}, "trials": len(rows),
-        "states": {st: sum(r["state"] == st for r in rows) for st in sorted({r["state"] for r in rows})},
+        # trials that ran (a repeated draw of the sampler is told the earlier trial's values, never run)
+        "space": {d.key: d.values for d in plan.dims}, "trials": len(ran), "repeated_draws": len(rows) - len(ran),
+        "states": {st: sum(r["state"] == st for r in ran) for st in sorted({r["state"] for r in ran})},
         "baseline": base, "front": front, "chosen": chosen, "best_run": None,
     }
     if chosen is not None:
@@ -726,6 +728,7 @@ def _plot(s: Search, rows, front, chosen, base) -> None:
     q, c = s.plan.objectives[0], s.plan.objectives[-1]
     fig = Figure(figsize=(6.4, 4.4), dpi=110)
     ax = fig.add_subplot()
+    rows = [r for r in rows if r.get("duplicate_of") is None]  # a repeated draw was never run
     done = [r for r in rows if r["state"] == "complete"]
     ok = [r for r in done if r["passed"]]
     bad = [r for r in done if not r["passed"]]
