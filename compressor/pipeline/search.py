@@ -773,9 +773,12 @@ def _markdown(s: Search, rows, front, chosen, base) -> str:
     keys = [d.key for d in s.plan.dims]
     cols = ["trial", "state", *keys, *s.plan.objectives, "passed", "short_score", "run"]
     front_ids = {r["trial"] for r in front}
+    repeated = [r for r in rows if r.get("duplicate_of") is not None]
+    rows = [r for r in rows if r.get("duplicate_of") is None]  # repeated draws: counted, listed in trials.csv
     lines = [f"# Search: {s.name}", "",
              f"Objectives: {', '.join(f'{k} ({d})' for k, d in zip(s.plan.objectives, s.plan.directions))}; "
-             f"{len(rows)} trials; successive halving with η = {s.plan.spec.budget.reduction_factor} "
+             f"{len(rows)} trials run ({len(repeated)} repeated draws of the sampler told the earlier trial's "
+             f"result, not run; see trials.csv); successive halving with η = {s.plan.spec.budget.reduction_factor} "
              f"(Optuna SuccessiveHalvingPruner).", ""]
     if base is not None:
         lines += ["Baseline: " + ", ".join(f"{k} {_fmt(v)}" for k, v in base.items()), ""]
