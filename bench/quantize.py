@@ -172,10 +172,11 @@ def bench_model(name: str, args, scorer) -> dict:
     base_metrics, base_preds = score(base, data, scorer, None)
     base_mb = weights_mb(base)
     kl_of = calibration_kl(name, base, work, rargs, args.cal_batches)
-    group = 32 if name == "teacher" else 64  # divides every width (teacher 64/256; SmolLM2 576/1536)
+    # divides every width (teacher 64/256; SmolLM2 576/1536)
+    group = args.group_size or (32 if name == "teacher" else 64)
     cal = {"data": "train", "batches": args.cal_batches, "batch_size": 8}
     rows = []
-    methods = ["rtn", "gptq"] if gptq_available() else ["rtn"]
+    methods = [m for m in args.methods if m != "gptq" or gptq_available()]
     for parts_key in args.parts:
         for bits in args.bits:
             for method in methods:
@@ -188,18 +189,18 @@ def bench_model(name: str, args, scorer) -> dict:
                              "perplexity_ratio": m.get("perplexity", float("nan")) / base_metrics["perplexity"],
                              "teacher_cider": m.get("teacher_cider"), "cider": m.get("cider"), "kl": kl_of(folder)})
                 log.info("%s %s", name, rows[-1])
-    if "gptq" not in methods:
+    if "gptq" in args.methods and "gptq" not in methods:
         rows.append({"method": "gptq", "note": "neural-compressor-pt not installed (pip install 'vlm-compress[gptq]')"})
-    # sensitivity and mixed precision: 4-bit language model, KL target half the all-4-bit KL
+    # sensitivity and mixed precision: 4-bit language model, KL target a fraction of the all-4-bit KL
     all4 = next((r["kl"] for r in rows if r.get("parts") == "lm" and r.get("bits") == 4 and r.get("method") == "rtn"), None)
     mixed = None
     if all4:
         cfg = {"parts": ["language_model"], "bits": 4, "group_size": group, "method": "rtn", "calibration": cal,
-               "keep_sensitive": {"max_kl": all4 / 2, "bits": 8}}
+               "keep_sensitive": {"max_kl": all4 * args.mixed_kl, "bits": 8}}
         folder, summary, _ = quantize(name, base, work / "q-mixed", rargs, cfg)
         sens = json.loads((folder.parent / "sensitivity.json").read_text())
         m, _ = score(folder, data, scorer, base_preds)
-        mixed = {"max_kl": all4 / 2, "kl": sens["kl_whole_model"], "met": sens["met"], "kept_high": sens["kept_high"],
+        mixed = {"max_kl": all4 * args.mixed_kl, "kl": sens["kl_whole_model"], "met": sens["met"], "kept_high": sens["kept_high"],
                  "units": sens["units"], "size_ratio": weights_mb(folder) / base_mb, "perplexity": m.get("perplexity"),
                  "sensitivity": sens["kl"]}
     lat = None
@@ -278,6 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cal-batches", type=int, default=4, help="Calibration batches of 8 (GPTQ, KL, sensitivity).")
     parser.add_argument("--rounds", type=int, default=7, help="Alternated latency rounds.")
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--methods", nargs="*", default=["rtn", "gptq"], choices=["rtn", "gptq"])
+    parser.add_argument("--group-size", type=int, default=None, help="Default: 32 (teacher), 64 (SmolLM2).")
+    parser.add_argument("--mixed-kl", type=float, default=0.5,
+                        help="Mixed precision's KL target as a fraction of the all-4-bit RTN model's KL.")
     parser.add_argument("--pruned", action="store_true", help="Also run smollm2_coco.yaml + a 4-bit stage (needs --coco).")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quantize"))
     args = parser.parse_args(argv)
