@@ -38,6 +38,7 @@ data:
 generation: {{max_new_tokens: 12, batch_size: 12}}
 stages:
   - type: evaluate
+    label: eval
     metrics: [bleu_4, cider]
     characteristics: {{latency: null, gflops: false}}
 """
