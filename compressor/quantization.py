@@ -498,7 +498,6 @@ def plot_sensitivity(scores: dict[str, float], high: Sequence[str], out_png: Pat
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from compressor.fileio import atomic_write_bytes
 
         names = list(scores)
         fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(names)), 3), dpi=100)
@@ -510,12 +509,12 @@ def plot_sensitivity(scores: dict[str, float], high: Sequence[str], out_png: Pat
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([n.replace("language_model", "lm") for n in names], rotation=90, fontsize=5)
         fig.tight_layout()
-        import io
+        from eval.plots import save_png
 
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        atomic_write_bytes(Path(out_png), buf.getvalue())
+        try:
+            save_png(fig, Path(out_png))
+        finally:
+            plt.close(fig)
         return True
     except Exception as exc:  # a plot must not fail the stage
         log.warning("sensitivity plot not written: %s", exc)

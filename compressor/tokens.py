@@ -395,11 +395,12 @@ def plot_query_scores(scores: list[float], kept: list[int], title: str, out_png:
         ax.set_xlabel("query")
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
-        out_png = Path(out_png)
-        tmp = out_png.with_name("." + out_png.name + ".tmp")
-        fig.savefig(tmp, format="png")
-        plt.close(fig)
-        tmp.replace(out_png)
+        from eval.plots import save_png
+
+        try:
+            save_png(fig, Path(out_png))
+        finally:
+            plt.close(fig)
         return True
     except Exception as exc:  # plotting must never fail a stage
         log.warning("could not draw %s: %s", out_png, exc)

@@ -758,9 +758,9 @@ def _plot(s: Search, rows, front, chosen, base) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = s.out / ".tmp-pareto.png"
-    fig.savefig(tmp)
-    os.replace(tmp, s.out / "pareto.png")
+    from eval.plots import save_png
+
+    save_png(fig, s.out / "pareto.png")
 
 
 def _fmt(v: Any) -> str:
