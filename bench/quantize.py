@@ -181,6 +181,8 @@ def bench_model(name: str, args, scorer) -> dict:
         for bits in args.bits:
             for method in methods:
                 cfg = {"parts": PARTS[parts_key], "bits": bits, "group_size": group, "method": method, "calibration": cal}
+                if method == "gptq":
+                    cfg["gptq"] = {"damp": args.gptq_damp, "act_order": args.act_order}
                 folder, summary, secs = quantize(name, base, work / f"q-{parts_key}-{bits}-{method}", rargs, cfg)
                 m, _ = score(folder, data, scorer, base_preds)
                 rows.append({"parts": parts_key, "bits": bits, "method": method, "seconds": round(secs, 1),
@@ -280,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=7, help="Alternated latency rounds.")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--methods", nargs="*", default=["rtn", "gptq"], choices=["rtn", "gptq"])
+    parser.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ Hessian dampening (share of its mean diagonal).")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal.")
     parser.add_argument("--group-size", type=int, default=None, help="Default: 32 (teacher), 64 (SmolLM2).")
     parser.add_argument("--mixed-kl", type=float, default=0.5,
                         help="Mixed precision's KL target as a fraction of the all-4-bit RTN model's KL.")

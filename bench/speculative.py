@@ -46,44 +46,36 @@ from pathlib import Path
 
 log = logging.getLogger("bench.speculative")
 
-PREP_RECIPE = """\
-# recipes/smollm2_coco.yaml without its evaluations, gate and push: the baseline and its
-# pruned-and-healed candidate, for bench.speculative
-name: smollm2_coco_spec
-model:
-  assemble:
-    language_model: smollm2-135m-instruct
-    qformer_init: all-minilm-l6-v2
-    vision: vit-tiny
-    num_query_tokens: 32
-    image_size: 224
-    seed: 0
-dtype: float32
-seed: 0
-data:
-  format: coco
-  train: {{annotations: {coco}/captions_train2017.json, images: {coco}/train2017}}
-  eval: {{annotations: {coco}/captions_val2017.json, images: {coco}/val2017}}
-generation: {{num_beams: 1, max_new_tokens: 20, batch_size: 16}}
-stages:
-  - type: lora_finetune
-    parts: [qformer.self_attention, qformer.cross_attention, projection, language_model.attention]
-    lora: {{r: 16, lora_alpha: 32, lora_dropout: 0.05}}
-    train: {{steps: {lora_steps}, batch_size: 8, learning_rate: 1.0e-3, warmup_steps: 5}}
-  - type: merge_adapters
-    label: baseline
-  - type: remove_layers
-    language_model: {{count: 8, select: block_influence}}
-    calibration: {{batches: 4, batch_size: 8, data: train}}
-  - type: heal
-    trainable: lora
-    parts: [language_model.attention, language_model.mlp]
-    lora: {{r: 16, lora_alpha: 32, lora_dropout: 0.0}}
-    loss: distill
-    distill: {{teacher: baseline, temperature: 2.0, kl_weight: 1.0, ce_weight: 0.5}}
-    train: {{steps: {heal_steps}, batch_size: 8, learning_rate: 1.0e-3, warmup_steps: 5}}
-  - type: merge_adapters
-"""
+#: The shipped recipe whose baseline and candidate this benchmark uses (``make demo-real``).
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_coco.yaml"
+#: Stage types kept from it: the chain that makes the models, without evaluations and export.
+PREP_TYPES = ("lora_finetune", "merge_adapters", "remove_layers", "heal")
+
+
+def prep_recipe(coco: Path, lora_steps: int, heal_steps: int) -> dict:
+    """recipes/smollm2_coco.yaml without its evaluations, export, gate and push: the baseline (its
+    label moved onto the model stage the dropped evaluation scored) and its pruned-and-healed
+    candidate, on the COCO-layout folder ``coco``, with the given LoRA and heal step counts."""
+    import yaml
+
+    recipe = yaml.safe_load(DEMO_RECIPE.read_text())
+    recipe["name"] = "smollm2_coco_spec"
+    for section, split in (("train", "train2017"), ("eval", "val2017")):
+        recipe["data"][section].update(annotations=f"{coco}/captions_{split}.json", images=f"{coco}/{split}")
+    stages: list[dict] = []
+    for st in recipe["stages"]:
+        if st["type"] in PREP_TYPES:
+            stages.append(dict(st))
+        elif st.get("label") == "baseline":
+            stages[-1]["label"] = "baseline"
+    steps = {"lora_finetune": lora_steps, "heal": heal_steps}
+    for st in stages:
+        if st["type"] in steps:
+            st["train"] = {**st["train"], "steps": steps[st["type"]]}
+    recipe["stages"] = stages
+    for key in ("gate", "push"):
+        recipe.pop(key, None)
+    return recipe
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,8 +101,10 @@ def prepare(coco: Path, work: Path, lora_steps: int, heal_steps: int) -> Path:
     """Run the demo-real chain without its evaluations into ``work/run`` (cached by the runner)."""
     import subprocess
 
+    import yaml
+
     recipe = work / "smollm2_coco_spec.yaml"
-    recipe.write_text(PREP_RECIPE.format(coco=coco.resolve(), lora_steps=lora_steps, heal_steps=heal_steps))
+    recipe.write_text(yaml.safe_dump(prep_recipe(coco.resolve(), lora_steps, heal_steps), sort_keys=False))
     run = work / "run"  # one run folder: the runner reuses what is unchanged (the assembled model)
     if not (run / "final" / "config.json").is_file():
         t0 = time.perf_counter()
@@ -303,16 +297,16 @@ def bench_model(name: str, target_dir: Path, drafts: dict[str, tuple[Path, str |
     result["exact"]["ort_fp32_rows_equal_to_pytorch_generate"] = same_as_torch
     result["exact"]["distinct_captions"] = len({tuple(r) for _, ref in batches for r in ref.tolist()})
     for label, dcap in draft_caps.items():
-        for k in args.k:
-            sc = SpeculativeCaptioner(target, dcap, k, label)
+        for k, conf in ((k, c) for k in args.k for c in args.min_confidence):
+            sc = SpeculativeCaptioner(target, dcap, k, label, min_confidence=conf)
             equal = 0
             for inputs, ref in batches:
                 got = sc.generate(inputs, inputs)
                 equal += int((got.shape == ref.shape) and (got == ref).all(1).sum()) if got.shape == ref.shape else 0
             rec = {"rows_identical": equal, **sc.stats.record()}
-            result["exact"][f"{label} k={k}"] = rec
-            log.info("%s exact %s k=%d: %s", name, label, k, rec)
-            assert equal == len(images), f"{name}: {label} k={k}: {equal}/{len(images)} rows identical to plain fp32 ORT"
+            result["exact"][side_name(label, k, conf)] = rec
+            log.info("%s exact %s: %s", name, side_name(label, k, conf), rec)
+            assert equal == len(images), f"{name}: {side_name(label, k, conf)}: {equal}/{len(images)} rows identical to plain fp32 ORT"
 
     # ---- latency at batch 1
     timed = val_images(args.images, args.images_timed, size, synthetic)
@@ -336,10 +330,10 @@ def bench_model(name: str, target_dir: Path, drafts: dict[str, tuple[Path, str |
         specs = {}
         for label, (d, v) in d_onnx.items():
             dcap = OnnxCaptioner(d, gen, variant=v or "optimized", **kw)
-            for k in args.k:
-                sc = SpeculativeCaptioner(target, dcap, k, label)
-                specs[f"{label} k={k}"] = sc
-                sides[f"{label} k={k}"] = lambda ims, c=sc: c.caption(ims)
+            for k, conf in ((k, c) for k in args.k for c in args.min_confidence):
+                sc = SpeculativeCaptioner(target, dcap, k, label, min_confidence=conf)
+                specs[side_name(label, k, conf)] = sc
+                sides[side_name(label, k, conf)] = lambda ims, c=sc: c.caption(ims)
         for f in sides.values():  # warm-up
             f(timed[:1])
         for sc in specs.values():
@@ -366,6 +360,11 @@ def bench_model(name: str, target_dir: Path, drafts: dict[str, tuple[Path, str |
     return result
 
 
+def side_name(label: str, k: int, conf: float | None) -> str:
+    """How tables name a speculative configuration (draft, k, and the confidence cut if any)."""
+    return f"{label} k={k}" + ("" if conf is None else f" c={conf:g}")
+
+
 def _pad(a, other: int):
     """``a (rows, n)`` padded with -1 to ``max(n, other)`` columns."""
     import numpy as np
@@ -388,14 +387,14 @@ def print_results(results: list[dict], args) -> None:
             print(f"  fp32 decoder {r['decoder_mb']} MB: bandwidth floor of one step {r['step_floor_ms']} ms")
         for tokens, rows in r["latency"].items():
             print(f"  batch 1, {tokens} new tokens, {args.images_timed} images, median of {args.rounds} alternating rounds:")
-            print(f"    {'side':22s} {'s/caption':>9s} {'x torch':>8s} {'x ORT':>6s} {'x int8':>7s} {'accept':>7s} {'calls':>6s} "
+            print(f"    {'side':28s} {'s/caption':>9s} {'x torch':>8s} {'x ORT':>6s} {'x int8':>7s} {'accept':>7s} {'calls':>6s} "
                   f"{'img+pre':>8s} {'ms/tok':>7s}")
             for k, v in rows.items():
                 acc = v.get("spec_acceptance")
                 calls = v.get("spec_target_calls_per_caption")
                 share = v.get("image_prefill_share")
                 mpt = v.get("ms_per_token_after_prefill")
-                print(f"    {k:22s} {v['s']:9.3f} {v['x_torch']:8.2f} {v['x_ort_fp32']:6.2f} {v['x_ort_int8']:7.2f} "
+                print(f"    {k:28s} {v['s']:9.3f} {v['x_torch']:8.2f} {v['x_ort_fp32']:6.2f} {v['x_ort_int8']:7.2f} "
                       f"{'' if acc is None else f'{acc:7.2f}':>7s} {'' if calls is None else f'{calls:6.1f}':>6s} "
                       f"{'' if share is None else f'{share:8.0%}':>8s} {'' if mpt is None else f'{mpt:7.1f}':>7s}")
 
@@ -417,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", default="20,40")
     ap.add_argument("--k", default="2,3,4,6")
+    ap.add_argument("--min-confidence", default="none",
+                    help="comma-separated draft-confidence cuts to try (none: always k; e.g. none,0.4)")
     ap.add_argument("--exact-images", type=int, default=64)
     ap.add_argument("--images-timed", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
@@ -427,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.new_tokens = [int(x) for x in args.new_tokens.split(",")]
     args.k = [int(x) for x in args.k.split(",")]
+    args.min_confidence = [None if x.strip().lower() == "none" else float(x) for x in args.min_confidence.split(",")]
     global EXPORTER
     EXPORTER = args.exporter
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -105,7 +105,8 @@ def _processors_on(generation) -> bool:
     )
 
 
-def speculative_greedy(target, draft, target_inputs: dict, draft_inputs: dict, k: int, stats: SpecStats | None = None):
+def speculative_greedy(target, draft, target_inputs: dict, draft_inputs: dict, k: int, stats: SpecStats | None = None,
+                       min_confidence: float | None = None):
     """Greedy decoding of ``target`` with ``draft`` proposing ``k`` tokens a round (see the module docstring).
 
     Args:
@@ -117,6 +118,10 @@ def speculative_greedy(target, draft, target_inputs: dict, draft_inputs: dict, k
         draft_inputs: the draft processor's arrays for the same images and prompts.
         k: draft tokens per round (>= 1).
         stats: counters to add to, or None.
+        min_confidence: stop a round's drafting early once every live row's draft probability of
+            its last proposal (softmax of the draft's logits) is below this (transformers'
+            ``assistant_confidence_threshold``, default 0.4 there); None drafts ``k`` every round.
+            It only decides how many tokens are proposed: the captions are the same.
 
     Returns:
         ``(batch, n + new)`` int64: the prompt ids followed by the new tokens, finished rows
@@ -171,6 +176,12 @@ def speculative_greedy(target, draft, target_inputs: dict, draft_inputs: dict, k
                     d_logits, d_state = draft.extend(props[:, i - 1 : i], ones, d_state)
                 for r in np.flatnonzero(live):
                     props[r, i] = choose(draft, r, d_logits[r], props[r, :i], d_prompt)
+                if min_confidence is not None and i + 1 < kk and all(
+                    _probability(d_logits[r], props[r, i]) < min_confidence for r in np.flatnonzero(live)
+                ):
+                    kk = i + 1  # the draft doubts its last proposal on every row: score what it has
+                    props = props[:, :kk]
+                    break
             st.draft_calls += kk * int(live.sum())
         t_logits, t_state = target.extend(
             np.concatenate([pending_t[:, None], props], axis=1), np.ones((B, kk + 1), dtype=np.int64), t_state, all_logits=True
@@ -209,6 +220,15 @@ def speculative_greedy(target, draft, target_inputs: dict, draft_inputs: dict, k
     for r, o in enumerate(out):
         seqs[r, n : n + len(o)] = o
     return seqs
+
+
+def _probability(logits, token: int) -> float:
+    """Softmax probability of ``token`` under one row's ``(vocab,)`` logits."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64)
+    m = z.max()
+    return float(np.exp(z[token] - m) / np.exp(z - m).sum())
 
 
 # ------------------------------------------------------------------------------ compatibility
@@ -340,8 +360,10 @@ class SpeculativeCaptioner:
             :class:`~exporters.onnx.captioner.OnnxCaptioner` or a
             :func:`~exporters.onnx.modules.module_captioner`).
         draft: the draft captioner (same kinds; may differ from the target's backend).
-        num_draft_tokens: ``k``, draft tokens per round.
+        num_draft_tokens: ``k``, draft tokens per round (at most).
         draft_name: how settings and messages name the draft (its folder).
+        min_confidence: end a round's drafting early below this draft probability
+            (:func:`speculative_greedy`); None: always ``k``.
 
     Attributes:
         stats: :class:`SpecStats` of every caption since creation (or the last ``stats.reset()``).
@@ -352,7 +374,8 @@ class SpeculativeCaptioner:
             :func:`check_pair` refuses (exit 2).
     """
 
-    def __init__(self, target, draft, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS, draft_name: str | None = None):
+    def __init__(self, target, draft, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS, draft_name: str | None = None,
+                 min_confidence: float | None = None):
         name = draft_name or str(draft.dir)
         if int(target.kwargs["num_beams"]) > 1:
             raise UserInputError(
@@ -364,7 +387,10 @@ class SpeculativeCaptioner:
         if getattr(target, "scoring_graph", None) is None:
             raise UserInputError(f"{target.dir}: a speculative target must be opened with scoring=True")
         check_pair(target, draft, name)
+        if min_confidence is not None and not 0.0 < float(min_confidence) < 1.0:
+            raise UserInputError(f"min_confidence {min_confidence}: expected a probability between 0 and 1 (exclusive)")
         self.target, self.draft, self.k = target, draft, int(num_draft_tokens)
+        self.min_confidence = None if min_confidence is None else float(min_confidence)
         self.generation = target.generation
         self.family, self.processor = target.family, target.processor
         self.shared_image = _share_image_graph(target, draft)
@@ -376,6 +402,7 @@ class SpeculativeCaptioner:
                 "draft_backend": draft.settings.get("backend"),
                 "draft_variant": getattr(draft, "variant", None),
                 "num_draft_tokens": self.k,
+                **({"min_confidence": self.min_confidence} if self.min_confidence is not None else {}),
             },
         }
 
@@ -399,7 +426,8 @@ class SpeculativeCaptioner:
 
     def generate(self, target_inputs: dict, draft_inputs: dict):
         """Token ids as the target's greedy :meth:`~OnnxCaptioner.generate` returns them (prompt included)."""
-        return speculative_greedy(self.target, self.draft, target_inputs, draft_inputs, self.k, self.stats)
+        return speculative_greedy(self.target, self.draft, target_inputs, draft_inputs, self.k, self.stats,
+                                  self.min_confidence)
 
 
 def _np(v):

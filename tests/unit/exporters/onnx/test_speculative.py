@@ -144,6 +144,27 @@ def test_speculative_tokens_are_the_targets_greedy_tokens(pair, images, draft, k
     assert sc.stats.captions == 4 and sc.stats.proposed > 0
 
 
+@pytest.mark.parametrize("draft", ["random", "near"])
+def test_a_confidence_cut_drafts_fewer_tokens_and_keeps_the_captions(pair, images, draft):
+    """``min_confidence`` (transformers' assistant_confidence_threshold) ends a round's drafting
+    when the draft doubts its proposal: fewer draft calls and proposals, the same tokens."""
+    from compressor.families import family_for_model
+    from compressor.models.batches import generation_inputs
+    from exporters.onnx.speculative import SpeculativeCaptioner
+
+    gen = _gen()
+    inputs = {k_: v.numpy() for k_, v in generation_inputs(family_for_model(pair["model"]), pair["proc"], images, PROMPTS).items()}
+    ref = _onnx(pair, pair["target"], gen).generate(inputs)
+    target = _onnx(pair, pair["target"], gen, scoring=True)
+    full, cut = (SpeculativeCaptioner(target, _draft(pair, draft, gen), 6, draft, min_confidence=c) for c in (None, 0.999))
+    np.testing.assert_array_equal(full.generate(inputs, inputs), ref)
+    np.testing.assert_array_equal(cut.generate(inputs, inputs), ref)
+    assert cut.stats.draft_calls < full.stats.draft_calls and cut.stats.proposed < full.stats.proposed
+    assert cut.settings["speculative"]["min_confidence"] == 0.999 and "min_confidence" not in full.settings["speculative"]
+    with pytest.raises(UserInputError, match="min_confidence"):
+        SpeculativeCaptioner(target, _draft(pair, draft, gen), 4, draft, min_confidence=1.5)
+
+
 def test_rows_of_a_batch_accept_independently(pair, images):
     """Batch 4 takes exactly the calls four batch-1 runs take: each row keeps its own accepted
     tokens (the slots it rejected are masked holes), none waits for the slowest row."""
