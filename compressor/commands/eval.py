@@ -75,7 +75,7 @@ def _csv_ints(text: str, option: str) -> list[int]:
 def eval_command(obj, model, data_path, data_format, task, images, limit, skip_invalid, predictions, references, out, metrics,
                  label, save_predictions, bertscore_model, bertscore_layers, clipscore_model, teacher_predictions, prompt,
                  num_beams, max_new_tokens, min_new_tokens, batch_size, device, dtype, draft, num_draft_tokens, draft_variant,
-                 no_draft, latency_batch_sizes, latency_repeats, latency_warmup, no_latency, no_gflops, gflops_new_tokens):
+                 draft_confidence, no_draft, latency_batch_sizes, latency_repeats, latency_warmup, no_latency, no_gflops, gflops_new_tokens):
     """Score MODEL_OR_ONNX_DIR on --data, or score --predictions against --references / --data.
 
     Writes an evaluation record (metrics on the 0-100 scale, characteristics, decoding settings)
@@ -91,7 +91,7 @@ def eval_command(obj, model, data_path, data_format, task, images, limit, skip_i
         raise UserInputError("give MODEL_OR_ONNX_DIR (to caption --data) or --predictions (to score a file), not both")
     if model is None and predictions is None:
         raise UserInputError("give MODEL_OR_ONNX_DIR with --data, or --predictions with --references (or --data)")
-    if predictions is not None and (draft or num_draft_tokens or draft_variant):
+    if predictions is not None and (draft or num_draft_tokens or draft_variant or draft_confidence):
         raise UserInputError("--draft options go with MODEL_OR_ONNX_DIR: scoring --predictions runs no model")
     if save_predictions is not None:
         check_out(save_predictions, (".json",), "--save-predictions")
@@ -123,7 +123,8 @@ def eval_command(obj, model, data_path, data_format, task, images, limit, skip_i
     )
     overrides = dict(prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, batch_size=batch_size)
-    drafting = dict(draft=draft, num_draft_tokens=num_draft_tokens, draft_variant=draft_variant, no_draft=no_draft)
+    drafting = dict(draft=draft, num_draft_tokens=num_draft_tokens, draft_variant=draft_variant,
+                    draft_confidence=draft_confidence, no_draft=no_draft)
     tgt = load_target(model, overrides, device, dtype, drafting)
     from compressor.evaluation import EvalOptions, evaluate
     from eval.captioning import CaptionScorer

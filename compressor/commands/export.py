@@ -81,9 +81,12 @@ def _targets(base: Path, out: Path | None, onnx: bool, safetensors: bool) -> dic
               help="Bundle this draft (model folder or ONNX export, same tokenizer) in draft/ for speculative decoding.")
 @click.option("--num-draft-tokens", type=click.IntRange(1, 16), help="Draft tokens per target call recorded with --draft (default 4).")
 @click.option("--draft-variant", type=click.Choice(["plain", "optimized", "fp32", "fp16", "int8", "int4"]), help="The draft variant the captioner runs.")
+@click.option("--draft-confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Draft-confidence cut recorded with --draft: a round's drafting ends below this probability.")
 @click.pass_obj
 def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, variants, exporter, no_optimize, no_twin_check,
-           isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant):
+           isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant,
+           draft_confidence=None):
     """Export MODEL_DIR (default: the newest runs/*/final) to ONNX and/or safetensors.
 
     \b
@@ -100,17 +103,18 @@ def export(obj, model_dir, onnx, safetensors, out, dtype, opset, quantize, varia
         raise UserInputError("--quantize int8 applies to the ONNX decoder: add --onnx")
     if variants and not onnx:
         raise UserInputError("--variant applies to the ONNX graphs: add --onnx")
-    if (draft is not None or num_draft_tokens or draft_variant) and not onnx:
+    if (draft is not None or num_draft_tokens or draft_variant or draft_confidence) and not onnx:
         raise UserInputError("--draft bundles a draft with the ONNX export: add --onnx")
-    if draft is None and (num_draft_tokens or draft_variant):
-        raise UserInputError("--num-draft-tokens / --draft-variant go with --draft DIR")
+    if draft is None and (num_draft_tokens or draft_variant or draft_confidence):
+        raise UserInputError("--num-draft-tokens / --draft-variant / --draft-confidence go with --draft DIR")
     model_dir = model_dir if model_dir is not None else newest_final()
     beside = model_dir.resolve().parent
     with contextlib.ExitStack() as stack:
         if not model_dir.exists():
             model_dir = _preset_folder(model_dir, stack)
         _export(obj, model_dir, beside, onnx, safetensors, out, dtype, opset, quantize, variants, exporter, no_optimize,
-                no_twin_check, isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant)
+                no_twin_check, isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant,
+                draft_confidence)
 
 
 def _preset_folder(name: Path, stack: contextlib.ExitStack) -> Path:
@@ -133,7 +137,8 @@ def _preset_folder(name: Path, stack: contextlib.ExitStack) -> Path:
 
 
 def _export(obj, model_dir, beside, onnx, safetensors, out, dtype, opset, quantize, variants, exporter, no_optimize,
-            no_twin_check, isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant):
+            no_twin_check, isolate_graphs, tolerance, max_shard_size, device, draft, num_draft_tokens, draft_variant,
+            draft_confidence=None):
     from compressor.models.loading import is_model_dir, resolve_device
 
     if not is_model_dir(model_dir):
@@ -174,7 +179,8 @@ def _export(obj, model_dir, beside, onnx, safetensors, out, dtype, opset, quanti
         if draft is not None:
             from exporters.onnx.export import export_onnx_with_draft
 
-            meta = export_onnx_with_draft(model_dir, targets["onnx"], opts, draft, num_draft_tokens, draft_variant, device=dev)
+            meta = export_onnx_with_draft(model_dir, targets["onnx"], opts, draft, num_draft_tokens, draft_variant, device=dev,
+                                          min_confidence=draft_confidence)
         else:
             meta = export_onnx(model_dir, targets["onnx"], opts, device=dev)
         summary["onnx"] = {

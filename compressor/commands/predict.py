@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 @draft_options
 @click.pass_obj
 def predict_command(obj, model, data_path, data_format, task, images, limit, skip_invalid, out, prompt, num_beams,
-                    max_new_tokens, min_new_tokens, batch_size, device, dtype, draft, num_draft_tokens, draft_variant, no_draft):
+                    max_new_tokens, min_new_tokens, batch_size, device, dtype, draft, num_draft_tokens, draft_variant, draft_confidence,
+                    no_draft):
     """Write captions (a COCO results list) or VQA answers (a CSV) for --data. Exit 2 on bad input."""
     from compressor.errors import UserInputError
     from compressor.evaluation import answers_rows, caption_rows, predict, prompt_fn, write_predictions
@@ -53,7 +54,8 @@ def predict_command(obj, model, data_path, data_format, task, images, limit, ski
     data = load_data(data_path, data_format, task, images, limit, skip_invalid)
     overrides = dict(prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, batch_size=batch_size)
-    drafting = dict(draft=draft, num_draft_tokens=num_draft_tokens, draft_variant=draft_variant, no_draft=no_draft)
+    drafting = dict(draft=draft, num_draft_tokens=num_draft_tokens, draft_variant=draft_variant,
+                    draft_confidence=draft_confidence, no_draft=no_draft)
     tgt = load_target(model, overrides, device, dtype, drafting)
     gen = tgt.generation
     preds = predict(tgt.captioner, data, data.task, prompt_fn(gen), gen.batch_size, not (obj.quiet or obj.json))

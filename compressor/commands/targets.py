@@ -75,6 +75,9 @@ def draft_options(f):
                          "or the bundled draft's)."),
             click.option("--draft-variant", type=click.Choice(["plain", "optimized", "fp32", "fp16", "int8", "int4"]),
                          help="The draft export's variant (int8: its quantised decoder; DIR may be the model's own export)."),
+            click.option("--draft-confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                         help="End a round's drafting once the draft's probability of its proposal is below this "
+                         "(e.g. 0.4; helps weak drafts); same captions."),
             click.option("--no-draft", is_flag=True, help="Ignore a draft bundled in the ONNX export."),
         ]
     ):
@@ -82,7 +85,8 @@ def draft_options(f):
     return f
 
 
-def draft_spec(draft: str | None, num_draft_tokens: int | None, draft_variant: str | None, no_draft: bool, generation):
+def draft_spec(draft: str | None, num_draft_tokens: int | None, draft_variant: str | None, no_draft: bool, generation,
+               draft_confidence: float | None = None):
     """The :class:`~exporters.onnx.speculative.DraftSpec` of the draft options, checked before any model loads.
 
     Raises:
@@ -104,7 +108,8 @@ def draft_spec(draft: str | None, num_draft_tokens: int | None, draft_variant: s
                 f"--draft with beam search (num_beams {generation.num_beams}): speculative decoding is greedy only; "
                 "pass --num-beams 1 or leave --draft out"
             )
-    return DraftSpec(path=draft, num_draft_tokens=num_draft_tokens, variant=draft_variant, bundled=not no_draft)
+    return DraftSpec(path=draft, num_draft_tokens=num_draft_tokens, variant=draft_variant, bundled=not no_draft,
+                     min_confidence=draft_confidence)
 
 
 def resolve_target_path(target: str) -> tuple[Path, str]:
@@ -189,7 +194,7 @@ def load_target(target: str, overrides: dict[str, Any], device: str = "auto", dt
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: weights dtype, or None for the saved one.
         draft: the draft options (``draft``, ``num_draft_tokens``, ``draft_variant``,
-            ``no_draft``; see :func:`draft_options`), or None (an export's bundled draft is used).
+            ``draft_confidence``, ``no_draft``; see :func:`draft_options`), or None (an export's bundled draft is used).
 
     Returns:
         A :class:`compressor.evaluation.EvalTarget` (``folder`` the resolved folder,
@@ -222,8 +227,8 @@ def load_target(target: str, overrides: dict[str, Any], device: str = "auto", dt
         model = PeftModel.from_pretrained(model, str(folder / "adapter")).to(dev)
         model.eval()
         origin.append("LoRA adapter in adapter/ applied")
-    if spec.path is None and (spec.num_draft_tokens is not None or spec.variant is not None):
-        raise UserInputError(f"--num-draft-tokens / --draft-variant need --draft DIR: {folder} is a model folder with no bundled draft")
+    if spec.path is None and (spec.num_draft_tokens is not None or spec.variant is not None or spec.min_confidence is not None):
+        raise UserInputError(f"--num-draft-tokens / --draft-variant / --draft-confidence need --draft DIR: {folder} is a model folder with no bundled draft")
     return EvalTarget.torch(model, processor, generation, dev, folder, settings_from=origin,
                             draft=spec if spec.path is not None else None)
 

@@ -121,7 +121,8 @@ class TorchCaptioner:
             from exporters.onnx.speculative import SpeculativeCaptioner
 
             target = module_captioner(model, processor, generation, scoring=True)
-            self.speculative = SpeculativeCaptioner(target, draft.captioner, draft.num_draft_tokens, draft.name)
+            self.speculative = SpeculativeCaptioner(target, draft.captioner, draft.num_draft_tokens, draft.name,
+                                                    draft.min_confidence)
             self.settings["speculative"] = self.speculative.settings["speculative"]
 
     @property

@@ -51,6 +51,10 @@ class SpeculativeSpec(Strict):
         "or a folder path with a `/` (an ONNX export or a model folder). It must share the model's tokenizer."
     )
     num_draft_tokens: int = Field(4, ge=1, le=16, description="Draft tokens proposed per target call (k).")
+    min_confidence: float | None = Field(
+        None, gt=0, lt=1, description="End a round's drafting once the draft's probability of its proposal is below "
+        "this (transformers' assistant_confidence_threshold): helps weak drafts, costs strong ones; same captions."
+    )
     variant: Literal["plain", "optimized", "fp32", "fp16", "int8", "int4"] | None = Field(
         None, description="The draft export's variant (int8 / int4: its quantised decoder; default: the export's default)."
     )
@@ -211,7 +215,7 @@ def draft_spec(cfg, ctx):
             path = str(ctx.labels[sp.draft])
         else:
             raise UserInputError(f"speculative.draft: no earlier stage is labelled '{sp.draft}'")
-    return DraftSpec(path=path, num_draft_tokens=sp.num_draft_tokens, variant=sp.variant)
+    return DraftSpec(path=path, num_draft_tokens=sp.num_draft_tokens, variant=sp.variant, min_confidence=sp.min_confidence)
 
 
 def check_recipe(cfg, recipe) -> None:

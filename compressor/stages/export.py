@@ -116,7 +116,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
             sp = cfg.speculative
             meta = export_onnx_with_draft(
                 input_dir, out_dir / "onnx", opts, Path(draft_spec(cfg, ctx).path), sp.num_draft_tokens, sp.variant,
-                device=ctx.device, extra_files=extra,
+                device=ctx.device, extra_files=extra, min_confidence=sp.min_confidence,
             )
         else:
             meta = export_onnx(input_dir, out_dir / "onnx", opts, device=ctx.device, extra_files=extra)

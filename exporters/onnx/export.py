@@ -393,6 +393,7 @@ def export_onnx_with_draft(
     draft_variant: str | None = None,
     device: str = "cpu",
     extra_files: dict[str, str] | None = None,
+    min_confidence: float | None = None,
 ) -> dict:
     """Export ``model_dir`` with a draft bundled for speculative decoding (the ``export`` stage's
     ``speculative``, ``compress export --draft``).
@@ -415,6 +416,8 @@ def export_onnx_with_draft(
         draft_variant: the draft export's variant the captioner runs (None: its default).
         device: where validation runs.
         extra_files: as for :func:`export_onnx`.
+        min_confidence: the draft-confidence cut recorded for the captioner
+            (:func:`exporters.onnx.speculative.speculative_greedy`; None: always ``k``).
 
     Returns:
         The target's ``export.json`` content, with its ``draft`` entry.
@@ -449,13 +452,15 @@ def export_onnx_with_draft(
         else:
             export_onnx(draft_dir, tmp / "draft", opts, device=device)
         meta[DRAFT_KEY] = {"folder": "draft", "num_draft_tokens": k, "variant": draft_variant, "source": str(draft_dir)}
+        if min_confidence is not None:
+            meta[DRAFT_KEY]["min_confidence"] = float(min_confidence)
         md.write_json(tmp / ".export.json.new", meta)
         os.replace(tmp / ".export.json.new", tmp / md.EXPORT_JSON)  # a new file: never writes through a hard link
         write_checksums(tmp)
         from exporters.onnx.captioner import OnnxCaptioner
 
         draft = OnnxCaptioner(tmp / "draft", None, variant=draft_variant, verify=False, providers=["CPUExecutionProvider"])
-        onnx_captioner(tmp, None, OpenDraft(draft, k, str(draft_dir)), verify=False, providers=["CPUExecutionProvider"])
+        onnx_captioner(tmp, None, OpenDraft(draft, k, str(draft_dir), min_confidence), verify=False, providers=["CPUExecutionProvider"])
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

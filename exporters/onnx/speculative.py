@@ -448,21 +448,25 @@ class DraftSpec:
             :data:`DEFAULT_DRAFT_TOKENS`).
         variant: the draft export's variant (``plain`` / ``optimized`` / ``int8``; None: its default).
         bundled: use an export's bundled draft when ``path`` is None (``--no-draft``: False).
+        min_confidence: end a round's drafting below this draft probability
+            (:func:`speculative_greedy`); None: always ``k``.
     """
 
     path: str | None = None
     num_draft_tokens: int | None = None
     variant: str | None = None
     bundled: bool = True
+    min_confidence: float | None = None
 
 
 @dataclass
 class OpenDraft:
-    """An opened draft: its captioner, ``k`` and the name settings record."""
+    """An opened draft: its captioner, ``k``, the name settings record and the confidence cut."""
 
     captioner: Any
     num_draft_tokens: int
     name: str
+    min_confidence: float | None = None
 
 
 def resolve_draft(spec: DraftSpec | None, generation, target_dir=None, device: str = "cpu", dtype: str | None = None,
@@ -485,12 +489,14 @@ def resolve_draft(spec: DraftSpec | None, generation, target_dir=None, device: s
     path, k = spec.path, spec.num_draft_tokens
     if k is not None and int(k) < 1:
         raise UserInputError(f"num_draft_tokens {k}: expected at least 1")
+    if spec.min_confidence is not None and not 0.0 < float(spec.min_confidence) < 1.0:
+        raise UserInputError(f"min_confidence {spec.min_confidence}: expected a probability between 0 and 1 (exclusive)")
     if path is None:
         found = bundled_draft(target_dir) if spec.bundled and target_dir is not None and is_onnx_dir(target_dir) else None
         if found is None:
-            if k is not None or spec.variant is not None:
+            if k is not None or spec.variant is not None or spec.min_confidence is not None:
                 raise UserInputError(
-                    f"num_draft_tokens / draft variant given, but there is no draft: {target_dir or 'the model'} bundles "
+                    f"num_draft_tokens / draft variant / draft confidence given, but there is no draft: {target_dir or 'the model'} bundles "
                     "none; name one (--draft DIR)"
                 )
             return None
@@ -498,14 +504,15 @@ def resolve_draft(spec: DraftSpec | None, generation, target_dir=None, device: s
             log.info("%s: its bundled draft is not used with beam search (num_beams %s)", target_dir, generation.num_beams)
             return None
         path, k = found[0], k or found[1]
-        spec = DraftSpec(path=str(path), num_draft_tokens=k, variant=spec.variant or found[2])
+        conf = spec.min_confidence if spec.min_confidence is not None else found[3]
+        spec = DraftSpec(path=str(path), num_draft_tokens=k, variant=spec.variant or found[2], min_confidence=conf)
     elif int(generation.num_beams) > 1:
         raise UserInputError(
             f"beam search (num_beams {generation.num_beams}) with draft {path}: speculative decoding is greedy only; "
             "set num_beams: 1 or leave the draft out"
         )
     draft = open_draft(path, generation, spec.variant, threads, device, dtype)
-    return OpenDraft(draft, int(k or DEFAULT_DRAFT_TOKENS), str(path))
+    return OpenDraft(draft, int(k or DEFAULT_DRAFT_TOKENS), str(path), spec.min_confidence)
 
 
 def onnx_captioner(onnx_dir, generation, draft: OpenDraft | None = None, **kwargs):
@@ -523,11 +530,11 @@ def onnx_captioner(onnx_dir, generation, draft: OpenDraft | None = None, **kwarg
     if draft is None:
         return exporters.onnx.OnnxCaptioner(onnx_dir, generation, **kwargs)
     target = exporters.onnx.OnnxCaptioner(onnx_dir, generation, scoring=True, **kwargs)
-    return SpeculativeCaptioner(target, draft.captioner, draft.num_draft_tokens, draft.name)
+    return SpeculativeCaptioner(target, draft.captioner, draft.num_draft_tokens, draft.name, draft.min_confidence)
 
 
-def bundled_draft(onnx_dir: Path | str) -> tuple[Path, int, str | None] | None:
-    """``(draft folder, num_draft_tokens, variant)`` of a draft bundled in an export
+def bundled_draft(onnx_dir: Path | str) -> tuple[Path, int, str | None, float | None] | None:
+    """``(draft folder, num_draft_tokens, variant, min_confidence)`` of a draft bundled in an export
     (``export.json``'s ``draft`` entry, :func:`exporters.onnx.export.export_onnx_with_draft`), or None."""
     import json
 
@@ -537,7 +544,8 @@ def bundled_draft(onnx_dir: Path | str) -> tuple[Path, int, str | None] | None:
         return None  # the captioner itself reports an unreadable export.json
     if not entry:
         return None
-    return Path(onnx_dir) / entry["folder"], int(entry.get("num_draft_tokens") or DEFAULT_DRAFT_TOKENS), entry.get("variant")
+    return (Path(onnx_dir) / entry["folder"], int(entry.get("num_draft_tokens") or DEFAULT_DRAFT_TOKENS), entry.get("variant"),
+            entry.get("min_confidence"))
 
 
 def _folder_facts(path: Path) -> dict[str, Any]:

@@ -69,13 +69,15 @@ def test_eval_with_a_draft_records_acceptance_and_gates_on_it(folders, tmp_path)
 def test_predict_with_a_draft_writes_the_same_captions(folders, tmp_path):
     t, caps = str(folders["target"]), str(folders["caps"])
     outs = []
-    for extra in ((), ("--draft", t)):  # the model drafting for itself
+    # the model drafting for itself; a noisy draft stopped by a confidence cut
+    for extra in ((), ("--draft", t), ("--draft", str(folders["draft"]), "--draft-confidence", "0.9")):
         out = tmp_path / f"p{len(outs)}.json"
         r = run_inprocess("--json", "predict", t, "--data", caps, "--out", str(out), *extra)
         assert r.returncode == 0, r.stderr
         outs.append(json.loads(out.read_text()))
-    assert outs[0] == outs[1] and len({p["caption"] for p in outs[0]}) >= 2
-    assert json.loads(r.stdout)["speculative"]["spec_acceptance"] == 1.0
+        if len(outs) == 2:
+            assert json.loads(r.stdout)["speculative"]["spec_acceptance"] == 1.0
+    assert outs[0] == outs[1] == outs[2] and len({p["caption"] for p in outs[0]}) >= 2
 
 
 @pytest.mark.parametrize(
@@ -85,9 +87,12 @@ def test_predict_with_a_draft_writes_the_same_captions(folders, tmp_path):
         (("--draft", "{root}/nowhere"), "neither an ONNX export"),
         (("--draft", "{opt}"), "tokenizer differs"),
         (("--num-draft-tokens", "3"), "need --draft"),
+        (("--draft-confidence", "0.4"), "need --draft"),
+        (("--draft", "{draft}", "--draft-confidence", "1.5"), "--draft-confidence"),
         (("--draft", "{draft}", "--no-draft"), "contradict"),
     ],
-    ids=["beams", "missing", "other-tokenizer", "k-without-draft", "draft-and-no-draft"],
+    ids=["beams", "missing", "other-tokenizer", "k-without-draft", "confidence-without-draft", "confidence-out-of-range",
+         "draft-and-no-draft"],
 )
 def test_bad_drafts_exit_2_and_write_nothing(folders, tmp_path, extra, message):
     fill = {k: str(v) for k, v in folders.items()}
@@ -114,7 +119,7 @@ stages:
     label: drafted
     metrics: [rouge_1]
     characteristics: {{latency: null, gflops: false}}
-    speculative: {{draft: {draft}, num_draft_tokens: 3}}
+    speculative: {{draft: {draft}, num_draft_tokens: 3, min_confidence: 0.5}}
 gate:
   candidate: drafted
   baseline: baseline
@@ -131,7 +136,7 @@ def test_recipe_evaluates_with_an_earlier_stage_as_draft(folders, tmp_path):
     ev = report["evaluations"]["drafted"]
     assert ev["characteristics"]["spec_acceptance"] == 1.0  # the model drafting for itself
     assert ev["metrics"] == report["evaluations"]["baseline"]["metrics"] and report["gate"]["passed"]
-    assert ev["decoding"]["speculative"]["num_draft_tokens"] == 3
+    assert ev["decoding"]["speculative"]["num_draft_tokens"] == 3 and ev["decoding"]["speculative"]["min_confidence"] == 0.5
 
 
 @pytest.mark.parametrize(
@@ -149,3 +154,14 @@ def test_recipe_drafts_are_checked_before_running(folders, tmp_path, beams, draf
     r = run_inprocess("apply", str(recipe), "--out", str(tmp_path / "run"), "--dry-run")
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "run" / "stages").exists()
+
+
+def test_export_draft_options_need_a_draft(folders, tmp_path):
+    """`compress export --draft-confidence` records a cut with a bundled draft: alone it is refused."""
+    out = tmp_path / "x"
+    r = run_inprocess("export", str(folders["target"]), "--onnx", "--out", str(out), "--draft-confidence", "0.4")
+    assert r.returncode == 2 and "--draft-confidence go with --draft DIR" in r.stderr, r.stderr
+    r = run_inprocess("export", str(folders["target"]), "--safetensors", "--out", str(out), "--draft", str(folders["draft"]),
+                      "--draft-confidence", "0.4")
+    assert r.returncode == 2 and "add --onnx" in r.stderr, r.stderr
+    assert not out.exists()

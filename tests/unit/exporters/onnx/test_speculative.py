@@ -266,8 +266,9 @@ def test_export_bundles_a_draft_that_captioning_uses(pair, images, tmp_path, mon
     with pytest.raises(UserInputError, match="tokenizer differs"):
         export_onnx_with_draft(model_dir, out, opts, save_preset("tiny-blip2-opt", tmp_path / "opt"))
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
-    meta = export_onnx_with_draft(model_dir, out, opts, pair["dirs"]["near"], num_draft_tokens=3)
+    meta = export_onnx_with_draft(model_dir, out, opts, pair["dirs"]["near"], num_draft_tokens=3, min_confidence=0.3)
     assert meta["draft"]["folder"] == "draft" and meta["draft"]["num_draft_tokens"] == 3
+    assert meta["draft"]["min_confidence"] == 0.3
     assert json.loads((out / "export.json").read_text())["draft"] == meta["draft"]
     sums = (out / "SHA256SUMS").read_text()
     assert "draft/decoder.onnx" in sums and "draft/export.json" in sums
@@ -278,7 +279,7 @@ def test_export_bundles_a_draft_that_captioning_uses(pair, images, tmp_path, mon
     assert isinstance(auto, SpeculativeCaptioner) and auto.k == 3 and not isinstance(plain, SpeculativeCaptioner)
     ref = plain.caption(images, PROMPTS)
     assert auto.caption(images, PROMPTS) == ref and 0.1 < auto.stats.acceptance < 0.95
-    assert auto.settings["speculative"]["draft"] == str(out / "draft")
+    assert auto.settings["speculative"]["draft"] == str(out / "draft") and auto.min_confidence == 0.3
     assert isinstance(EvalTarget.onnx(out, _gen(num_beams=2)).captioner, OnnxCaptioner)  # beams: their own path
     same = EvalTarget.onnx(out, gen, draft=DraftSpec(path=str(out))).captioner  # its own export drafts: one image path
     assert same.shared_image and same.caption(images, PROMPTS) == ref and same.stats.acceptance == 1.0
