@@ -84,23 +84,17 @@ def write_model(config_dir: Path, out: Path, shrink: bool, dtype: str = "bfloat1
 def expected_names(config_dir: Path, shrink: bool) -> set[str]:
     """The published tensor names, minus the layers the recipe removes (and, with --shrink, the layers not built)."""
     names = set(json.loads((config_dir / "model.safetensors.index.json").read_text())["weight_map"])
-    full = json.loads((config_dir / "config.json").read_text())
+    config = _config(config_dir, shrink, "bfloat16")  # the published config with transformers' defaults filled in
     out = set()
     for name in names:
         keep = True
         for prefix, (sub, attr), drop in STACKS:
             if name.startswith(prefix):
-                built = SHRINK[(sub, attr)] if shrink else full.get(sub, {}).get(attr, _default_layers(sub))
+                built = getattr(getattr(config, sub), attr)
                 keep = int(name[len(prefix):].split(".")[0]) < built - drop
         if keep:
             out.add(name)
     return out
-
-
-def _default_layers(sub: str) -> int:
-    from transformers import Blip2QFormerConfig, Blip2VisionConfig
-
-    return {"vision_config": Blip2VisionConfig, "qformer_config": Blip2QFormerConfig}[sub]().num_hidden_layers
 
 
 def saved_names(folder: Path) -> set[str]:
@@ -176,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="development: float32 runs several times faster on CPUs without bf16 instructions "
                     "(memory ratios alike)")
     ap.add_argument("--keep", action="store_true", help="keep the run folders (about 30 GB at real size)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="print the table and the tensor-name check again from the last run's results.json")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     out: Path = args.out.resolve() / (("shrunk" if args.shrink else "real") + ("" if args.dtype == "bfloat16" else "-fp32"))
@@ -197,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint {size / 1e9:.2f} GB {args.dtype} ({'shrunk' if args.shrink else 'real size'}); 1-minute load {load:.1f} "
           f"on {os.cpu_count()} cores", flush=True)
     results = {}
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        results[name] = run_variant(name, ckpt, coco, out, env, args.dtype)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+    else:
+        for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            results[name] = run_variant(name, ckpt, coco, out, env, args.dtype)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
     if not any("stages" in r for r in results.values()):
         print("every variant failed")
         return 1
