@@ -20,8 +20,12 @@ Steps:
 2. each variant in a fresh process (``python -m compressor.cli apply``), its resident memory sampled
    every 50 ms as well (the whole process's peak, between stages included).
 
-Needs about 20 GB of free memory for the distill variant, 40 GB of disk, and the better part of an
-hour on 2 cores (``--shrink`` builds the same architecture with fewer layers for development)::
+Needs about 20 GB of free memory for the distill variant, 40 GB of disk, and a CPU with bf16
+instructions (AVX-512 BF16 / AMX) or a GPU: without them PyTorch runs bf16 matrix products on its
+single-threaded reference kernel, 19x slower than float32 here, and the real-size bf16 chain takes
+many hours. ``--dtype float32 --variants ce`` runs at real size in about 10 minutes on 2 cores and
+17 GB (float32 distillation needs about 2 x 15 GB); ``--shrink`` builds the same widths with fewer
+layers for development::
 
     python bench/real_size_chain.py --config /path/to/hf-configs/Salesforce_blip2-opt-2.7b \\
         --coco /path/to/coco-mini [--out bench/out/real_size_chain] [--variants ce,distill] [--shrink]
