@@ -20,12 +20,13 @@ Steps:
 2. each variant in a fresh process (``python -m compressor.cli apply``), its resident memory sampled
    every 50 ms as well (the whole process's peak, between stages included).
 
-Needs about 20 GB of free memory for the distill variant, 40 GB of disk, and a CPU with bf16
-instructions (AVX-512 BF16 / AMX) or a GPU: without them PyTorch runs bf16 matrix products on its
-single-threaded reference kernel, 19x slower than float32 here, and the real-size bf16 chain takes
-many hours. ``--dtype float32 --variants ce`` runs at real size in about 10 minutes on 2 cores and
-17 GB (float32 distillation needs about 2 x 15 GB); ``--shrink`` builds the same widths with fewer
-layers for development::
+Needs about 17 GB of free memory for the distill variant, 40 GB of disk, and a CPU with bf16
+instructions (AVX-512 BF16 / AMX; the header line says whether this one has them) or a GPU. With
+them both variants take about 7 minutes on 2 cores; without them PyTorch runs bf16 matrix products
+on its single-threaded reference kernel (19x slower than float32 on such a CPU) and the real-size
+bf16 chain takes many hours: there ``--dtype float32 --variants ce`` runs at real size in about 10
+minutes and 17 GB (float32 distillation needs about 2 x 15 GB). ``--shrink`` builds the same widths
+with fewer layers for development::
 
     python bench/real_size_chain.py --config /path/to/hf-configs/Salesforce_blip2-opt-2.7b \\
         --coco /path/to/coco-mini [--out bench/out/real_size_chain] [--variants ce,distill] [--shrink]
@@ -162,6 +163,16 @@ def table(results: dict, size: int) -> str:
     return "\n".join(lines)
 
 
+def cpu_bf16() -> str:
+    """Whether this CPU has bf16 matrix instructions (Linux ``/proc/cpuinfo`` flags), in words."""
+    try:
+        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "bf16 instructions unknown"
+    have = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return "bf16 instructions: " + (", ".join(have) if have else "none (bf16 GEMM on the slow reference kernel)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, required=True, help="the published model folder without weights")
@@ -195,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     size = checkpoint_bytes(ckpt)
     load = os.getloadavg()[0]
     print(f"checkpoint {size / 1e9:.2f} GB {args.dtype} ({'shrunk' if args.shrink else 'real size'}); 1-minute load {load:.1f} "
-          f"on {os.cpu_count()} cores", flush=True)
+          f"on {os.cpu_count()} cores; {cpu_bf16()}", flush=True)
     results = {}
     if args.report_only:
         results = json.loads((out / "results.json").read_text())
