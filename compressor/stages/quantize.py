@@ -59,7 +59,8 @@ class QuantizeStage(StageBase):
     parts: list[str] = Field(default_factory=lambda: ["language_model"], description="Parts whose linear layers are quantized.")
     bits: Literal[2, 3, 4, 8] = Field(4, description="Weight bits.")
     group_size: int | None = Field(128, ge=1, description="Input channels per scale (null: one scale per output channel).")
-    symmetric: bool = Field(True, description="Symmetric grid (no zero points).")
+    symmetric: bool = Field(True, description="Symmetric grid (no zero points). `false` is refused: transformers cannot "
+                            "reload asymmetric pack-quantized checkpoints yet (llm-compressor#1618).")
     method: Literal["rtn", "gptq"] = Field("rtn", description="rtn (round to nearest) or gptq (Intel Neural Compressor; the gptq extra).")
     gptq: GptqSpec = Field(default_factory=GptqSpec, description="GPTQ settings.")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Batches for gptq and sensitivity.")
@@ -77,6 +78,17 @@ class QuantizeStage(StageBase):
         if not v:
             raise ValueError("name at least one part")
         return _check_names(v, part_names(), "part")
+
+    @field_validator("symmetric")
+    @classmethod
+    def _symmetric(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError(
+                "symmetric: false (zero points) is refused: the compressed-tensors pack-quantized format packs the "
+                "zero points, and transformers (5.x, with compressed-tensors 0.20) initialises them unpacked, so the "
+                "saved model would not reload (upstream: vllm-project/llm-compressor#1618, compressed-tensors#458). "
+                "Remove the field (symmetric grid), or keep the most sensitive layers at 8 bits with keep_sensitive")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeStage:

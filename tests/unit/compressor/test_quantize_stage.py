@@ -226,6 +226,8 @@ BAD = {
     "after": ("  - type: quantize\n    group_size: 16\n  - type: remove_layers\n    language_model: {drop_top: 1}\n",
               "quantize must be the last stage that changes the model"),
     "library": ("  - type: quantize\n    group_size: 16\n    method: gptq\n", "pip install 'vlm-compress[gptq]'"),
+    "asymmetric": ("  - type: quantize\n    group_size: 16\n    symmetric: false\n",
+                   "symmetric: false (zero points) is refused"),
 }
 
 
@@ -247,3 +249,19 @@ def test_quantizing_a_quantized_model_is_refused(quantized, tmp_path):
                   "--out", str(tmp_path / "run"))
     assert res.exit_code == 2 and "already quantized" in res.output + getattr(res, "stderr", "")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="upstream: transformers initialises pack-quantized zero points unpacked (llm-compressor#1618); "
+                          "when this passes, lift the symmetric: false refusal in compressor/stages/quantize.py")
+def test_asymmetric_pack_quantized_reload_is_still_broken_upstream(tmp_path):
+    """Why ``symmetric: false`` is refused: plain transformers cannot reload the folder it would write."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from compressor.quantization import linear_targets, quantize_modules, save_quantized
+
+    model, proc, family = preset("tiny-blip2-opt")
+    scheme = Scheme(4, 16, symmetric=False)
+    done = quantize_modules(model, {n: scheme for n in linear_targets(model, family, ["language_model"])}, "rtn", family)
+    folder = save_quantized(model, proc, tmp_path / "asym", done)
+    Blip2ForConditionalGeneration.from_pretrained(str(folder))
