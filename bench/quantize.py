@@ -104,6 +104,28 @@ def quantize(name, base: Path, out: Path, recipe_args, cfg: dict) -> tuple[Path,
     return out / "model", summary, time.perf_counter() - t
 
 
+def fake_quantized(base: Path, out: Path, parts: list[str], scheme) -> tuple[Path, float, float]:
+    """RTN of ``parts``' linears with ``scheme`` applied in memory and saved dense (the dequantized
+    weights): how a scheme the stage refuses to store (asymmetric: transformers cannot reload packed
+    zero points yet) would score. Returns (folder, bytes the stored model would have, seconds)."""
+    from compressor.families import family_for_model
+    from compressor.models.folders import save_model
+    from compressor.models.loading import load_model
+    from compressor.quantization import linear_targets, part_bytes, quantize_modules, quantized_bytes
+
+    t = time.perf_counter()
+    model, proc = load_model(base, dtype="float32")
+    family = family_for_model(model)
+    targets = linear_targets(model, family, parts)
+    quantize_modules(model, {n: scheme for n in targets}, "rtn", family)
+    secs = time.perf_counter() - t
+    mods = {n: model.get_submodule(n) for n in targets}
+    stored = part_bytes(model, {}, 4, {n: quantized_bytes(m.out_features, m.in_features, scheme, 4) for n, m in mods.items()})
+    shutil.rmtree(out, ignore_errors=True)
+    save_model(model, proc, out)
+    return out, stored["total"], secs
+
+
 def calibration_kl(name, base: Path, work: Path, rargs, batches: int):
     """``folder → KL`` (nats per caption token) of a quantized folder against ``base`` on calibration
     batches of the train section (the same batches for every setting)."""
@@ -179,14 +201,25 @@ def bench_model(name: str, args, scorer) -> dict:
     methods = [m for m in args.methods if m != "gptq" or gptq_available()]
     for parts_key in args.parts:
         for bits in args.bits:
-            for method in methods:
-                cfg = {"parts": PARTS[parts_key], "bits": bits, "group_size": group, "method": method, "calibration": cal}
-                if method == "gptq":
-                    cfg["gptq"] = {"damp": args.gptq_damp, "act_order": args.act_order}
-                folder, summary, secs = quantize(name, base, work / f"q-{parts_key}-{bits}-{method}", rargs, cfg)
+            for method, grid in ((m, g) for m in methods for g in args.grids):
+                if grid == "asym":  # measured in memory: the stage refuses to store it (see fake_quantized)
+                    if method != "rtn":
+                        continue
+                    from compressor.quantization import Scheme
+
+                    folder, stored, secs = fake_quantized(base, work / f"q-{parts_key}-{bits}-rtn-asym", PARTS[parts_key],
+                                                          Scheme(bits, group, symmetric=False))
+                    size_mb = stored / 1e6
+                else:
+                    cfg = {"parts": PARTS[parts_key], "bits": bits, "group_size": group, "method": method,
+                           "calibration": cal}
+                    if method == "gptq":
+                        cfg["gptq"] = {"damp": args.gptq_damp, "act_order": args.act_order}
+                    folder, summary, secs = quantize(name, base, work / f"q-{parts_key}-{bits}-{method}", rargs, cfg)
+                    size_mb = weights_mb(folder)
                 m, _ = score(folder, data, scorer, base_preds)
-                rows.append({"parts": parts_key, "bits": bits, "method": method, "seconds": round(secs, 1),
-                             "size_mb": weights_mb(folder), "size_ratio": weights_mb(folder) / base_mb,
+                rows.append({"parts": parts_key, "bits": bits, "method": method, "grid": grid, "seconds": round(secs, 1),
+                             "size_mb": size_mb, "size_ratio": size_mb / base_mb,
                              "perplexity": m.get("perplexity"),
                              "perplexity_ratio": m.get("perplexity", float("nan")) / base_metrics["perplexity"],
                              "teacher_cider": m.get("teacher_cider"), "cider": m.get("cider"), "kl": kl_of(folder)})
@@ -194,7 +227,9 @@ def bench_model(name: str, args, scorer) -> dict:
     if "gptq" in args.methods and "gptq" not in methods:
         rows.append({"method": "gptq", "note": "neural-compressor-pt not installed (pip install 'vlm-compress[gptq]')"})
     # sensitivity and mixed precision: 4-bit language model, KL target a fraction of the all-4-bit KL
-    all4 = next((r["kl"] for r in rows if r.get("parts") == "lm" and r.get("bits") == 4 and r.get("method") == "rtn"), None)
+    row4 = next((r for r in rows if r.get("parts") == "lm" and r.get("bits") == 4 and r.get("method") == "rtn"
+                 and r.get("grid") == "sym"), None)
+    all4 = row4["kl"] if row4 and not args.no_mixed else None
     mixed = None
     if all4:
         cfg = {"parts": ["language_model"], "bits": 4, "group_size": group, "method": "rtn", "calibration": cal,
@@ -247,12 +282,12 @@ def _gptq() -> bool:
 def table(res: dict) -> str:
     lines = [f"== {res['model']}: baseline perplexity {res['baseline'].get('perplexity', float('nan')):.3f}, "
              f"cider {res['baseline'].get('cider', float('nan')):.2f}, weights {res['baseline']['size_mb']:.2f} MB"]
-    lines.append(f"{'parts':14}{'bits':>5}{'method':>7}{'size':>8}{'ppl':>9}{'ppl×':>7}{'t_cider':>9}{'cider':>8}{'kl':>9}{'s':>7}")
+    lines.append(f"{'parts':14}{'bits':>5}{'method':>7}{'grid':>5}{'size':>8}{'ppl':>9}{'ppl×':>7}{'t_cider':>9}{'cider':>8}{'kl':>9}{'s':>7}")
     for r in res["rows"]:
         if "note" in r:
             lines.append(f"  {r['method']}: {r['note']}")
             continue
-        lines.append(f"{r['parts']:14}{r['bits']:>5}{r['method']:>7}{r['size_ratio']:>8.3f}{r['perplexity']:>9.3f}"
+        lines.append(f"{r['parts']:14}{r['bits']:>5}{r['method']:>7}{r.get('grid', 'sym'):>5}{r['size_ratio']:>8.3f}{r['perplexity']:>9.3f}"
                      f"{r['perplexity_ratio']:>7.3f}{r['teacher_cider']:>9.2f}{r['cider']:>8.2f}{r['kl']:>9.4f}{r['seconds']:>7.1f}")
     m = res.get("mixed_precision")
     if m:
@@ -285,6 +320,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ Hessian dampening (share of its mean diagonal).")
     parser.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal.")
     parser.add_argument("--group-size", type=int, default=None, help="Default: 32 (teacher), 64 (SmolLM2).")
+    parser.add_argument("--grids", nargs="*", default=["sym"], choices=["sym", "asym"],
+                        help="sym: symmetric grid (the quantize stage); asym: a zero point per group, RTN only, measured in memory "
+                        "and saved dense (the stage refuses it: transformers cannot reload packed zero points yet); "
+                        "its size is the bytes the packed model would have.")
+    parser.add_argument("--no-mixed", action="store_true", help="Skip the sensitivity table and the mixed-precision choice.")
     parser.add_argument("--mixed-kl", type=float, default=0.5,
                         help="Mixed precision's KL target as a fraction of the all-4-bit RTN model's KL.")
     parser.add_argument("--pruned", action="store_true", help="Also run smollm2_coco.yaml + a 4-bit stage (needs --coco).")
