@@ -31,6 +31,11 @@ with fewer layers for development::
     python bench/real_size_chain.py --config /path/to/hf-configs/Salesforce_blip2-opt-2.7b \\
         --coco /path/to/coco-mini [--out bench/out/real_size_chain] [--variants ce,distill] [--shrink]
 
+``--config`` may also be a lone ``config.json`` such as ``Salesforce_blip2-flan-t5-xl.config.json``:
+the same chain with the Flan-T5 cut (top 4 blocks of the T5 encoder and of its decoder), a stand-in
+processor (the project's T5-style Unigram tokenizer: the published one is not offline) and the tensor
+names checked against the input checkpoint's (transformers' own) instead of a published index.
+
 ``--coco`` is a folder in the COCO captions layout (``captions_train2017.json``,
 ``captions_val2017.json``, ``train2017/``, ``val2017/``).
 """
@@ -54,52 +59,100 @@ from bench.real_size_apply import checkpoint_bytes, run_measured, write_checkpoi
 RECIPE = REPO / "recipes" / "llm28_q8.yaml"
 #: Target peak RSS / checkpoint per stage (issue 19), and for a distillation heal.
 LIMIT, LIMIT_DISTILL = 1.3, 2.3
-#: Layer stacks of BLIP-2 OPT as (tensor-name prefix, config path of its layer count, layers the recipe drops).
-STACKS = (
-    ("vision_model.encoder.layers.", ("vision_config", "num_hidden_layers"), 0),
-    ("qformer.encoder.layer.", ("qformer_config", "num_hidden_layers"), 4),
-    ("language_model.model.decoder.layers.", ("text_config", "num_hidden_layers"), 4),
-)
+#: Layer stacks as (tensor-name prefix, config path of its layer count, layers the recipe drops), per
+#: language model type: BLIP-2 OPT (the recipe's LLM28+Q8) and BLIP-2 Flan-T5 (the same cut: the top 4
+#: Q-Former layers and the top 4 blocks of the T5 encoder and of its decoder).
+STACKS = {
+    "opt": (
+        ("vision_model.encoder.layers.", ("vision_config", "num_hidden_layers"), 0),
+        ("qformer.encoder.layer.", ("qformer_config", "num_hidden_layers"), 4),
+        ("language_model.model.decoder.layers.", ("text_config", "num_hidden_layers"), 4),
+    ),
+    "t5": (
+        ("vision_model.encoder.layers.", ("vision_config", "num_hidden_layers"), 0),
+        ("qformer.encoder.layer.", ("qformer_config", "num_hidden_layers"), 4),
+        ("language_model.encoder.block.", ("text_config", "num_layers"), 4),
+        ("language_model.decoder.block.", ("text_config", "num_decoder_layers"), 4),
+    ),
+}
+#: The recipe's removal stage, rewritten for an encoder-decoder language model.
+REMOVAL_SETS = {"opt": [], "t5": ["stages.3.language_model={encoder: {drop_top: 4}, decoder: {drop_top: 4}}"]}
 #: --shrink: layer counts of the development model (same widths as the real one).
 SHRINK = {("vision_config", "num_hidden_layers"): 2, ("qformer_config", "num_hidden_layers"): 6,
-          ("text_config", "num_hidden_layers"): 6}
+          ("text_config", "num_hidden_layers"): 6, ("text_config", "num_layers"): 6,
+          ("text_config", "num_decoder_layers"): 6}
 MODEL_FILES = ("config.json", "model.safetensors.index.json")
 
 
-def _config(config_dir: Path, shrink: bool, dtype: str):
+def _config(config_src: Path, shrink: bool, dtype: str):
+    """The published config (a folder, or a lone ``config.json``), transformers' defaults filled in."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(config_dir))
+    config = AutoConfig.from_pretrained(str(config_src))
     for sub in (config.text_config, config.vision_config, config.qformer_config):
         sub.dtype = dtype
     if shrink:
         for (sub, attr), n in SHRINK.items():
-            setattr(getattr(config, sub), attr, n)
+            if hasattr(getattr(config, sub), attr):
+                setattr(getattr(config, sub), attr, n)
     return config
 
 
-def write_model(config_dir: Path, out: Path, shrink: bool, dtype: str = "bfloat16") -> None:
-    """The random checkpoint (bf16 unless asked) with the published processor files beside it."""
-    write_checkpoint(out, config=_config(config_dir, shrink, dtype), dtype=dtype)
-    for f in sorted(config_dir.iterdir()):
+def lm_type(config_src: Path) -> str:
+    """``opt`` or ``t5``: which stacks the name check and the removal use."""
+    t = _config(config_src, False, "bfloat16").text_config.model_type
+    if t not in STACKS:
+        raise SystemExit(f"{config_src}: language model {t!r}; this benchmark knows {sorted(STACKS)}")
+    return t
+
+
+def published_folder(config_src: Path) -> bool:
+    """A published model folder (processor, tokenizer, weight index), not a lone config.json."""
+    return config_src.is_dir() and (config_src / "model.safetensors.index.json").is_file()
+
+
+def write_model(config_src: Path, out: Path, shrink: bool, dtype: str = "bfloat16") -> None:
+    """The random checkpoint (bf16 unless asked) with the published processor files beside it.
+
+    A lone ``config.json`` (e.g. blip2-flan-t5-xl, whose published tokenizer is not offline) gets a
+    stand-in processor: the project's T5-style Unigram tokenizer (pad 0, eos 1, as Flan-T5's) with the
+    config's image size and query count, and ``image_token_index`` set to its ``<image>`` id.
+    """
+    config = _config(config_src, shrink, dtype)
+    processor = None
+    if not published_folder(config_src):
+        from compressor.models.processors import blip2_processor, unigram_tokenizer
+
+        processor = blip2_processor(unigram_tokenizer(), config.vision_config.image_size, config.num_query_tokens)
+        config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
+    write_checkpoint(out, config=config, dtype=dtype)
+    if processor is not None:
+        processor.save_pretrained(str(out))
+        return
+    for f in sorted(config_src.iterdir()):
         if f.is_file() and f.name not in MODEL_FILES and not f.name.endswith(".safetensors"):
             shutil.copyfile(f, out / f.name)
 
 
-def expected_names(config_dir: Path, shrink: bool) -> set[str]:
-    """The published tensor names, minus the layers the recipe removes (and, with --shrink, the layers not built)."""
-    names = set(json.loads((config_dir / "model.safetensors.index.json").read_text())["weight_map"])
-    config = _config(config_dir, shrink, "bfloat16")  # the published config with transformers' defaults filled in
+def expected_names(config_src: Path, shrink: bool, ckpt: Path) -> tuple[set[str], str]:
+    """The published tensor names (``model.safetensors.index.json`` of the published folder; for a lone
+    config.json, the written input's, which are transformers' own), minus the layers the recipe removes
+    (and, with --shrink, the layers not built); and where the names came from."""
+    if published_folder(config_src):
+        names, source = set(json.loads((config_src / "model.safetensors.index.json").read_text())["weight_map"]), "published"
+    else:
+        names, source = set(json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]), "input checkpoint's"
+    config = _config(config_src, shrink, "bfloat16")  # the published config with transformers' defaults filled in
     out = set()
     for name in names:
         keep = True
-        for prefix, (sub, attr), drop in STACKS:
+        for prefix, (sub, attr), drop in STACKS[lm_type(config_src)]:
             if name.startswith(prefix):
                 built = getattr(getattr(config, sub), attr)
                 keep = int(name[len(prefix):].split(".")[0]) < built - drop
         if keep:
             out.add(name)
-    return out
+    return out, source
 
 
 def saved_names(folder: Path) -> set[str]:
@@ -112,13 +165,13 @@ def saved_names(folder: Path) -> set[str]:
     return out
 
 
-def run_variant(name: str, ckpt: Path, coco: Path, out: Path, env: dict, dtype: str) -> dict:
+def run_variant(name: str, ckpt: Path, coco: Path, out: Path, env: dict, dtype: str, extra_sets: list[str] = ()) -> dict:
     run_dir = out / f"run-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     data = (f"data={{format: coco, train: {{annotations: {coco}/captions_train2017.json, images: {coco}/train2017}}, "
             f"val: {{annotations: {coco}/captions_val2017.json, images: {coco}/val2017}}, "
             f"eval: {{annotations: {coco}/captions_val2017.json, images: {coco}/val2017}}}}")
-    sets = [f"model={ckpt}", data, "device=cpu", f"dtype={dtype}"]
+    sets = [f"model={ckpt}", data, "device=cpu", f"dtype={dtype}", *extra_sets]
     if name == "distill":
         sets += ["stages.4.loss=distill", "stages.4.distill={teacher: baseline}"]
     cmd = [sys.executable, "-m", "compressor.cli", "apply", str(RECIPE), "--fast-dev-run", "--out", str(run_dir)]
@@ -166,7 +219,7 @@ def table(results: dict, size: int) -> str:
 def cpu_bf16() -> str:
     """Whether this CPU has bf16 matrix instructions (Linux ``/proc/cpuinfo`` flags), in words."""
     try:
-        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
+        flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split())
     except (OSError, StopIteration):
         return "bf16 instructions unknown"
     have = sorted(flags & {"avx512_bf16", "amx_bf16"})
@@ -175,7 +228,8 @@ def cpu_bf16() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, required=True, help="the published model folder without weights")
+    ap.add_argument("--config", type=Path, required=True,
+                    help="the published model folder without weights, or a lone config.json (stand-in processor)")
     ap.add_argument("--coco", type=Path, required=True, help="COCO captions layout: captions_*2017.json, train2017/, val2017/")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "real_size_chain")
     ap.add_argument("--variants", default="ce,distill", help="comma-separated: ce (the recipe's heal), distill")
@@ -189,15 +243,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the table and the tensor-name check again from the last run's results.json")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    out: Path = args.out.resolve() / (("shrunk" if args.shrink else "real") + ("" if args.dtype == "bfloat16" else "-fp32"))
     config_dir, coco = args.config.resolve(), args.coco.resolve()
+    kind = lm_type(config_dir)
+    out: Path = args.out.resolve() / (("shrunk" if args.shrink else "real") + ("" if args.dtype == "bfloat16" else "-fp32")
+                                      + ("" if kind == "opt" else f"-{kind}"))
     ckpt = out / "input"
     if args.write_only:
         write_model(config_dir, ckpt, args.shrink, args.dtype)
         return 0
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
     if not (ckpt / "model.safetensors.index.json").is_file():
-        print("writing the random bf16 checkpoint with the published processor (untimed) ...", flush=True)
+        print(f"writing the random {args.dtype} checkpoint with the "
+              f"{'published' if published_folder(config_dir) else 'stand-in'} processor (untimed) ...", flush=True)
         t0 = time.perf_counter()
         cmd = [sys.executable, __file__, "--config", str(config_dir), "--coco", str(coco), "--out", str(args.out),
                "--write-only", "--dtype", args.dtype, *(["--shrink"] if args.shrink else [])]
@@ -212,14 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads((out / "results.json").read_text())
     else:
         for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-            results[name] = run_variant(name, ckpt, coco, out, env, args.dtype)
+            results[name] = run_variant(name, ckpt, coco, out, env, args.dtype, REMOVAL_SETS[kind])
         (out / "results.json").write_text(json.dumps(results, indent=1))
     if not any("stages" in r for r in results.values()):
         print("every variant failed")
         return 1
     print()
     print(table(results, size))
-    want = expected_names(config_dir, args.shrink)
+    want, source = expected_names(config_dir, args.shrink, ckpt)
     ok = True
     for name, r in results.items():
         if "final_names" not in r:
@@ -227,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         got = set(r["final_names"])
         missing, extra = sorted(want - got), sorted(got - want)
-        print(f"tensor names [{name}]: {len(got)} written, {len(want)} published minus removed layers: "
+        print(f"tensor names [{name}]: {len(got)} written, {len(want)} {source} minus removed layers: "
               + ("identical" if not missing and not extra else f"MISSING {missing[:5]} EXTRA {extra[:5]}"))
         ok &= not missing and not extra
     over = [(n, s["type"]) for n, r in results.items() for s in r.get("stages", [])
