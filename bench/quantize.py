@@ -201,24 +201,26 @@ def bench_model(name: str, args, scorer) -> dict:
     methods = [m for m in args.methods if m != "gptq" or gptq_available()]
     for parts_key in args.parts:
         for bits in args.bits:
-            for method, grid in ((m, g) for m in methods for g in args.grids):
+            for method, grid, obs in ((m, g, o) for m in methods for g in args.grids for o in args.observers):
+                tag = f"{method}-{grid}" + ("" if obs == "minmax" else f"-{obs}")
                 if grid == "asym":  # measured in memory: the stage refuses to store it (see fake_quantized)
                     if method != "rtn":
                         continue
                     from compressor.quantization import Scheme
 
-                    folder, stored, secs = fake_quantized(base, work / f"q-{parts_key}-{bits}-rtn-asym", PARTS[parts_key],
-                                                          Scheme(bits, group, symmetric=False))
+                    folder, stored, secs = fake_quantized(base, work / f"q-{parts_key}-{bits}-{tag}", PARTS[parts_key],
+                                                          Scheme(bits, group, symmetric=False, clip=obs == "mse"))
                     size_mb = stored / 1e6
                 else:
                     cfg = {"parts": PARTS[parts_key], "bits": bits, "group_size": group, "method": method,
-                           "calibration": cal}
+                           "calibration": cal, "observer": obs}
                     if method == "gptq":
                         cfg["gptq"] = {"damp": args.gptq_damp, "act_order": args.act_order}
-                    folder, summary, secs = quantize(name, base, work / f"q-{parts_key}-{bits}-{method}", rargs, cfg)
+                    folder, summary, secs = quantize(name, base, work / f"q-{parts_key}-{bits}-{tag.replace('-sym', '')}",
+                                                     rargs, cfg)
                     size_mb = weights_mb(folder)
                 m, _ = score(folder, data, scorer, base_preds)
-                rows.append({"parts": parts_key, "bits": bits, "method": method, "grid": grid, "seconds": round(secs, 1),
+                rows.append({"parts": parts_key, "bits": bits, "method": method, "grid": grid, "observer": obs, "seconds": round(secs, 1),
                              "size_mb": size_mb, "size_ratio": size_mb / base_mb,
                              "perplexity": m.get("perplexity"),
                              "perplexity_ratio": m.get("perplexity", float("nan")) / base_metrics["perplexity"],
@@ -228,7 +230,7 @@ def bench_model(name: str, args, scorer) -> dict:
         rows.append({"method": "gptq", "note": "neural-compressor-pt not installed (pip install 'vlm-compress[gptq]')"})
     # sensitivity and mixed precision: 4-bit language model, KL target a fraction of the all-4-bit KL
     row4 = next((r for r in rows if r.get("parts") == "lm" and r.get("bits") == 4 and r.get("method") == "rtn"
-                 and r.get("grid") == "sym"), None)
+                 and r.get("grid") == "sym" and r.get("observer") == "minmax"), None)
     all4 = row4["kl"] if row4 and not args.no_mixed else None
     mixed = None
     if all4:
@@ -282,12 +284,12 @@ def _gptq() -> bool:
 def table(res: dict) -> str:
     lines = [f"== {res['model']}: baseline perplexity {res['baseline'].get('perplexity', float('nan')):.3f}, "
              f"cider {res['baseline'].get('cider', float('nan')):.2f}, weights {res['baseline']['size_mb']:.2f} MB"]
-    lines.append(f"{'parts':14}{'bits':>5}{'method':>7}{'grid':>5}{'size':>8}{'ppl':>9}{'ppl×':>7}{'t_cider':>9}{'cider':>8}{'kl':>9}{'s':>7}")
+    lines.append(f"{'parts':14}{'bits':>5}{'method':>7}{'grid':>5}{'obs':>7}{'size':>8}{'ppl':>9}{'ppl×':>7}{'t_cider':>9}{'cider':>8}{'kl':>9}{'s':>7}")
     for r in res["rows"]:
         if "note" in r:
             lines.append(f"  {r['method']}: {r['note']}")
             continue
-        lines.append(f"{r['parts']:14}{r['bits']:>5}{r['method']:>7}{r.get('grid', 'sym'):>5}{r['size_ratio']:>8.3f}{r['perplexity']:>9.3f}"
+        lines.append(f"{r['parts']:14}{r['bits']:>5}{r['method']:>7}{r.get('grid', 'sym'):>5}{r.get('observer', 'minmax'):>7}{r['size_ratio']:>8.3f}{r['perplexity']:>9.3f}"
                      f"{r['perplexity_ratio']:>7.3f}{r['teacher_cider']:>9.2f}{r['cider']:>8.2f}{r['kl']:>9.4f}{r['seconds']:>7.1f}")
     m = res.get("mixed_precision")
     if m:
@@ -324,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="sym: symmetric grid (the quantize stage); asym: a zero point per group, RTN only, measured in memory "
                         "and saved dense (the stage refuses it: transformers cannot reload packed zero points yet); "
                         "its size is the bytes the packed model would have.")
+    parser.add_argument("--observers", nargs="*", default=["minmax"], choices=["minmax", "mse"],
+                        help="How scales are chosen: minmax (full range) or mse (clipping searched per group).")
     parser.add_argument("--no-mixed", action="store_true", help="Skip the sensitivity table and the mixed-precision choice.")
     parser.add_argument("--mixed-kl", type=float, default=0.5,
                         help="Mixed precision's KL target as a fraction of the all-4-bit RTN model's KL.")

@@ -61,6 +61,9 @@ class QuantizeStage(StageBase):
     group_size: int | None = Field(128, ge=1, description="Input channels per scale (null: one scale per output channel).")
     symmetric: bool = Field(True, description="Symmetric grid (no zero points). `false` is refused: transformers cannot "
                             "reload asymmetric pack-quantized checkpoints yet (llm-compressor#1618).")
+    observer: Literal["minmax", "mse"] = Field(
+        "minmax", description="How scales are chosen (compressed-tensors' term): minmax, the group's full range; mse, each "
+        "group's clipping range searched for the least rounding error (the GPTQ reference's mse search; GPTQ's own option).")
     method: Literal["rtn", "gptq"] = Field("rtn", description="rtn (round to nearest) or gptq (Intel Neural Compressor; the gptq extra).")
     gptq: GptqSpec = Field(default_factory=GptqSpec, description="GPTQ settings.")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Batches for gptq and sensitivity.")
@@ -108,8 +111,9 @@ def data(cfg) -> dict[str, int | None]:
 def _schemes(cfg):
     from compressor.quantization import Scheme
 
-    low = Scheme(cfg.bits, cfg.group_size, cfg.symmetric)
-    high = Scheme(cfg.keep_sensitive.bits, cfg.group_size, cfg.symmetric) if cfg.keep_sensitive else None
+    clip = cfg.observer == "mse"
+    low = Scheme(cfg.bits, cfg.group_size, cfg.symmetric, clip=clip)
+    high = Scheme(cfg.keep_sensitive.bits, cfg.group_size, cfg.symmetric, clip=clip) if cfg.keep_sensitive else None
     return low, high
 
 
@@ -259,6 +263,7 @@ def _record(cfg, family, targets, assign, done, kl, diff, input_dir: Path, out_m
     weights = lambda p: sum(f.stat().st_size for f in Path(p).glob("*.safetensors")) / 1e6  # noqa: E731
     return {
         "method": cfg.method,
+        "observer": cfg.observer,
         "library": _library(cfg.method),
         "format": "compressed-tensors pack-quantized",
         "schemes": {part: ", ".join(f"{c} × {k}" for k, c in d.items()) for part, d in per_part.items()},

@@ -50,6 +50,32 @@ def test_rtn_grid_is_the_libraries_grid(bits, symmetric):
     assert len(torch.unique(dq[0, :16])) > 3  # teeth: not collapsed to one value
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_observer_clips_for_less_rounding_error_on_the_same_grid(symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(8, 64) * 0.02  # Gaussian: the tails waste levels that the bulk needs
+    plain, clipped = Scheme(4, 16, symmetric), Scheme(4, 16, symmetric, clip=True)
+    assert plain == clipped  # how scales are chosen is not part of the stored scheme
+    s0, z0 = rtn_params(w, plain)
+    s1, z1 = rtn_params(w, clipped)
+    err = lambda s, z: float((fake_quantize(w, s, z, clipped) - w).abs().pow(2.4).sum())  # noqa: E731
+    assert err(s1, z1) < 0.97 * err(s0, z0)
+    assert bool((s1 <= s0 + 1e-9).all()) and bool((s1 < s0).any())  # only ever a narrower range
+    q = fake_quantize(w, s1, z1, clipped).reshape(8, 4, 16) / s1[..., None] + (z1[..., None] if z1 is not None else 0)
+    assert torch.allclose(q, q.round(), atol=1e-4) and q.round().min() >= clipped.qmin and q.round().max() <= clipped.qmax
+
+
+def test_mse_observer_through_the_stage_reloads_to_its_logits(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = make_recipe([{"type": "quantize", "parts": ["language_model"], "bits": 4, "group_size": 16,
+                           "observer": "mse"}])
+    summary = run_stage(recipe, 0, saved_preset("tiny-blip2-opt"), out)
+    record = json.loads((out / "quantization.json").read_text())
+    assert record["observer"] == "mse" and "clipped" in json.dumps(record["schemes"])
+    assert summary["reload_max_abs_diff"] <= 1e-4
+
+
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     """tiny-blip2-opt, language model to int4 (RTN, groups of 16), through the stage."""
