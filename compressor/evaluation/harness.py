@@ -202,7 +202,8 @@ def score_predictions(
         ``{"metrics": {key: value}, "notes": [...], "per_image": {...}}`` (0–100 scale).
     """
     task = dataset.task
-    metrics = list(metrics) if metrics else list(default_metrics(task))
+    # None: the task's defaults; an empty list (only model-based metrics were asked for): nothing here
+    metrics = list(metrics) if metrics is not None else list(default_metrics(task))
     refs = dataset.references()
     out: dict[str, Any] = {"metrics": {}, "notes": [], "per_image": {}}
     of_task = [m for m in metrics if m in keys_of(kind=task)]

@@ -157,3 +157,20 @@ def test_every_compute_group_of_the_table_has_its_function():
 
     assert {m.compute for m in rows(("caption", "vqa"))} == set(PREDICTION_SCORERS)
     assert {m.compute for m in rows("model")} == set(MODEL_SCORERS)
+
+
+def test_model_metrics_alone_score_no_caption_metric_and_need_no_java(preset, data, monkeypatch):
+    """`metrics: [perplexity]` computes perplexity only: no PTB tokenizer, METEOR or Java (an empty
+    caption-metric list once meant the task's defaults)."""
+    import eval.captioning
+    import eval.coco_tools
+    from compressor.evaluation import EvalTarget, evaluate
+
+    def no_java():
+        raise AssertionError("Java was looked for")
+
+    monkeypatch.setattr(eval.coco_tools, "check_java", no_java)
+    monkeypatch.setattr(eval.captioning, "check_java", no_java)
+    model, processor = preset
+    record, _ = evaluate(EvalTarget.torch(model, processor, GEN), data, metrics=["perplexity"], spec=NO_LATENCY)
+    assert list(record["metrics"]) == ["perplexity"] and record["metrics"]["perplexity"] > 1
