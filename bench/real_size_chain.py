@@ -165,13 +165,21 @@ def saved_names(folder: Path) -> set[str]:
     return out
 
 
-def run_variant(name: str, ckpt: Path, coco: Path, out: Path, env: dict, dtype: str, extra_sets: list[str] = ()) -> dict:
+def _cuda_peak(run_dir: Path, index: int) -> float | None:
+    """A stage's peak GPU memory (MB) from its own record (``stages/NN-*/stage.json``), None on CPU."""
+    for rec in sorted((run_dir / "stages").glob(f"{index:02d}-*/stage.json")):
+        return json.loads(rec.read_text()).get("peak_cuda_mb")
+    return None
+
+
+def run_variant(name: str, ckpt: Path, coco: Path, out: Path, env: dict, dtype: str, extra_sets: list[str] = (),
+                device: str = "cpu") -> dict:
     run_dir = out / f"run-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     data = (f"data={{format: coco, train: {{annotations: {coco}/captions_train2017.json, images: {coco}/train2017}}, "
             f"val: {{annotations: {coco}/captions_val2017.json, images: {coco}/val2017}}, "
             f"eval: {{annotations: {coco}/captions_val2017.json, images: {coco}/val2017}}}}")
-    sets = [f"model={ckpt}", data, "device=cpu", f"dtype={dtype}", *extra_sets]
+    sets = [f"model={ckpt}", data, f"device={device}", f"dtype={dtype}", *extra_sets]
     if name == "distill":
         sets += ["stages.4.loss=distill", "stages.4.distill={teacher: baseline}"]
     cmd = [sys.executable, "-m", "compressor.cli", "apply", str(RECIPE), "--fast-dev-run", "--out", str(run_dir)]
@@ -185,7 +193,7 @@ def run_variant(name: str, ckpt: Path, coco: Path, out: Path, env: dict, dtype: 
         return result
     manifest = json.loads((run_dir / "manifest.json").read_text())
     result["stages"] = [{"index": s["index"], "type": s["type"], "label": s["label"], "seconds": s["seconds"],
-                         "peak_rss_mb": s["peak_rss_mb"], "loss": s["summary"].get("loss") if isinstance(s["summary"], dict) else None}
+                         "peak_rss_mb": s["peak_rss_mb"], "peak_cuda_mb": _cuda_peak(run_dir, s["index"]), "loss": s["summary"].get("loss") if isinstance(s["summary"], dict) else None}
                         for s in manifest["stages"]]
     result["final_names"] = sorted(saved_names(run_dir / "final"))
     return result
@@ -238,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="development: float32 runs several times faster on CPUs without bf16 instructions "
                     "(memory ratios alike)")
+    ap.add_argument("--device", default="cpu", help="the recipe's device (cuda: each stage's peak GPU memory is "
+                    "printed too)")
+    ap.add_argument("--set", dest="sets", action="append", default=[],
+                    help="one more recipe override for every variant (repeatable), e.g. a metric list")
     ap.add_argument("--keep", action="store_true", help="keep the run folders (about 30 GB at real size)")
     ap.add_argument("--report-only", action="store_true",
                     help="print the table and the tensor-name check again from the last run's results.json")
@@ -269,13 +281,18 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads((out / "results.json").read_text())
     else:
         for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-            results[name] = run_variant(name, ckpt, coco, out, env, args.dtype, REMOVAL_SETS[kind])
+            results[name] = run_variant(name, ckpt, coco, out, env, args.dtype, REMOVAL_SETS[kind] + args.sets,
+                                        args.device)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     if not any("stages" in r for r in results.values()):
         print("every variant failed")
         return 1
     print()
     print(table(results, size))
+    if any(s.get("peak_cuda_mb") for r in results.values() for s in r.get("stages", [])):
+        print("peak GPU memory / checkpoint: " + "; ".join(
+            f"{n}: " + ", ".join(f"{s['type']} {(s.get('peak_cuda_mb') or 0) * 1e6 / size:.2f}" for s in r.get("stages", []))
+            for n, r in results.items()))
     want, source = expected_names(config_dir, args.shrink, ckpt)
     ok = True
     for name, r in results.items():
