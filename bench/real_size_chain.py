@@ -143,10 +143,11 @@ def expected_names(config_src: Path, shrink: bool, ckpt: Path) -> tuple[set[str]
     else:
         names, source = set(json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]), "input checkpoint's"
     config = _config(config_src, shrink, "bfloat16")  # the published config with transformers' defaults filled in
+    stacks = STACKS[lm_type(config_src)]
     out = set()
     for name in names:
         keep = True
-        for prefix, (sub, attr), drop in STACKS[lm_type(config_src)]:
+        for prefix, (sub, attr), drop in stacks:
             if name.startswith(prefix):
                 built = getattr(getattr(config, sub), attr)
                 keep = int(name[len(prefix):].split(".")[0]) < built - drop

@@ -215,10 +215,10 @@ def rtn_params(w, scheme: Scheme):
 
     scale, zero = params(1.0)
     if scheme.clip:  # the GPTQ reference's find_params(mse=True): grid 100, maxshrink 0.8, norm 2.4
+        w32 = w.float()
+
         def error(sc, zp):
-            z = zp[..., None] if zp is not None else 0.0
-            q = (torch.clamp(torch.round(g / sc[..., None]) + z, scheme.qmin, scheme.qmax) - z) * sc[..., None]
-            return (q - g).abs().pow(2.4).sum(-1)
+            return (fake_quantize(w32, sc, zp, scheme).reshape(g.shape) - g).abs().pow(2.4).sum(-1)
 
         best = error(scale, zero)
         for i in range(1, 80):
