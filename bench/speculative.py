@@ -296,17 +296,17 @@ def bench_model(name: str, target_dir: Path, drafts: dict[str, tuple[Path, str |
     result["exact"]["new_tokens"] = longest
     result["exact"]["ort_fp32_rows_equal_to_pytorch_generate"] = same_as_torch
     result["exact"]["distinct_captions"] = len({tuple(r) for _, ref in batches for r in ref.tolist()})
-    for label, dcap in draft_caps.items():
-        for k, conf in ((k, c) for k in args.k for c in args.min_confidence):
-            sc = SpeculativeCaptioner(target, dcap, k, label, min_confidence=conf)
-            equal = 0
-            for inputs, ref in batches:
-                got = sc.generate(inputs, inputs)
-                equal += int((got.shape == ref.shape) and (got == ref).all(1).sum()) if got.shape == ref.shape else 0
-            rec = {"rows_identical": equal, **sc.stats.record()}
-            result["exact"][side_name(label, k, conf)] = rec
-            log.info("%s exact %s: %s", name, side_name(label, k, conf), rec)
-            assert equal == len(images), f"{name}: {side_name(label, k, conf)}: {equal}/{len(images)} rows identical to plain fp32 ORT"
+    for (label, dcap), share, k, conf in configurations(draft_caps, target, args):
+        sc = SpeculativeCaptioner(target, dcap, k, label, min_confidence=conf, share_cache=share)
+        label = label + ("" if share is None else "/own-cache")
+        equal = 0
+        for inputs, ref in batches:
+            got = sc.generate(inputs, inputs)
+            equal += int((got.shape == ref.shape) and (got == ref).all(1).sum()) if got.shape == ref.shape else 0
+        rec = {"rows_identical": equal, **sc.stats.record()}
+        result["exact"][side_name(label, k, conf)] = rec
+        log.info("%s exact %s: %s", name, side_name(label, k, conf), rec)
+        assert equal == len(images), f"{name}: {side_name(label, k, conf)}: {equal}/{len(images)} rows identical to plain fp32 ORT"
 
     # ---- latency at batch 1
     timed = val_images(args.images, args.images_timed, size, synthetic)
@@ -328,12 +328,12 @@ def bench_model(name: str, target_dir: Path, drafts: dict[str, tuple[Path, str |
         sides["ort_int8"] = lambda ims, c=q8: c.caption(ims)
         target = OnnxCaptioner(t_onnx, gen, variant="optimized", scoring=True, **kw)
         specs = {}
-        for label, (d, v) in d_onnx.items():
-            dcap = OnnxCaptioner(d, gen, variant=v or "optimized", **kw)
-            for k, conf in ((k, c) for k in args.k for c in args.min_confidence):
-                sc = SpeculativeCaptioner(target, dcap, k, label, min_confidence=conf)
-                specs[side_name(label, k, conf)] = sc
-                sides[side_name(label, k, conf)] = lambda ims, c=sc: c.caption(ims)
+        dcaps = {label: OnnxCaptioner(d, gen, variant=v or "optimized", **kw) for label, (d, v) in d_onnx.items()}
+        for (label, dcap), share, k, conf in configurations(dcaps, target, args):
+            sc = SpeculativeCaptioner(target, dcap, k, label, min_confidence=conf, share_cache=share)
+            label = label + ("" if share is None else "/own-cache")
+            specs[side_name(label, k, conf)] = sc
+            sides[side_name(label, k, conf)] = lambda ims, c=sc: c.caption(ims)
         for f in sides.values():  # warm-up
             f(timed[:1])
         for sc in specs.values():
@@ -358,6 +358,20 @@ def bench_model(name: str, target_dir: Path, drafts: dict[str, tuple[Path, str |
         result["latency"][tokens] = rows
         log.info("%s %d tokens: %s", name, tokens, {k: (v["s"], v["x_torch"]) for k, v in rows.items()})
     return result
+
+
+def configurations(drafts: dict, target, args):
+    """``((label, draft captioner), share_cache, k, min_confidence)`` for every draft, k and cut; a
+    draft that can draft on the target's cache (a variant of its export) also runs with its own
+    cache (``share_cache=False``, labelled ``/own-cache``), side by side."""
+    from exporters.onnx.speculative import can_share_cache
+
+    for item in drafts.items():
+        shares = [None, False] if can_share_cache(target, item[1]) and args.own_cache else [None]
+        for share in shares:
+            for k in args.k:
+                for conf in args.min_confidence:
+                    yield item, share, k, conf
 
 
 def side_name(label: str, k: int, conf: float | None) -> str:
@@ -416,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", default="20,40")
     ap.add_argument("--k", default="2,3,4,6")
+    ap.add_argument("--own-cache", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run drafts that share the target's cache (its int8 variant) with their own cache")
     ap.add_argument("--min-confidence", default="none",
                     help="comma-separated draft-confidence cuts to try (none: always k; e.g. none,0.4)")
     ap.add_argument("--exact-images", type=int, default=64)

@@ -30,7 +30,8 @@ captions equal PyTorch's.
 
 Both models run their own image path once per image (a draft may have fewer Q-Former layers);
 when the draft is a variant of the same export (its int8 decoder), the shared image graph runs
-once. Greedy only: beam search and sampling keep their own paths, and a draft with beam search is
+once, and the draft drafts on the target's own key/value cache (:func:`can_share_cache`): no
+draft prefill, no draft cache, and proposals made from the target's exact keys and values. Greedy only: beam search and sampling keep their own paths, and a draft with beam search is
 refused (:class:`SpeculativeCaptioner`).
 """
 
@@ -106,7 +107,7 @@ def _processors_on(generation) -> bool:
 
 
 def speculative_greedy(target, draft, target_inputs: dict, draft_inputs: dict, k: int, stats: SpecStats | None = None,
-                       min_confidence: float | None = None):
+                       min_confidence: float | None = None, shared_cache: bool = False):
     """Greedy decoding of ``target`` with ``draft`` proposing ``k`` tokens a round (see the module docstring).
 
     Args:
@@ -122,6 +123,12 @@ def speculative_greedy(target, draft, target_inputs: dict, draft_inputs: dict, k
             its last proposal (softmax of the draft's logits) is below this (transformers'
             ``assistant_confidence_threshold``, default 0.4 there); None drafts ``k`` every round.
             It only decides how many tokens are proposed: the captions are the same.
+        shared_cache: the draft runs on the target's own key/value cache (:func:`can_share_cache`:
+            a variant of the same export, e.g. its int8 decoder drafting for the fp32 one): no
+            draft prefill, no draft cache to keep or trim; each round the draft starts from the
+            target's cache of everything accepted so far (exact, the target's) and feeds only the
+            target's last token; its own entries for the proposals are dropped after the round.
+            ``draft_inputs`` is not read.
 
     Returns:
         ``(batch, n + new)`` int64: the prompt ids followed by the new tokens, finished rows
@@ -133,7 +140,10 @@ def speculative_greedy(target, draft, target_inputs: dict, draft_inputs: dict, k
     eos = set(target.eos)
     processing = _processors_on(target.generation)
     logits, t_state, prompt = target.prefill(target_inputs)
-    _, d_state, d_prompt = draft.prefill(draft_inputs)
+    if shared_cache:
+        d_state, d_prompt = None, prompt
+    else:
+        _, d_state, d_prompt = draft.prefill(draft_inputs)
     B, n = prompt.shape
     out: list[list[int]] = [[] for _ in range(B)]
     active = np.ones(B, dtype=bool)
@@ -166,11 +176,15 @@ def speculative_greedy(target, draft, target_inputs: dict, draft_inputs: dict, k
         width = max(len(p) for p in pending_d)
         d_valid = np.zeros((B, width), dtype=np.int64)
         if kk:
-            d_toks = np.full((B, width), target.pad, dtype=np.int64)
-            for r, p in enumerate(pending_d):
-                d_toks[r, width - len(p) :] = p
-                d_valid[r, width - len(p) :] = 1
-            d_logits, d_state = draft.extend(d_toks, d_valid, d_state)
+            if shared_cache:
+                # the draft starts from the target's cache (everything accepted) and its pending token
+                d_logits, d_state = draft.extend(pending_t[:, None], ones, t_state)
+            else:
+                d_toks = np.full((B, width), target.pad, dtype=np.int64)
+                for r, p in enumerate(pending_d):
+                    d_toks[r, width - len(p) :] = p
+                    d_valid[r, width - len(p) :] = 1
+                d_logits, d_state = draft.extend(d_toks, d_valid, d_state)
             for i in range(kk):
                 if i:
                     d_logits, d_state = draft.extend(props[:, i - 1 : i], ones, d_state)
@@ -205,7 +219,9 @@ def speculative_greedy(target, draft, target_inputs: dict, draft_inputs: dict, k
         keep_t = (np.arange(kk + 1)[None, :] < emitted[:, None]).astype(np.int64)
         t_state = target.trim(t_state, keep_t)
         pending_t = np.array([o[-1] for o in out], dtype=np.int64)
-        if kk:
+        if shared_cache:
+            d_state = None  # the next round starts from the target's cache again
+        elif kk:
             # the draft's cache keeps its pending tokens and the proposals that were emitted
             consumed = np.minimum(np.maximum(emitted - 1, 0), kk - 1)
             keep_d = np.concatenate([d_valid, (np.arange(kk - 1)[None, :] < consumed[:, None]).astype(np.int64)], axis=1)
@@ -352,6 +368,20 @@ def _share_image_graph(target, draft) -> bool:
     return True
 
 
+def can_share_cache(target, draft) -> bool:
+    """Whether ``draft`` can run on ``target``'s key/value cache: both are ONNX captioners of the
+    same export folder (the draft one of its variants, e.g. the int8 decoder), so every cache
+    entry has the same layer, head, dtype and meaning. A draft from another export (a candidate
+    with fewer layers, or other weights) keeps its own cache."""
+    from exporters.onnx.captioner import OnnxCaptioner
+
+    if not (isinstance(target, OnnxCaptioner) and isinstance(draft, OnnxCaptioner)):
+        return False
+    if Path(str(target.dir)).resolve() != Path(str(draft.dir)).resolve():
+        return False
+    return target.np_dtype == draft.np_dtype and target.meta.get("num_layers") == draft.meta.get("num_layers")
+
+
 class SpeculativeCaptioner:
     """Captions a target's greedy captions with a draft proposing tokens (the Captioner protocol).
 
@@ -364,6 +394,8 @@ class SpeculativeCaptioner:
         draft_name: how settings and messages name the draft (its folder).
         min_confidence: end a round's drafting early below this draft probability
             (:func:`speculative_greedy`); None: always ``k``.
+        share_cache: run the draft on the target's key/value cache (:func:`speculative_greedy`'s
+            ``shared_cache``): None (default) where :func:`can_share_cache` allows it, False never.
 
     Attributes:
         stats: :class:`SpecStats` of every caption since creation (or the last ``stats.reset()``).
@@ -375,7 +407,7 @@ class SpeculativeCaptioner:
     """
 
     def __init__(self, target, draft, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS, draft_name: str | None = None,
-                 min_confidence: float | None = None):
+                 min_confidence: float | None = None, share_cache: bool | None = None):
         name = draft_name or str(draft.dir)
         if int(target.kwargs["num_beams"]) > 1:
             raise UserInputError(
@@ -394,6 +426,9 @@ class SpeculativeCaptioner:
         self.generation = target.generation
         self.family, self.processor = target.family, target.processor
         self.shared_image = _share_image_graph(target, draft)
+        self.shared_cache = share_cache is not False and can_share_cache(target, draft)
+        if share_cache and not self.shared_cache:
+            raise UserInputError(f"draft {name} cannot run on the target's cache: it is not a variant of the same export")
         self.stats = SpecStats()
         self.settings = {
             **target.settings,
@@ -402,6 +437,7 @@ class SpeculativeCaptioner:
                 "draft_backend": draft.settings.get("backend"),
                 "draft_variant": getattr(draft, "variant", None),
                 "num_draft_tokens": self.k,
+                **({"shared_cache": True} if self.shared_cache else {}),
                 **({"min_confidence": self.min_confidence} if self.min_confidence is not None else {}),
             },
         }
@@ -414,7 +450,8 @@ class SpeculativeCaptioner:
 
         def run(imgs: list, prm: list[str]) -> list[str]:
             ti = {k: _np(v) for k, v in generation_inputs(t.family, t.processor, imgs, prm, "cpu").items()}
-            di = {k: _np(v) for k, v in generation_inputs(d.family, d.processor, imgs, prm, "cpu").items()}
+            di = ti if self.shared_cache else {
+                k: _np(v) for k, v in generation_inputs(d.family, d.processor, imgs, prm, "cpu").items()}
             return decode(t.family, t.processor, self.generate(ti, di), ti, prm)
 
         prompts = list(prompts) if prompts is not None else [self.generation.prompt or ""] * len(images)
@@ -427,7 +464,7 @@ class SpeculativeCaptioner:
     def generate(self, target_inputs: dict, draft_inputs: dict):
         """Token ids as the target's greedy :meth:`~OnnxCaptioner.generate` returns them (prompt included)."""
         return speculative_greedy(self.target, self.draft, target_inputs, draft_inputs, self.k, self.stats,
-                                  self.min_confidence)
+                                  self.min_confidence, self.shared_cache)
 
 
 def _np(v):

@@ -301,3 +301,44 @@ def test_an_unchanged_image_path_runs_once(pair, images):
     shared.session.run = lambda names, feed: calls.append(1) or inner(names, feed)
     assert sc.caption(images, PROMPTS) == _onnx(pair, pair["target"], gen).caption(images, PROMPTS)
     assert len(calls) == 1  # one batch of 4: the draft's prefill reused the target's image features
+
+
+def test_a_variant_of_the_target_drafts_on_the_targets_cache(onnx_export, images):
+    """The int8 decoder of the same export drafts on the fp32 target's own key/value cache: no
+    draft prefill (every draft call has a non-empty past), no draft cache of its own, the
+    target's captions at batch 4 (rows with holes) and batch 1; ``share_cache=False`` keeps the
+    old path (a draft prefill) with the same captions."""
+    from exporters.onnx import OnnxCaptioner
+    from exporters.onnx.speculative import SpeculativeCaptioner, can_share_cache
+
+    _, _, folder = onnx_export("tiny-blip2-opt")  # exported with an int8 decoder variant
+    for bs in (4, 1):
+        gen = _gen(batch_size=bs)
+        ref = OnnxCaptioner(folder, gen).caption(images, PROMPTS)
+        assert len(set(ref)) > 1
+        pasts = {}
+        for share in (None, False):
+            target = OnnxCaptioner(folder, gen, scoring=True)
+            draft = OnnxCaptioner(folder, gen, variant="int8")
+            assert can_share_cache(target, draft)
+            inner = draft.run
+            seen = pasts.setdefault(share, [])
+            draft.run = lambda graph, feed, inner=inner, seen=seen: (
+                seen.append(feed["past.0.key"].shape[2]) if graph == "decoder" else None) or inner(graph, feed)
+            sc = SpeculativeCaptioner(target, draft, 3, "int8", share_cache=share)
+            assert sc.shared_cache is (share is None) and sc.settings["speculative"].get("shared_cache", False) is sc.shared_cache
+            assert sc.caption(images, PROMPTS) == ref
+            assert sc.stats.proposed > 0 and 0 < sc.stats.acceptance <= 1.0
+        assert min(pasts[None]) > 0 and min(pasts[False]) == 0  # shared: the draft never prefills
+
+
+def test_a_draft_from_another_export_keeps_its_own_cache(pair):
+    """Another export (here with other decoder weights) cannot run on the target's cache: the
+    automatic choice keeps its own cache; asking for sharing is refused."""
+    from exporters.onnx.speculative import SpeculativeCaptioner
+
+    gen = _gen()
+    target = _onnx(pair, pair["target"], gen, scoring=True)
+    assert not SpeculativeCaptioner(target, _draft(pair, "near", gen), 3, "near").shared_cache
+    with pytest.raises(UserInputError, match="not a variant of the same export"):
+        SpeculativeCaptioner(target, _draft(pair, "near", gen), 3, "near", share_cache=True)
