@@ -201,8 +201,12 @@ def bench_model(name: str, args, scorer) -> dict:
     methods = [m for m in args.methods if m != "gptq" or gptq_available()]
     for parts_key in args.parts:
         for bits in args.bits:
-            for method, grid, obs in ((m, g, o) for m in methods for g in args.grids for o in args.observers):
-                tag = f"{method}-{grid}" + ("" if obs == "minmax" else f"-{obs}")
+            settings = [(m, g, o, pos) for m in methods for g in args.grids for o in args.observers
+                        for pos in (args.gptq_positions if m == "gptq" else [None])
+                        if m != "gptq" or not args.gptq_bits or bits in args.gptq_bits]
+            for method, grid, obs, pos in settings:
+                tag = f"{method}-{grid}" + ("" if obs == "minmax" else f"-{obs}") + (
+                    "" if pos in (None, "text") else f"-{pos}")
                 if grid == "asym":  # measured in memory: the stage refuses to store it (see fake_quantized)
                     if method != "rtn":
                         continue
@@ -215,12 +219,13 @@ def bench_model(name: str, args, scorer) -> dict:
                     cfg = {"parts": PARTS[parts_key], "bits": bits, "group_size": group, "method": method,
                            "calibration": cal, "observer": obs}
                     if method == "gptq":
-                        cfg["gptq"] = {"damp": args.gptq_damp, "act_order": args.act_order}
+                        cfg["gptq"] = {"damp": args.gptq_damp, "act_order": args.act_order, "positions": pos}
                     folder, summary, secs = quantize(name, base, work / f"q-{parts_key}-{bits}-{tag.replace('-sym', '')}",
                                                      rargs, cfg)
                     size_mb = weights_mb(folder)
                 m, _ = score(folder, data, scorer, base_preds)
-                rows.append({"parts": parts_key, "bits": bits, "method": method, "grid": grid, "observer": obs, "seconds": round(secs, 1),
+                rows.append({"parts": parts_key, "bits": bits, "method": method, "grid": grid, "observer": obs,
+                             "positions": pos, "seconds": round(secs, 1),
                              "size_mb": size_mb, "size_ratio": size_mb / base_mb,
                              "perplexity": m.get("perplexity"),
                              "perplexity_ratio": m.get("perplexity", float("nan")) / base_metrics["perplexity"],
@@ -284,12 +289,13 @@ def _gptq() -> bool:
 def table(res: dict) -> str:
     lines = [f"== {res['model']}: baseline perplexity {res['baseline'].get('perplexity', float('nan')):.3f}, "
              f"cider {res['baseline'].get('cider', float('nan')):.2f}, weights {res['baseline']['size_mb']:.2f} MB"]
-    lines.append(f"{'parts':14}{'bits':>5}{'method':>7}{'grid':>5}{'obs':>7}{'size':>8}{'ppl':>9}{'ppl×':>7}{'t_cider':>9}{'cider':>8}{'kl':>9}{'s':>7}")
+    lines.append(f"{'parts':14}{'bits':>5}{'method':>11}{'grid':>5}{'obs':>7}{'size':>8}{'ppl':>9}{'ppl×':>7}{'t_cider':>9}{'cider':>8}{'kl':>9}{'s':>7}")
     for r in res["rows"]:
         if "note" in r:
             lines.append(f"  {r['method']}: {r['note']}")
             continue
-        lines.append(f"{r['parts']:14}{r['bits']:>5}{r['method']:>7}{r.get('grid', 'sym'):>5}{r.get('observer', 'minmax'):>7}{r['size_ratio']:>8.3f}{r['perplexity']:>9.3f}"
+        meth = r["method"] + (f"/{r['positions']}" if r.get("positions") else "")
+        lines.append(f"{r['parts']:14}{r['bits']:>5}{meth:>11}{r.get('grid', 'sym'):>5}{r.get('observer', 'minmax'):>7}{r['size_ratio']:>8.3f}{r['perplexity']:>9.3f}"
                      f"{r['perplexity_ratio']:>7.3f}{r['teacher_cider']:>9.2f}{r['cider']:>8.2f}{r['kl']:>9.4f}{r['seconds']:>7.1f}")
     m = res.get("mixed_precision")
     if m:
@@ -321,6 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="*", default=["rtn", "gptq"], choices=["rtn", "gptq"])
     parser.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ Hessian dampening (share of its mean diagonal).")
     parser.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal.")
+    parser.add_argument("--gptq-positions", nargs="*", default=["text"], choices=["text", "all"],
+                        help="GPTQ: the language model's Hessian from its text positions, every position, or both side by side.")
+    parser.add_argument("--gptq-bits", type=int, nargs="*", default=None, help="GPTQ only at these bits (default: every --bits).")
     parser.add_argument("--group-size", type=int, default=None, help="Default: 32 (teacher), 64 (SmolLM2).")
     parser.add_argument("--grids", nargs="*", default=["sym"], choices=["sym", "asym"],
                         help="sym: symmetric grid (the quantize stage); asym: a zero point per group, RTN only, measured in memory "

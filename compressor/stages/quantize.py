@@ -50,6 +50,9 @@ class KeepSensitive(Strict):
 class GptqSpec(Strict):
     damp: float = Field(0.01, gt=0, lt=1, description="Hessian dampening: this share of its mean diagonal.")
     act_order: bool = Field(False, description="Quantize columns by decreasing Hessian diagonal (static groups).")
+    positions: Literal["text", "all"] = Field(
+        "text", description="Language-model positions whose inputs form the Hessian: text (not image tokens, not padding) "
+        "or all.")
 
 
 class QuantizeStage(StageBase):
@@ -196,7 +199,8 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
                 "batches": len(batches), "kl": scores, "ranking": sorted(scores, key=lambda u: -scores[u]),
                 "keep_sensitive": cfg.keep_sensitive.model_dump() if cfg.keep_sensitive else None,
                 "kept_high": kept, "units": len(scores), "trials": trials}
-    done = quantize_modules(model, assign, cfg.method, family, batches, cfg.gptq.damp, cfg.gptq.act_order)
+    done = quantize_modules(model, assign, cfg.method, family, batches, cfg.gptq.damp, cfg.gptq.act_order,
+                            cfg.gptq.positions)
     kl = kl_from(ref, model, batches, family.decoder_only) if ref is not None else None
     probe = probe_batch(model, processor)
     want = logits_of(model, probe)

@@ -192,9 +192,52 @@ def test_gptq_beats_rtn_on_calibration_kl(tmp_path):
     kl = {}
     for method in ("rtn", "gptq"):
         m = preset("tiny-blip2-opt")[0]
-        quantize_modules(m, targets, method, family, batches)
+        # every position: on this random tiny model the image tokens carry what the captions depend on
+        quantize_modules(m, targets, method, family, batches, positions="all")
         kl[method] = kl_from(ref, m, batches, family.decoder_only)
     assert 0 < kl["gptq"] < kl["rtn"], kl
+
+
+def test_gptq_hessians_of_the_language_model_count_text_positions(tmp_path, monkeypatch):
+    """``gptq.positions: text`` (the default) feeds the language model's Hessians only the positions
+    that are text (not padding, not image tokens), also where OPT flattens them before its MLP;
+    ``all`` feeds every position; the Q-Former's Hessians are the same either way."""
+    pytest.importorskip("neural_compressor", reason="GPTQ's library (the gptq extra) is not installed")
+    from neural_compressor.torch.algorithms.weight_only import gptq as library
+
+    from compressor.importance import calibration_batches
+    from compressor.pipeline.context import StageContext
+    from compressor.quantization import image_token_id, quantize_modules
+
+    recipe = make_recipe([{"type": "quantize", "bits": 4, "group_size": 16, "calibration": {**CAL, "batches": 2}}])
+    ctx = StageContext(recipe=recipe, index=0, run_dir=tmp_path, device="cpu", progress=False)
+    model, proc, family = preset("tiny-blip2-opt")
+    batches = calibration_batches(model, proc, ctx.data("train"), recipe.stages[0].calibration, None, "cpu")
+    image = image_token_id(model)
+    text = sum(int((b["attention_mask"].bool() & (b["input_ids"] != image)).sum()) for b in batches)
+    every = sum(b["input_ids"].numel() for b in batches)
+    assert image is not None and 0 < text < every and any((b["attention_mask"] == 0).any() for b in batches)
+    names = linear_targets(model, family, ["language_model", "qformer"])
+    inner = library.GPTQ.add_batch
+    rows: dict[str, dict[str, int]] = {}
+    for positions in ("text", "all"):
+        m = preset("tiny-blip2-opt")[0]
+        by_module = {id(m.get_submodule(n)): n for n in names}
+        seen = rows.setdefault(positions, {})
+
+        def add_batch(self, inp, out, by_module=by_module, seen=seen):
+            name = by_module[id(self.layer)]
+            seen[name] = seen.get(name, 0) + inp.reshape(-1, inp.shape[-1]).shape[0]
+            return inner(self, inp, out)
+
+        monkeypatch.setattr(library.GPTQ, "add_batch", add_batch)
+        quantize_modules(m, {n: Scheme(4, 16) for n in names}, "gptq", family, batches, positions=positions)
+    for positions, want in (("text", text), ("all", every)):
+        lm = {n: v for n, v in rows[positions].items() if n.startswith("language_model.")}
+        assert len(lm) == sum(n.startswith("language_model.") for n in names)
+        assert {k: v for k, v in lm.items() if v != want} == {}, positions
+    qf = {pos: {n: v for n, v in r.items() if n.startswith("qformer.")} for pos, r in rows.items()}
+    assert qf["text"] and qf["text"] == qf["all"]
 
 
 def test_plan_bytes_match_the_saved_weights(quantized):
