@@ -441,11 +441,15 @@ def gptq_quantize(model, targets: dict[str, Scheme], family, batches: Sequence[d
                 log.warning("gptq: %s saw no calibration input; rounded to nearest", n)
                 done[n] = rtn_linear(m, s)
                 continue
+            static = _static_group_params(g, m.weight.data, s.group_size) if act_order and s.group_size else None
             scale, _, zero, q = g.fasterquant(
                 m.weight.data.clone(), blocksize=128, percdamp=damp, groupsize=s.group_size or -1,
                 act_order=act_order, static_groups=act_order,
             )
             g.free()
+            if static is not None:  # the library returns the last group's parameters only
+                scale, zero = static
+                _check_on_grid(n, q, scale, zero, s)
             scale = scale.float().reshape(q.shape[0], -1)
             zero = zero.float().reshape(q.shape[0], -1) + s.qmin  # unsigned → signed grid
             with torch.no_grad():
@@ -453,6 +457,47 @@ def gptq_quantize(model, targets: dict[str, Scheme], family, batches: Sequence[d
             done[n] = QuantizedLinear(s, scale, None if s.symmetric else zero)
         log.debug("gptq: %s (%d linears) quantized", unit, len(names))
     return done
+
+
+def _static_group_params(g, weight, group_size: int):
+    """Per-group ``(scale, zero)`` ``(out, in / group_size)`` that the library's ``fasterquant`` uses
+    with ``static_groups`` (``act_order``): each group's quantizer fitted on the original weight,
+    after the columns no calibration input reached are zeroed, as it does (it returns only the
+    last group's). Call before ``fasterquant``, which frees the Hessian."""
+    import copy
+
+    import torch
+
+    w = weight.detach().float().clone()
+    w[:, torch.diag(g.H) == 0] = 0
+    scales, zeros = [], []
+    for i in range(0, w.shape[1], group_size):
+        qz = copy.deepcopy(g.quantizer)
+        qz.find_params(w[:, i : i + group_size], weight=True)
+        scales.append(qz.scale.reshape(-1, 1))
+        zeros.append(qz.zero.reshape(-1, 1))
+    return torch.cat(scales, 1), torch.cat(zeros, 1)
+
+
+def _check_on_grid(name: str, q, scale, zero, s: Scheme) -> None:
+    """``q`` (dequantized ``(out, in)``) must sit on the grid of ``scale``/``zero`` (unsigned zero
+    points, the library's) group by group, or the stored integers would not give it back.
+
+    Raises:
+        VerificationError: naming the module and the largest distance from the grid (in steps).
+    """
+
+    from compressor.errors import VerificationError
+
+    g = s.group_size
+    sc = scale.float().repeat_interleave(g, 1)
+    zp = zero.float().repeat_interleave(g, 1)
+    steps = q.float() / sc + zp
+    off = float((steps - steps.round()).abs().max())
+    top = 2 ** s.bits - 1
+    if off > 1e-2 or float(steps.round().min()) < 0 or float(steps.round().max()) > top:
+        raise VerificationError(f"gptq: {name}'s quantized weight is off its group grid by {off:.3g} steps "
+                                "(act_order's static groups); quantize without act_order")
 
 
 def quantize_modules(model, targets: dict[str, Scheme], method: str, family, batches: Sequence[dict] = (),

@@ -76,6 +76,18 @@ def test_mse_observer_through_the_stage_reloads_to_its_logits(tmp_path):
     assert summary["reload_max_abs_diff"] <= 1e-4
 
 
+def test_gptq_with_act_order_saves_its_group_scales_and_reloads(tmp_path):
+    """act_order quantizes with static groups, whose scales the library does not return: the stage
+    fits them as the library does and the folder reloads to the stage's logits."""
+    pytest.importorskip("neural_compressor", reason="GPTQ's library (the gptq extra) is not installed")
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = make_recipe([{"type": "quantize", "parts": ["language_model"], "bits": 4, "group_size": 16, "method": "gptq",
+                           "gptq": {"act_order": True, "damp": 0.1}, "calibration": {**CAL, "batches": 2}}])
+    summary = run_stage(recipe, 0, saved_preset("tiny-blip2-opt"), out)
+    assert summary["reload_max_abs_diff"] <= 1e-4 and summary["modules"] == 36
+
+
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     """tiny-blip2-opt, language model to int4 (RTN, groups of 16), through the stage."""
