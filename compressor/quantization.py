@@ -335,6 +335,42 @@ def text_positions(batch: dict, image_token: int | None, decoder_only: bool) -> 
     return out
 
 
+#: Linears whose input is the other stream (the encoder's output, image features): cross-attention
+#: keys and values (T5's EncDecAttention.k/v, BLIP's crossattention key/value, *cross_attn k/v_proj).
+_CROSS_KV = re.compile(r"(EncDecAttention\.[kv]|crossattention\.self\.(key|value)|(cross_attn|encoder_attn)\.[kv]_proj)$")
+
+
+def hessian_positions(name: str, x, masks: dict, lm_prefixes: Sequence[str], head: str | None):
+    """Which rows of a linear's input ``x`` build its GPTQ Hessian under ``positions: text``.
+
+    Args:
+        name: the linear's module name.
+        x: its input, ``(batch, seq, in)`` or ``(batch × seq, in)`` (OPT flattens before its MLP).
+        masks: :func:`text_positions` of the batch.
+        lm_prefixes: the language model's module prefixes (other parts use every position).
+        head: the output projection's name (an encoder-decoder's head reads the decoder stream).
+
+    Returns:
+        A boolean mask over ``x``'s rows; None for every position (not the language model, or
+        a cross-attention key/value, whose input is the encoder's output or image features);
+        False when the linear is the language model's but ``x`` matches no mask (every
+        position is used; the caller warns).
+    """
+    if not any(name == p or name.startswith(p + ".") for p in lm_prefixes) and name != head:
+        return None
+    if _CROSS_KV.search(name):
+        return None
+    key = "decoder" if "decoder" in masks and (".decoder." in name or name == head) else "encoder"
+    m = masks.get(key)
+    if m is None:
+        return False
+    if x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
+        return m
+    if x.dim() == 2 and x.shape[0] == m.numel():
+        return m.reshape(-1)
+    return False
+
+
 def gptq_quantize(model, targets: dict[str, Scheme], family, batches: Sequence[dict], damp: float = 0.01,
                   act_order: bool = False, positions: str = "text") -> dict[str, QuantizedLinear]:
     """GPTQ on ``targets``, one unit (stack layer) at a time, in forward order.
@@ -379,21 +415,18 @@ def gptq_quantize(model, targets: dict[str, Scheme], family, batches: Sequence[d
     image_token = image_token_id(model)
     current: dict[str, Any] = {}
 
+    head = output_projection_name(model)
+    warned: set[str] = set()
+
     def stream(name: str, x):
-        """The text mask for a language-model linear's input ``x`` — ``(batch, seq, in)``, or
-        ``(batch × seq, in)`` where the layer flattens (OPT's MLP) — or None (all positions)."""
-        if positions == "all" or not any(name == p or name.startswith(p + ".") for p in lm):
+        m = hessian_positions(name, x, current.get("masks") or {}, lm, head) if positions == "text" else None
+        if m is False:
+            if name not in warned:
+                log.warning("gptq: %s's input %s matches no text mask; its Hessian uses every position",
+                            name, tuple(x.shape))
+                warned.add(name)
             return None
-        masks = current.get("masks") or {}
-        key = "decoder" if "decoder" in masks and ".decoder." in name else "encoder"
-        m = masks.get(key)
-        if m is None:
-            return None
-        if x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
-            return m
-        if x.dim() == 2 and x.shape[0] == m.numel():
-            return m.reshape(-1)
-        return None
+        return m
 
     units: dict[str, list[str]] = {}
     for name in targets:
@@ -401,7 +434,7 @@ def gptq_quantize(model, targets: dict[str, Scheme], family, batches: Sequence[d
     done: dict[str, QuantizedLinear] = {}
     for unit, names in units.items():
         mods = {n: model.get_submodule(n) for n in names}
-        work = {n: GPTQ(m, m.weight.data) for n, m in mods.items()}
+        work = {n: GPTQ(m, m.weight.data, device=m.weight.device) for n, m in mods.items()}
         seen: set[str] = set()
 
         def hook(name, work=work, seen=seen, count=len(names)):
@@ -495,7 +528,12 @@ def _check_on_grid(name: str, q, scale, zero, s: Scheme) -> None:
     steps = q.float() / sc + zp
     off = float((steps - steps.round()).abs().max())
     top = 2 ** s.bits - 1
-    if off > 1e-2 or float(steps.round().min()) < 0 or float(steps.round().max()) > top:
+    # the library returns the weight in the model's dtype: a 16-bit weight is rounded by up to eps × its
+    # integer (in steps); beyond that, and beyond a tenth of a step, the scale is wrong
+    import torch
+
+    tol = max(0.1, 2 ** (s.bits - 1) * float(torch.finfo(q.dtype).eps)) if q.dtype.is_floating_point else 0.1
+    if off > tol or float(steps.round().min()) < 0 or float(steps.round().max()) > top:
         raise VerificationError(f"gptq: {name}'s quantized weight is off its group grid by {off:.3g} steps "
                                 "(act_order's static groups); quantize without act_order")
 

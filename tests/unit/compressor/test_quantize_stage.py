@@ -346,3 +346,47 @@ def test_asymmetric_pack_quantized_reload_is_still_broken_upstream(tmp_path):
     done = quantize_modules(model, {n: scheme for n in linear_targets(model, family, ["language_model"])}, "rtn", family)
     folder = save_quantized(model, proc, tmp_path / "asym", done)
     Blip2ForConditionalGeneration.from_pretrained(str(folder))
+
+
+def test_hessian_positions_pick_each_linears_own_stream():
+    """Text masks by stream: a decoder-only LM's linears (3-D, and OPT's flattened 2-D MLP input)
+    get the encoder/prompt mask; an encoder-decoder's decoder linears and its head the label mask;
+    cross-attention keys/values (encoder output, image features) and other parts every position;
+    a language-model input matching no mask is flagged (False) for the caller's warning."""
+    from compressor.quantization import hessian_positions
+
+    enc = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)  # (2, 5)
+    dec = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)  # (2, 3)
+    lm = ("language_model",)
+    only = {"encoder": enc}
+    x5, x3 = torch.zeros(2, 5, 8), torch.zeros(2, 3, 8)
+    assert torch.equal(hessian_positions("language_model.model.layers.0.self_attn.q_proj", x5, only, lm, None), enc)
+    assert torch.equal(hessian_positions("language_model.model.decoder.layers.0.fc1", torch.zeros(10, 8), only, lm, None),
+                       enc.reshape(-1))
+    both = {"encoder": enc, "decoder": dec}
+    head = "language_model.lm_head"
+    assert torch.equal(hessian_positions("language_model.encoder.block.0.layer.0.SelfAttention.q", x5, both, lm, head), enc)
+    assert torch.equal(hessian_positions("language_model.decoder.block.0.layer.0.SelfAttention.q", x3, both, lm, head), dec)
+    assert torch.equal(hessian_positions(head, x3, both, lm, head), dec)
+    assert torch.equal(hessian_positions("language_model.decoder.block.0.layer.1.EncDecAttention.q", x3, both, lm, head), dec)
+    for kv in ("language_model.decoder.block.0.layer.1.EncDecAttention.k", "language_model.decoder.block.0.layer.1.EncDecAttention.v",
+               "text_decoder.bert.encoder.layer.0.crossattention.self.key"):
+        assert hessian_positions(kv, x5, both, lm + ("text_decoder",), head) is None
+    assert hessian_positions("qformer.encoder.layer.0.attention.attention.query", x5, only, lm, None) is None
+    assert hessian_positions("language_model.model.layers.0.mlp.up_proj", torch.zeros(2, 4, 8), only, lm, None) is False
+
+
+def test_the_grid_check_allows_16_bit_rounding_and_refuses_a_wrong_scale():
+    from compressor.errors import VerificationError
+    from compressor.quantization import _check_on_grid
+
+    torch.manual_seed(0)
+    s = Scheme(8, 16)
+    scale = torch.rand(4, 2) * 0.01 + 0.001
+    ints = torch.randint(0, 256, (4, 32)).float()
+    zero = torch.full((4, 2), 128.0)
+    q = (ints - zero.repeat_interleave(16, 1)) * scale.repeat_interleave(16, 1)
+    _check_on_grid("m", q, scale, zero, s)
+    _check_on_grid("m", q.to(torch.bfloat16), scale, zero, s)  # bf16 rounding of large integers is not a wrong scale
+    with pytest.raises(VerificationError, match="off its group grid"):
+        _check_on_grid("m", q, scale * 1.37, zero, s)

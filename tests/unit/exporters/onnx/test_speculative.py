@@ -73,10 +73,11 @@ def _draft(pair, draft: str, gen):
     return module_captioner(pair["models"][draft], pair["proc"], gen)
 
 
-def _spec(pair, draft: str, k: int, gen):
+def _spec(pair, draft: str, k: int, gen, share_cache: bool | None = None):
     from exporters.onnx.speculative import SpeculativeCaptioner
 
-    return SpeculativeCaptioner(_onnx(pair, pair["target"], gen, scoring=True), _draft(pair, draft, gen), k, draft)
+    return SpeculativeCaptioner(_onnx(pair, pair["target"], gen, scoring=True), _draft(pair, draft, gen), k, draft,
+                                share_cache=share_cache)
 
 
 def test_scoring_graph_is_the_decoder_with_every_new_position(pair):
@@ -118,7 +119,7 @@ def test_scoring_graph_is_the_decoder_with_every_new_position(pair):
 
 
 @pytest.mark.parametrize("k", [1, 4])
-@pytest.mark.parametrize("draft", ["equal", "random", "near"])
+@pytest.mark.parametrize("draft", ["equal", "equal/own-cache", "random", "near"])
 def test_speculative_tokens_are_the_targets_greedy_tokens(pair, images, draft, k):
     from compressor.families import family_for_model
     from compressor.models.batches import generation_inputs
@@ -129,7 +130,10 @@ def test_speculative_tokens_are_the_targets_greedy_tokens(pair, images, draft, k
     new = ref[:, inputs["input_ids"].shape[1]:]
     # teeth: long captions with several distinct tokens, different across the batch
     assert len({tuple(r) for r in new.tolist()}) == 4 and all(len(set(r.tolist())) >= 4 for r in new)
-    sc = _spec(pair, draft, k, gen)
+    own = draft.endswith("/own-cache")
+    draft = draft.removesuffix("/own-cache")
+    sc = _spec(pair, draft, k, gen, share_cache=False if own else None)
+    assert sc.shared_cache is (draft == "equal" and not own)
     got = sc.generate(inputs, inputs)
     np.testing.assert_array_equal(got, ref)
     acc = sc.stats.acceptance
