@@ -264,8 +264,15 @@ def pruned_gate(args) -> dict:
     repo = Path(__file__).resolve().parents[1]
     rec = yaml.safe_load((repo / "recipes" / "smollm2_coco.yaml").read_text())
     i = next(k for k, st in enumerate(rec["stages"]) if st["type"] == "export")
-    rec["stages"].insert(i, {"type": "quantize", "parts": ["language_model"], "bits": 4, "group_size": 64,
-                             "method": "gptq" if _gptq() else "rtn", "calibration": {"data": "train", "batches": 4}})
+    gptq = _gptq() and "gptq" in args.methods
+    stage = {"type": "quantize", "parts": ["language_model"], "bits": 4, "group_size": args.group_size or 64,
+             "method": "gptq" if gptq else "rtn", "calibration": {"data": "train", "batches": args.cal_batches, "batch_size": 8}}
+    if gptq:
+        stage["gptq"] = {"damp": args.gptq_damp, "act_order": args.act_order, "positions": args.gptq_positions[0]}
+    rec["stages"].insert(i, stage)
+    # the pruned and healed model before 4 bits, scored beside the baseline and the 4-bit ONNX candidate
+    rec["stages"].insert(i, {"type": "evaluate", "label": "pruned", "teacher": "baseline",
+                             "metrics": ["bleu_1", "bleu_4", "cider", "perplexity", "teacher_cider"]})
     rec["name"] = "smollm2_coco_w4"
     path = args.out / "smollm2_coco_w4.yaml"
     path.write_text(yaml.safe_dump(rec, sort_keys=False))
@@ -277,7 +284,10 @@ def pruned_gate(args) -> dict:
         cmd += ["--set", s]
     res = subprocess.run(cmd, capture_output=True, text=True)
     report = json.loads((args.out / "run-w4" / "report.json").read_text()) if (args.out / "run-w4" / "report.json").is_file() else {}
-    return {"exit_code": res.returncode, "gate": report.get("gate"), "stderr_tail": res.stderr[-2000:]}
+    keys = ("perplexity", "cider", "bleu_1", "bleu_4", "teacher_cider", "size_mb", "params_total")
+    evals = {label: {k: {**(e.get("characteristics") or {}), **(e.get("metrics") or {})}.get(k) for k in keys} for label, e in (report.get("evaluations") or {}).items()}
+    return {"exit_code": res.returncode, "quantize": stage, "evaluations": evals, "gate": report.get("gate"),
+            "seconds": report.get("seconds"), "stderr_tail": res.stderr[-2000:]}
 
 
 def _gptq() -> bool:
@@ -340,13 +350,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-mixed", action="store_true", help="Skip the sensitivity table and the mixed-precision choice.")
     parser.add_argument("--mixed-kl", type=float, default=0.5,
                         help="Mixed precision's KL target as a fraction of the all-4-bit RTN model's KL.")
-    parser.add_argument("--pruned", action="store_true", help="Also run smollm2_coco.yaml + a 4-bit stage (needs --coco).")
+    parser.add_argument("--pruned", action="store_true", help="Also run smollm2_coco.yaml + a 4-bit stage (needs --coco; "
+                        "GPTQ with --cal-batches/--gptq-damp/--act-order/--gptq-positions when in --methods, else RTN).")
+    parser.add_argument("--pruned-only", action="store_true", help="Only the --pruned run (no side-by-side table).")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quantize"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quick:
         args.bits, args.parts, args.eval_size, args.rounds, args.cal_batches = [4], ["lm"], 16, 3, 2
-    models = (args.models or ("teacher,demo" if args.coco else "teacher")).split(",")
+    args.pruned = args.pruned or args.pruned_only
+    models = [] if args.pruned_only else (args.models or ("teacher,demo" if args.coco else "teacher")).split(",")
     if "demo" in models and args.coco is None:
         sys.exit("the SmolLM2 BLIP-2 needs --coco <COCO-mini folder>")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -360,8 +373,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(table(res), flush=True)
     if args.pruned and args.coco:
         results["pruned_w4"] = pruned_gate(args)
-        print("remove 8 layers + heal + 4-bit: exit", results["pruned_w4"]["exit_code"], "gate",
-              (results["pruned_w4"]["gate"] or {}).get("passed"))
+        pw = results["pruned_w4"]
+        print("remove 8 layers + heal + 4-bit: exit", pw["exit_code"], "gate", (pw["gate"] or {}).get("passed"))
+        for label, m in pw["evaluations"].items():
+            print(f"  {label:10}" + "".join(f"  {k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))))
+        for v in (pw["gate"] or {}).get("verdicts", []):
+            print(f"  gate {v['key']} {v['rule']} {v['threshold']}: {v['reason']} ({'pass' if v['passed'] else 'FAIL'})")
     (args.out / "quantize.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 

@@ -906,6 +906,12 @@ def load_quantized(path: Path, family, dtype=None):
     # 5.24's `run_compressed=False` converter applies one config group's scheme to every module and
     # fails on mixed precision, hence this route.
     model.hf_quantizer.compressor.decompress_model(model)
+    # Loading also dispatched every module through compressed-tensors' offload cache (a wrapped
+    # forward that moves inputs, parameters held in an OffloadCache). The model is dense from here
+    # on, and torch.export (the ONNX export) cannot trace through that wrapper: take it off.
+    from compressed_tensors.offload import remove_dispatch
+
+    remove_dispatch(model, onload_tensors=True)
     kept: dict[str, QuantizedLinear] = {}
     for name, s in schemes.items():
         mod = model.get_submodule(name)

@@ -67,6 +67,7 @@ def export_meta(model, processor, family, plan, files: dict, dtype: str, opts, s
                      *[v for v in ("fp16", "int8", "int4") if any(v in (f.get("variants") or {}) for f in files.values())
                        or (v == "int8" and any(f.get("int8") for f in files.values()))]],
         "source": source,
+        "source_weights": _source_weights(model),
         **plan.meta,
         "token_ids": family.token_ids(model, processor),
         "graphs": graphs,
@@ -78,6 +79,19 @@ def export_meta(model, processor, family, plan, files: dict, dtype: str, opts, s
             "onnxruntime": onnxruntime.__version__,
         },
     }
+
+
+def _source_weights(model) -> dict | None:
+    """How the exported weights were stored in the source model: ``None`` for dense weights, or for a
+    ``quantize`` stage's folder ``{"quantized_modules": n, "schemes": {describe(): n}}``. The graphs
+    then hold those integer weights dequantized (the same function as the quantized model)."""
+    done = getattr(model, "vlmc_quantized", None)
+    if not done:
+        return None
+    schemes: dict[str, int] = {}
+    for q in done.values():
+        schemes[q.scheme.describe()] = schemes.get(q.scheme.describe(), 0) + 1
+    return {"quantized_modules": len(done), "schemes": schemes}
 
 
 def write_json(path: Path, data) -> None:

@@ -131,6 +131,28 @@ def test_saved_folder_reloads_with_plain_transformers_to_the_stages_logits(quant
     assert summary["size_mb_after"] < summary["size_mb_before"]
 
 
+def test_a_quantized_model_exports_to_onnx_and_captions_as_in_pytorch(quantized, tmp_path):
+    """quantize then export (remove, heal, 4-bit, ONNX: one recipe): the folder reloaded through
+    compressed-tensors must not keep the library's offload wrappers, which torch.export cannot trace."""
+    from compressor.evaluation.captioner import TorchCaptioner
+    from compressor.models.loading import load_model
+    from compressor.recipe.schema import GenerationSpec
+    from exporters.onnx import OnnxCaptioner, OnnxOptions, export_onnx
+
+    out, _ = quantized
+    onnx_dir = tmp_path / "onnx"
+    export_onnx(out / "model", onnx_dir, OnnxOptions(optimize=False))  # validated against PyTorch, or it raises
+    meta = json.loads((onnx_dir / "export.json").read_text())
+    assert meta["source_weights"] == {"quantized_modules": 36,
+                                      "schemes": {"int4 weights (symmetric, groups of 16)": 36}}
+    gen = GenerationSpec(max_new_tokens=8, batch_size=3)
+    model, proc = load_model(out / "model")
+    images = probe_images()
+    want = TorchCaptioner(model.eval(), proc, gen).caption(images)
+    assert OnnxCaptioner(onnx_dir, gen).caption(images) == want
+    assert len(set(want)) > 1  # teeth: not one caption for every image
+
+
 def _rewrite(folder, name, fn):
     from safetensors.torch import load_file, save_file
 
