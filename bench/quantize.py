@@ -285,7 +285,10 @@ def pruned_gate(args) -> dict:
     res = subprocess.run(cmd, capture_output=True, text=True)
     report = json.loads((args.out / "run-w4" / "report.json").read_text()) if (args.out / "run-w4" / "report.json").is_file() else {}
     keys = ("perplexity", "cider", "bleu_1", "bleu_4", "teacher_cider", "size_mb", "params_total")
-    evals = {label: {k: {**(e.get("characteristics") or {}), **(e.get("metrics") or {})}.get(k) for k in keys} for label, e in (report.get("evaluations") or {}).items()}
+    evals = {}
+    for label, e in (report.get("evaluations") or {}).items():
+        values = {**(e.get("characteristics") or {}), **(e.get("metrics") or {})}
+        evals[label] = {k: values.get(k) for k in keys}
     return {"exit_code": res.returncode, "quantize": stage, "evaluations": evals, "gate": report.get("gate"),
             "seconds": report.get("seconds"), "stderr_tail": res.stderr[-2000:]}
 

@@ -189,8 +189,7 @@ def run(cfg, ctx, input_dir: Path, out_dir: Path) -> dict:
                 f"merge_adapters: merging gives non-finite weights (NaN or inf) in {len(broken)} module(s), e.g. "
                 f"{', '.join(broken[:3])}: the adapter is broken (train it with a lower learning_rate); nothing was written"
             )
-    merged.to(work_dtype)
-    after = dict(merged.named_modules())
+    merged.to(work_dtype)  # in place: ``after`` still holds the same modules
     unchanged = [n for n in trained if torch.equal(after[n].weight.detach()[:ROWS], before_rows[n])]
     if len(unchanged) == len(trained):
         raise UserInputError(

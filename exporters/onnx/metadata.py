@@ -88,10 +88,9 @@ def _source_weights(model) -> dict | None:
     done = getattr(model, "vlmc_quantized", None)
     if not done:
         return None
-    schemes: dict[str, int] = {}
-    for q in done.values():
-        schemes[q.scheme.describe()] = schemes.get(q.scheme.describe(), 0) + 1
-    return {"quantized_modules": len(done), "schemes": schemes}
+    from collections import Counter
+
+    return {"quantized_modules": len(done), "schemes": dict(Counter(q.scheme.describe() for q in done.values()))}
 
 
 def write_json(path: Path, data) -> None:
